@@ -1,0 +1,34 @@
+# Every target creates .venv and installs the project first; nothing else is needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench-data bench-step clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+## demo: BP vs FDG (K=2), ResNet-20, CIFAR-10 subset, 4 epochs: a few minutes on a CPU
+demo: $(STAMP)
+	$(BIN)/fdgbench compare
+
+## test: the default suite (slow tests excluded; `make test-slow` runs them)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench-data: $(STAMP)
+	$(BIN)/fdgbench bench data
+
+bench-step: $(STAMP)
+	$(BIN)/fdgbench bench step --threads 1
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

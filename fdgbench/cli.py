@@ -1,0 +1,278 @@
+"""fdgbench command line: run, compare, list, schedule, bench."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import DivergedError, UserError
+from .method import all_methods, all_options, make_method
+from .partition import STRATEGIES
+
+DEFAULT_DATA_DIR = "data"
+DEFAULT_RESULTS = "results"
+
+
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
+
+
+def training_options(f: Callable) -> Callable:
+    """Options shared by ``run`` and ``compare``: everything in a RunConfig
+    except the method, with the paper's protocol as defaults."""
+    options = [
+        click.option("--model", default="resnet56", show_default=True, help="see `fdgbench list models`"),
+        click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K"),
+        click.option("--partition", default="auto", show_default=True,
+                     help=f"{'|'.join(STRATEGIES)}; auto = the paper's split if known, else FLOPs-balanced"),
+        click.option("--split-at", help="explicit cut points: first blocks of stages 1..K-1, e.g. L2.4 or 19"),
+        click.option("--dataset", default="cifar10", show_default=True, help="see `fdgbench list datasets`"),
+        click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR",
+                     help="torchvision downloads and decoded-image caches"),
+        click.option("--train-subset", type=int, help="train on this many images (fixed subset)"),
+        click.option("--test-subset", type=int, help="evaluate on this many test images (fixed subset)"),
+        click.option("--epochs", type=int, default=300, show_default=True,
+                     help="lr / 10 at 50%, 75% and 91.7% of the epochs (150/225/275 of 300)"),
+        click.option("--max-steps", type=int, help="stop after this many iterations (smoke runs)"),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--lr", type=float, default=0.1, show_default=True),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option("--weight-decay", type=float, default=5e-4, show_default=True),
+        click.option("--nesterov/--no-nesterov", default=False, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
+        click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
+        click.option("--amp", default="off", show_default=True, help="off or bf16 (autocast, fp32 weights)"),
+        click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
+        click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
+        click.option("--out", default=DEFAULT_RESULTS, show_default=True, help="results root directory"),
+        click.option("--force", is_flag=True, help="rerun even if the run directory is done"),
+        click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
+    ]
+    for name, option in sorted(all_options().items(), reverse=True):
+        kwargs: dict[str, Any] = {"default": None, "help": f"[{_owners(name)}] {option.help} (default {option.default})"}
+        kwargs["type"] = click.Choice(option.choices) if option.choices else option.type
+        options.append(click.option(option.flag, name, **kwargs))
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _owners(option_name: str) -> str:
+    return ",".join(m.name for m in all_methods() if any(o.name == option_name for o in m.options))
+
+
+def _config(method: str, kw: dict[str, Any]):
+    from .train import RunConfig
+
+    method_options = {name: kw.pop(name) for name in all_options() if kw.get(name) is not None}
+    for name in all_options():
+        kw.pop(name, None)
+    return RunConfig(method=method, method_options=method_options, model=kw["model"], splits=kw["splits"],
+                     partition=kw["partition"], split_at=_csv(kw["split_at"]), dataset=kw["dataset"],
+                     train_subset=kw["train_subset"], test_subset=kw["test_subset"], epochs=kw["epochs"],
+                     max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"], momentum=kw["momentum"],
+                     weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], seed=kw["seed"],
+                     device=kw["device"], stage_devices=_csv(kw["stage_devices"]), amp=kw["amp"],
+                     channels_last=kw["channels_last"], threads=kw["threads"])
+
+
+def _run_one(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
+    """Train one config unless its run directory is done; returns the summary,
+    the directory and whether it was cached."""
+    from .runs import RunDirectory
+    from .train import Trainer, check_config
+
+    check_config(cfg)
+    run = RunDirectory.for_config(kw["out"], cfg.to_dict())
+    if run.is_done and not kw["force"]:
+        return run.read_json("summary.json"), run.path, True
+    run.ensure_writable()
+    trainer = Trainer(cfg, data_dir=kw["data_dir"])
+    click.echo(trainer.describe(), err=True)
+    return trainer.fit(run, progress=kw["progress"]), run.path, False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli() -> None:
+    """fdgbench: decoupled neural-network training, benchmarked against backprop."""
+
+
+@cli.command()
+@click.option("--method", default="fdg", show_default=True, help="see `fdgbench list methods`")
+@training_options
+def run(method: str, **kw: Any) -> None:
+    """Train one configuration (paper defaults for everything not given)."""
+    cfg = _config(method, kw)
+    summary, path, cached = _run_one(cfg, kw)
+    note = " (already done; --force reruns)" if cached else ""
+    click.echo(f"{cfg.method} {cfg.model} K={cfg.splits}: final test error {summary['final_test_error']:.2f}%, "
+               f"best {summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}), "
+               f"{summary['status']}{note} -> {path}")
+
+
+DEMO = dict(model="resnet20", splits=2, train_subset=10000, test_subset=2000, epochs=4)
+
+
+@cli.command()
+@click.option("--methods", default="bp,fdg", show_default=True, help="comma-separated methods to compare")
+@training_options
+@click.pass_context
+def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
+    """Train several methods on the same budget and print a table.
+
+    With no options this is the README's demo: BP vs FDG (K=2) on ResNet-20,
+    CIFAR-10 subset (10,000 train / 2,000 test images), 4 epochs, a few minutes on a laptop CPU.
+    """
+    for key, value in DEMO.items():  # the demo's budget unless the user set it
+        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+            kw[key] = value
+    rows = []
+    for name in _csv(methods) or ():
+        summary, path, cached = _run_one(_config(name, dict(kw)), kw)
+        rows.append((name, summary, path, cached))
+    first = rows[0][1]
+    click.echo(f"\n{first['model']} ({first['parameters']:,} params), K={first['splits']}, {first['dataset']}, "
+               f"{first['steps']} iterations of batch {kw['batch_size']}, seed {kw['seed']}")
+    click.echo(f"{'method':<24} {'final err %':>11} {'best err %':>10} {'img/s':>7}  run directory")
+    for name, s, path, cached in rows:
+        opts = ",".join(f"{k}={v}" for k, v in s["method_options"].items())
+        label = f"{name}({opts})" if opts else name
+        rate = f"{s['images_per_s']:.0f}" if s.get("images_per_s") else "-"
+        click.echo(f"{label:<24} {s['final_test_error']:>11.2f} {s['best_test_error']:>10.2f} {rate:>7}  "
+                   f"{path}{' (cached)' if cached else ''}")
+    click.echo("final = after the last epoch, best = lowest over epochs; one seed each, so differences of a "
+               "point or two are noise at this budget.")
+
+
+@cli.group("list")
+def list_() -> None:
+    """List methods, models or datasets."""
+
+
+@list_.command("methods")
+def list_methods() -> None:
+    for m in all_methods():
+        breaks = ", ".join(m.breaks) or "none"
+        click.echo(f"{m.name:<6} breaks: {breaks:<26} {m.summary}")
+        for o in m.options:
+            extra = f" ({'|'.join(o.choices)})" if o.choices else ""
+            click.echo(f"{'':<8}{o.flag}{extra} default {o.default}: {o.help}")
+
+
+@list_.command("models")
+def list_models() -> None:
+    from .models import MODELS, count_parameters
+    from .partition import PAPER_SPLITS
+
+    for name, info in MODELS.items():
+        model = info.build(10)
+        splits = ",".join(map(str, PAPER_SPLITS.get(name, {}))) or "-"
+        click.echo(f"{name:<14} {count_parameters(model):>11,} params  {len(model):>4} blocks  "
+                   f"paper K: {splits:<8} {info.description}")
+
+
+@list_.command("datasets")
+def list_datasets() -> None:
+    from .data import DATASET_SPECS
+
+    for spec, text in DATASET_SPECS.items():
+        click.echo(f"{spec:<20} {text}")
+
+
+@cli.group()
+def schedule() -> None:
+    """Inspect a method's schedule."""
+
+
+@schedule.command("show")
+@click.option("--method", default="fdg", show_default=True)
+@click.option("--splits", "-K", type=int, default=3, show_default=True)
+@click.option("--iterations", type=int, default=8, show_default=True)
+@click.option("--messages", is_flag=True, help="also show sends and receives")
+def schedule_show(method: str, splits: int, iterations: int, messages: bool) -> None:
+    """Print the step x stage grid of the first iterations (validated first)."""
+    from .schedule import ScheduleError, format_grid, legend, validate
+
+    if splits < 1 or iterations < 1:
+        raise UserError("--splits and --iterations must be at least 1")
+    m = make_method(method)
+    try:
+        validate(m.schedule, splits, max(iterations, 4 * splits))
+    except ScheduleError as exc:
+        raise UserError(f"invalid schedule: {exc}") from None
+    click.echo(f"{method}, K={splits}: {m.summary}")
+    click.echo(format_grid(m.schedule, splits, iterations, messages))
+    click.echo(legend())
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print ratios measured side by side in one run."""
+
+
+@bench.command("data")
+@click.option("--dataset", default="cifar10", show_default=True)
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch intra-op threads for both")
+def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> None:
+    """Device-resident loader vs torchvision per-image transforms, one epoch each."""
+    from .bench import bench_data as run_bench
+
+    run_bench(dataset, data_dir, batch_size, threads)
+
+
+@bench.command("step")
+@click.option("--model", default="resnet56", show_default=True)
+@click.option("--splits", default="2,3,4", show_default=True, help="FDG stage counts to compare with BP")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--iterations", type=int, default=10, show_default=True, help="timed iterations per round")
+@click.option("--rounds", type=int, default=3, show_default=True, help="interleaved rounds; medians reported")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+@click.option("--staleness", default="legacy", show_default=True, type=click.Choice(["legacy", "stash", "replay"]))
+def bench_step(model: str, splits: str, batch_size: int, iterations: int, rounds: int, device: str,
+               threads: int | None, staleness: str) -> None:
+    """FDG's sequential-engine iteration time vs BP's, same model and device."""
+    from .bench import bench_step as run_bench
+
+    ks = []
+    for s in _csv(splits) or ():
+        if not s.isdigit() or int(s) < 1:
+            raise UserError(f"--splits takes positive integers, got '{s}'")
+        ks.append(int(s))
+    if iterations < 1 or rounds < 1:
+        raise UserError("--iterations and --rounds must be at least 1")
+    run_bench(model, ks, batch_size, iterations, rounds, device, threads, staleness)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input is one ``error:`` line and exit status 2; a
+    diverged run exits 3."""
+    try:
+        result = cli.main(args=argv, prog_name="fdgbench", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return 2
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except DivergedError as exc:
+        click.echo(f"diverged: {exc}", err=True)
+        return 3
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Datasets kept whole as uint8 tensors on the training device, augmented in
+batch (random crop with 4-pixel zero padding, horizontal flip) with no per-image
+PIL work, airbench style.
+
+Dataset specs: ``cifar10`` / ``cifar100`` (torchvision: files in --data-dir or
+downloaded), ``folder:PATH`` (a ``train/<class>/`` + ``test/<class>/`` image
+tree, or a .tar.gz of one; decoded once and cached as a tensor file), and
+``synthetic`` / ``synthetic:CLASSES`` (class-dependent patterns plus noise,
+for tests and smoke runs). ``cifar10`` falls back to the offline JPEG copy
+(FDGBENCH_CIFAR10_JPEG, or ../shared/data beside a checkout) when torchvision
+cannot download; the dataset's description says which one was used.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_CIFAR10 = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DATASET_SPECS = {
+    "cifar10": "CIFAR-10 via torchvision (--data-dir or download; falls back to the offline JPEG copy)",
+    "cifar100": "CIFAR-100 via torchvision (--data-dir or download)",
+    "folder:PATH": "train/<class>/ + test/<class>/ image tree, or a .tar.gz of one",
+    "synthetic[:CLASSES]": "class-dependent random patterns + noise, 32x32 (tests, smoke runs)",
+}
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """uint8 images (N, C, H, W) and int64 labels; ``description`` names the
+    data's true source, for tables and run records."""
+
+    name: str
+    description: str
+    classes: tuple[str, ...]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the training images in [0, 1]."""
+        x = self.train_images
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        for chunk in x.split(4096):
+            c = chunk.to(torch.float64).div_(255)
+            total += c.sum(dim=(0, 2, 3))
+            total_sq += c.square().sum(dim=(0, 2, 3))
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = total / n
+        std = (total_sq / n - mean.square()).sqrt()
+        return mean.float(), std.float()
+
+    def subset(self, train: int | None, test: int | None) -> "ImageDataset":
+        """The first ``train``/``test`` images of a fixed (seed 0) shuffle, so
+        every method and seed sees the same subset."""
+        out = self
+        for split, n in (("train", train), ("test", test)):
+            if n is None:
+                continue
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if not 0 < n <= len(labels):
+                raise UserError(f"--{split}-subset must be in 1..{len(labels)} for {self.name}, got {n}")
+            if n == len(labels):
+                continue
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n]
+            out = replace(out, **{f"{split}_images": images[keep], f"{split}_labels": labels[keep]})
+        if out is not self:
+            out = replace(out, description=f"{self.description}, subset {len(out.train_labels)} train / "
+                                           f"{len(out.test_labels)} test")
+        return out
+
+
+def load_dataset(spec: str, data_dir: str | os.PathLike = "data", download: bool = True) -> ImageDataset:
+    if spec in ("cifar10", "cifar100"):
+        return _load_torchvision_cifar(spec, Path(data_dir), download)
+    if spec.startswith("folder:"):
+        return load_image_folder(Path(spec[len("folder:"):]).expanduser(), Path(data_dir))
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        classes = spec.partition(":")[2] or "10"
+        if not classes.isdigit() or int(classes) < 2:
+            raise UserError(f"synthetic:CLASSES needs an integer of at least 2, got '{classes}'")
+        return synthetic_dataset(int(classes))
+    raise UserError(f"unknown dataset '{spec}'; known: {', '.join(DATASET_SPECS)}")
+
+
+def _load_torchvision_cifar(name: str, data_dir: Path, download: bool) -> ImageDataset:
+    import socket
+
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a blocked network should fail in seconds, not hang
+    try:
+        train = cls(str(data_dir), train=True, download=download)
+        test = cls(str(data_dir), train=False, download=download)
+    except Exception as exc:  # noqa: BLE001 - any download/read failure ends the same way
+        offline = Path(os.environ.get("FDGBENCH_CIFAR10_JPEG", OFFLINE_CIFAR10))
+        if name == "cifar10" and offline.is_file():
+            print(f"note: torchvision CIFAR-10 unavailable ({_first_line(exc)}); using the offline JPEG copy {offline}",
+                  file=sys.stderr)
+            ds = load_image_folder(offline, data_dir)
+            return replace(ds, name="cifar10", description="CIFAR-10, JPEG copy (quality 75)")
+        hint = "" if name == "cifar100" else " or set FDGBENCH_CIFAR10_JPEG / pass --dataset folder:PATH"
+        raise UserError(f"{name} is not in {data_dir} and could not be downloaded ({_first_line(exc)}); "
+                        f"put torchvision's files there{hint}") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+    def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor(ds.targets, dtype=torch.int64))
+
+    (xtr, ytr), (xte, yte) = tensors(train), tensors(test)
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    return ImageDataset(name, f"{label} (torchvision)", tuple(train.classes), xtr, ytr, xte, yte)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_image_folder(path: Path, cache_dir: Path) -> ImageDataset:
+    """Decode a ``train/``+``test/`` image tree (or .tar.gz of one) once and
+    cache the uint8 tensors under ``cache_dir``, keyed by path, size and mtime."""
+    if not path.exists():
+        raise UserError(f"dataset path {path} does not exist")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = cache_dir / "decoded" / f"{path.name.split('.')[0]}-{key}.pt"
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return ImageDataset(blob["name"], blob["description"], tuple(blob["classes"]), *blob["tensors"])
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+            cache.unlink(missing_ok=True)
+    files = _tar_members(path) if path.is_file() else _tree_members(path)
+    ds = _decode_folder(path, files)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"name": ds.name, "description": ds.description, "classes": list(ds.classes),
+                    "tensors": [ds.train_images, ds.train_labels, ds.test_images, ds.test_labels]}, tmp)
+        tmp.replace(cache)
+    except OSError as exc:
+        print(f"note: could not cache decoded images in {cache.parent} ({exc}); they will be decoded again",
+              file=sys.stderr)
+    return ds
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    files = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                    files[member.name] = tar.extractfile(member).read()
+    except tarfile.ReadError:
+        raise UserError(f"cannot read {path}: not a tar archive, or a corrupt one") from None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path} as an image-folder archive: {_first_line(exc)}") from None
+    return files
+
+
+def _tree_members(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _decode_folder(path: Path, files: dict[str, bytes]) -> ImageDataset:
+    import numpy as np
+    from PIL import Image
+
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for name in sorted(files):
+        parts = Path(name).parts
+        # Accept an archive with one top-level folder around train/ and test/.
+        while parts and parts[0] not in splits:
+            parts = parts[1:]
+        if len(parts) == 3:
+            splits[parts[0]].setdefault(parts[1], []).append(name)
+    if not splits["train"] or not splits["test"]:
+        raise UserError(f"{path} is not an image folder: expected train/<class>/*.jpg and test/<class>/*.jpg")
+    classes = sorted(splits["train"])
+    if sorted(splits["test"]) != classes:
+        raise UserError(f"{path}: train/ and test/ have different class folders")
+    tensors = []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for name in splits[split][cls]:
+                try:
+                    with Image.open(io.BytesIO(files[name])) as img:
+                        pixels = np.asarray(img.convert("RGB"))
+                except (OSError, ValueError) as exc:
+                    raise UserError(f"{path}: cannot decode {name}: {_first_line(exc)}") from None
+                images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+                labels.append(label)
+        shapes = {tuple(i.shape) for i in images}
+        if len(shapes) != 1:
+            raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}; resize them first")
+        tensors += [torch.stack(images), torch.tensor(labels, dtype=torch.int64)]
+    return ImageDataset(f"folder:{path.name}", f"image folder {path.name}", tuple(classes), *tensors)
+
+
+def synthetic_dataset(num_classes: int = 10, train: int = 2560, test: int = 512, size: int = 32,
+                      seed: int = 1234) -> ImageDataset:
+    """Each class is a smooth random colour pattern; images are that pattern
+    plus uniform noise, so small nets learn it in a few hundred steps. The data
+    is the same for every run (its own fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=(size, size),
+                              mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        noise = torch.rand(n, 3, size, size, generator=g)
+        images = (0.6 * templates[labels] + 0.4 * noise).mul(255).round().to(torch.uint8)
+        return images, labels
+
+    xtr, ytr = draw(train)
+    xte, yte = draw(test)
+    classes = tuple(f"class{i}" for i in range(num_classes))
+    return ImageDataset(f"synthetic:{num_classes}", f"synthetic {num_classes}-class patterns (not real images)",
+                        classes, xtr, ytr, xte, yte)
+
+
+def _seed_for(*parts: object) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Normalizer:
+    """uint8 -> float, scaled by the dataset's per-channel mean and std."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device, channels_last: bool = False):
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
+        self.shift = (-mean / std).view(1, -1, 1, 1).to(device)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, x.float(), self.scale)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded images back to their size plus a random
+    horizontal flip, per image, in one gather (same as torchvision's
+    RandomCrop(size, padding=pad) + RandomHorizontalFlip on uint8)."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(device)
+    flip = (torch.rand(b, 1, generator=generator) < 0.5).to(device)
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.arange(w, device=device)
+    cols = torch.where(flip, cols.flip(1), cols)
+    return padded[torch.arange(b, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class BatchStream:
+    """The continuous stream of training batches b_0, b_1, ...: epoch e is a
+    fresh permutation of the training set cut into floor(N/B) full batches (the
+    remainder, different each epoch, is left out so every batch has the same
+    shape). Batch t depends only on (seed, t), so any stage or rank can draw it,
+    in any order, and a resumed run draws the same batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 normalizer: Normalizer, augment: bool = True):
+        if len(labels) < batch_size:
+            raise UserError(f"the training set has {len(labels)} images, fewer than one batch of {batch_size}; "
+                            f"lower --batch-size or use more data")
+        self.images, self.labels_all = images, labels
+        self.batch_size, self.seed = batch_size, seed
+        self.normalizer, self.augment = normalizer, augment
+        self.steps_per_epoch = len(labels) // batch_size
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _indices(self, t: int) -> torch.Tensor:
+        epoch, i = divmod(t, self.steps_per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(_seed_for(self.seed, "epoch", epoch))
+            perm = torch.randperm(len(self.labels_all), generator=g).to(self.labels_all.device)
+            # Pipelines straddle at most one epoch boundary: keep two.
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def labels(self, t: int) -> torch.Tensor:
+        return self.labels_all[self._indices(t)]
+
+    def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._indices(t)
+        images = self.images[idx]
+        if self.augment:
+            images = crop_flip(images, torch.Generator().manual_seed(_seed_for(self.seed, "augment", t)))
+        return self.normalizer(images), self.labels_all[idx]
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, batch_size: int = 1000):
+    for start in range(0, len(labels), batch_size):
+        yield normalizer(images[start:start + batch_size]), labels[start:start + batch_size]

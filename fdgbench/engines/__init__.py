@@ -1,0 +1,1 @@
+"""Executors of a schedule. An engine never knows which method it runs."""

@@ -1,0 +1,12 @@
+"""Errors that reach the user as one line and a non-zero exit, never a traceback."""
+
+
+class UserError(Exception):
+    """Bad input (unknown name, invalid value, missing data, unwritable path).
+
+    The CLI prints ``error: <message>`` and exits with status 2.
+    """
+
+
+class DivergedError(Exception):
+    """A run's loss became NaN or infinite; the run is recorded as diverged (exit 3)."""

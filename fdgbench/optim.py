@@ -1,0 +1,58 @@
+"""Per-stage SGD.
+
+``write_through_data`` reproduces PyTorch 1.0's optimizer, which updated
+``p.data`` in place: autograd does not see that write (``.data`` has its own
+version counter), so a graph recorded before the step still runs and reads the
+current weights. That is the ``legacy`` staleness mode; the other modes step
+the parameters themselves, so modern PyTorch's version checks stay armed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+class StageOptimizer:
+    def __init__(self, params: list[nn.Parameter], config: SGDConfig, write_through_data: bool = False):
+        self.params = [p for p in params if p.requires_grad]
+        # The optimizer's own tensors: the parameters, or .data aliases of them.
+        self._targets = [p.data for p in self.params] if write_through_data else self.params
+        self.write_through_data = write_through_data
+        self.sgd = (torch.optim.SGD(self._targets, lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay, nesterov=config.nesterov)
+                    if self.params else None)
+
+    def set_lr(self, lr: float) -> None:
+        if self.sgd is not None:
+            for group in self.sgd.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        """One SGD step on the accumulated gradients, then clear them.
+        Parameters without a gradient are left alone (no decay, no momentum)."""
+        if self.sgd is None:
+            return
+        if self.write_through_data:
+            for p, alias in zip(self.params, self._targets):
+                alias.grad = p.grad
+        self.sgd.step()
+        for p, alias in zip(self.params, self._targets):
+            p.grad = None
+            alias.grad = None
+
+    def state_dict(self) -> dict:
+        return self.sgd.state_dict() if self.sgd is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sgd is not None:
+            self.sgd.load_state_dict(state)

@@ -1,0 +1,211 @@
+"""The schedule as data.
+
+For iteration t a method yields, per stage k, an ordered tuple of Actions:
+FORWARD(b), BACKWARD(b), UPDATE, and the sends and receives of activations
+(to k+1) and gradients (to k-1), each tagged with its batch id b. A message
+has a latency: 0 (consumed in the iteration that sends it, a locking) or 1
+(consumed in the next iteration). Engines execute these lists; the validator
+runs them symbolically (unbounded mailboxes, stages taking turns) and rejects
+a schedule that deadlocks, receives a message that was never sent or at the
+wrong latency, leaves a message unconsumed, or computes on data it does not
+hold. Short forms, as torch.distributed.pipelining prints them: ``F3`` forward
+of batch 3, ``B1`` backward, ``U`` update, ``sA3``/``rA3`` send/receive
+activation, ``sG1``/``rG1`` gradient; a trailing ``'`` marks latency 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Iterable, Sequence
+
+
+class Op(str, Enum):
+    FORWARD = "F"
+    BACKWARD = "B"
+    UPDATE = "U"
+    SEND_ACT = "sA"
+    RECV_ACT = "rA"
+    SEND_GRAD = "sG"
+    RECV_GRAD = "rG"
+
+
+SENDS = (Op.SEND_ACT, Op.SEND_GRAD)
+RECVS = (Op.RECV_ACT, Op.RECV_GRAD)
+COMPUTE = (Op.FORWARD, Op.BACKWARD, Op.UPDATE)
+
+
+@dataclass(frozen=True)
+class Action:
+    op: Op
+    batch: int | None = None
+    latency: int = 0
+
+    def __str__(self) -> str:
+        text = self.op.value + ("" if self.batch is None else str(self.batch))
+        return text + ("'" if self.latency and self.op not in COMPUTE else "")
+
+
+StagePlan = tuple[Action, ...]
+IterationPlan = tuple[StagePlan, ...]
+MessageKey = tuple[str, int, int, int]  # (kind, src, dst, batch)
+
+
+class ScheduleError(ValueError):
+    """The schedule cannot run as written."""
+
+
+def message_key(stage: int, action: Action) -> MessageKey:
+    b = action.batch
+    return {
+        Op.SEND_ACT: ("act", stage, stage + 1, b),
+        Op.RECV_ACT: ("act", stage - 1, stage, b),
+        Op.SEND_GRAD: ("grad", stage, stage - 1, b),
+        Op.RECV_GRAD: ("grad", stage + 1, stage, b),
+    }[action.op]
+
+
+def stage_plan(k: int, num_stages: int, forward: int | None, backward: int | None,
+               forward_latency: int, backward_latency: int, backward_first: bool) -> StagePlan:
+    """One stage's actions for an iteration of a forward/backward method.
+
+    ``forward``/``backward`` are the batch ids this stage forwards and
+    back-propagates (None or negative: nothing, pipeline filling). The
+    receive of an input precedes its compute and the send follows it; an
+    UPDATE follows every backward, so a stage never steps before its first
+    gradient. ``backward_first`` orders backward+update before the forward
+    (FDG); otherwise the forward comes first (BP, DDG). The last stage always
+    forwards, then back-propagates its own loss.
+    """
+    last = k == num_stages - 1
+    fwd: list[Action] = []
+    bwd: list[Action] = []
+    if forward is not None and forward >= 0:
+        if k > 0:
+            fwd.append(Action(Op.RECV_ACT, forward, forward_latency))
+        fwd.append(Action(Op.FORWARD, forward))
+        if not last:
+            fwd.append(Action(Op.SEND_ACT, forward, forward_latency))
+    if backward is not None and backward >= 0:
+        if not last:
+            bwd.append(Action(Op.RECV_GRAD, backward, backward_latency))
+        bwd.append(Action(Op.BACKWARD, backward))
+        if k > 0:
+            bwd.append(Action(Op.SEND_GRAD, backward, backward_latency))
+        bwd.append(Action(Op.UPDATE))
+    return tuple(bwd + fwd) if backward_first and not last else tuple(fwd + bwd)
+
+
+class Mailbox:
+    """Messages sent and not yet received: key -> (iteration sent, latency)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[MessageKey, tuple[int, int]] = {}
+
+
+def execution_order(plan: IterationPlan, t: int, mailbox: Mailbox) -> list[tuple[int, Action]]:
+    """A global order of the iteration's actions that respects every receive:
+    stages take turns, each running until it needs a message not yet sent.
+    Checks the iteration as it goes and raises ScheduleError on any fault."""
+    num_stages = len(plan)
+    pos = [0] * num_stages
+    order: list[tuple[int, Action]] = []
+    done_here: list[set[tuple[Op, int | None]]] = [set() for _ in plan]
+    while any(pos[k] < len(plan[k]) for k in range(num_stages)):
+        progressed = False
+        for k, actions in enumerate(plan):
+            while pos[k] < len(actions):
+                action = actions[pos[k]]
+                if action.op in RECVS:
+                    key = message_key(k, action)
+                    if key not in mailbox.pending:
+                        break
+                    sent_at, latency = mailbox.pending[key]
+                    if t - sent_at != latency or action.latency != latency:
+                        raise ScheduleError(
+                            f"iteration {t}, stage {k}: {action} receives a latency-{latency} message sent at "
+                            f"iteration {sent_at}, expected it with latency {action.latency}")
+                    del mailbox.pending[key]
+                elif action.op in SENDS:
+                    key = message_key(k, action)
+                    if not 0 <= key[2] < num_stages:
+                        raise ScheduleError(f"iteration {t}, stage {k}: {action} has no stage to go to")
+                    needs = Op.FORWARD if action.op is Op.SEND_ACT else Op.BACKWARD
+                    if (needs, action.batch) not in done_here[k]:
+                        raise ScheduleError(f"iteration {t}, stage {k}: {action} sends batch {action.batch} "
+                                            f"before computing it ({needs.value}{action.batch})")
+                    mailbox.pending[key] = (t, action.latency)
+                elif action.op is Op.FORWARD and k > 0 and (Op.RECV_ACT, action.batch) not in done_here[k]:
+                    raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its input")
+                elif (action.op is Op.BACKWARD and k < num_stages - 1
+                      and (Op.RECV_GRAD, action.batch) not in done_here[k]):
+                    raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its gradient")
+                done_here[k].add((action.op, action.batch))
+                order.append((k, action))
+                pos[k] += 1
+                progressed = True
+        if not progressed:
+            waiting = ", ".join(f"stage {k} at {plan[k][pos[k]]}" for k in range(num_stages)
+                                if pos[k] < len(plan[k]))
+            raise ScheduleError(f"iteration {t}: deadlock, {waiting} wait for messages never sent")
+    for key, (sent_at, latency) in mailbox.pending.items():
+        if sent_at + latency <= t:
+            raise ScheduleError(f"iteration {t}: message {key} sent at iteration {sent_at} with latency "
+                                f"{latency} was never received")
+    return order
+
+
+ScheduleFn = Callable[[int, int], IterationPlan]
+
+
+def validate(schedule: ScheduleFn, num_stages: int, iterations: int) -> None:
+    """Run ``iterations`` iterations symbolically; also check that every
+    backward of batch b at stage k follows a forward of b at stage k and
+    happens once."""
+    mailbox = Mailbox()
+    forwarded: list[set[int]] = [set() for _ in range(num_stages)]
+    backwarded: list[set[int]] = [set() for _ in range(num_stages)]
+    for t in range(iterations):
+        plan = schedule(num_stages, t)
+        if len(plan) != num_stages:
+            raise ScheduleError(f"iteration {t}: plan has {len(plan)} stages, expected {num_stages}")
+        for k, action in execution_order(plan, t, mailbox):
+            if action.op is Op.FORWARD:
+                if action.batch in forwarded[k]:
+                    raise ScheduleError(f"iteration {t}, stage {k}: batch {action.batch} forwarded twice")
+                forwarded[k].add(action.batch)
+            elif action.op is Op.BACKWARD:
+                if action.batch not in forwarded[k] or action.batch in backwarded[k]:
+                    raise ScheduleError(f"iteration {t}, stage {k}: {action} without a pending forward of "
+                                        f"batch {action.batch}")
+                backwarded[k].add(action.batch)
+
+
+def format_grid(schedule: ScheduleFn, num_stages: int, iterations: int, messages: bool = False) -> str:
+    """The step x stage grid of the first iterations (compute actions only,
+    unless ``messages``)."""
+    rows = []
+    for t in range(iterations):
+        plan = schedule(num_stages, t)
+        rows.append([" ".join(str(a) for a in stage if messages or a.op in COMPUTE) for stage in plan])
+    header = ["step"] + [f"stage {k}" for k in range(num_stages)]
+    widths = [max(len(header[0]), len(str(iterations - 1)))] + [
+        max(len(header[k + 1]), *(len(r[k]) for r in rows)) for k in range(num_stages)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+             "-+-".join("-" * w for w in widths)]
+    for t, row in enumerate(rows):
+        lines.append(" | ".join(c.ljust(w) for c, w in zip([str(t).rjust(widths[0])] + row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def legend() -> str:
+    return ("F<b> forward of batch b, B<b> backward of batch b, U update; sA/rA send/receive an activation, "
+            "sG/rG a gradient; ' marks a message consumed in the next iteration")
+
+
+def recorded_batches(plan: Iterable[Sequence[Action]], op: Op) -> list[int | None]:
+    """For each stage, the batch of its ``op`` action in this plan (None if absent)."""
+    out = []
+    for stage in plan:
+        hits = [a.batch for a in stage if a.op is op]
+        out.append(hits[0] if hits else None)
+    return out

@@ -1,0 +1,119 @@
+"""The stage interface engines drive: one stage's module, optimizer and the
+three actions FORWARD, BACKWARD and UPDATE. Methods configure it (staleness
+handling, gradient scaling) or subclass it; engines never look inside."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .optim import SGDConfig, StageOptimizer
+from .staleness import make_store
+
+
+@dataclass
+class StageContext:
+    """What the infrastructure hands a method for one stage."""
+
+    index: int
+    num_stages: int
+    module: nn.Module
+    device: torch.device
+    optim: SGDConfig = field(default_factory=SGDConfig)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def autocast(self) -> ContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+class TrainMetrics:
+    """Loss and accuracy of the batches a stage's loss saw, summed on the
+    device (no synchronisation per step) and read out on demand."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        self.loss_sum += loss.detach().double() * n
+        if logits.dim() == 2 and not labels.is_floating_point():
+            self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.count += n
+
+    def summary(self) -> dict[str, float]:
+        if not self.count:
+            return {"loss": float("nan"), "error": float("nan"), "images": 0}
+        return {"loss": self.loss_sum.item() / self.count,
+                "error": 100.0 * (1.0 - self.correct.item() / self.count), "images": self.count}
+
+
+class StageWorker:
+    """A stage trained by back-propagating a (possibly delayed) gradient.
+
+    ``staleness`` picks what a delayed backward sees (staleness.py); None means
+    the method never delays. ``delayed`` says whether this stage's backward
+    comes iterations after its forward. ``grad_scale`` multiplies the received
+    gradient before it is back-propagated (FDG's gradient shrinking, beta).
+    The last stage computes the loss in its forward and back-propagates it.
+    """
+
+    def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
+                 grad_scale: float = 1.0):
+        self.ctx = ctx
+        self.module = ctx.module
+        self.device = ctx.device
+        self.store = make_store(staleness or "legacy", self.module, delayed, ctx.autocast)
+        self.optimizer = StageOptimizer(list(self.module.parameters()), ctx.optim,
+                                        write_through_data=staleness == "legacy")
+        self.grad_scale = grad_scale
+        self.metrics = TrainMetrics(ctx.device)
+
+    def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Forward ``batch``; returns the activation to send on (detached), or
+        None at the last stage, which computes and keeps the loss instead."""
+        if not self.ctx.is_first:
+            x.requires_grad_(True)
+        out = self.store.forward(batch, x)
+        if not self.ctx.is_last:
+            return out.detach()
+        # Low-precision (autocast) logits are upcast for the loss; fp32/fp64 kept.
+        logits = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        loss = self.ctx.loss_fn(logits, labels)
+        self.store.set_root(batch, loss)
+        self.metrics.add(loss, out, labels)
+        return None
+
+    def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Back-propagate ``batch`` (from the received gradient, or from the
+        loss at the last stage); returns the gradient for the previous stage."""
+        if grad is not None and self.grad_scale != 1.0:
+            grad = grad * self.grad_scale
+        x_grad = self.store.backward(batch, grad)
+        return None if self.ctx.is_first else x_grad
+
+    def update(self) -> None:
+        self.optimizer.step()
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.set_lr(lr)

@@ -1,0 +1,115 @@
+"""What a delayed backward sees: how a stage keeps a batch between its forward
+and its backward (``--staleness``).
+
+- ``legacy``: keep the autograd graph; the optimizer writes through ``.data``
+  (see optim.py), so the backward uses the stored activations, ReLU masks and
+  BN batch statistics with the *current* weights: what the FDG/DDG authors'
+  code computed under PyTorch 1.0.
+- ``stash``: run the forward on a detached copy of the weights (one copy per
+  batch in flight) and keep that graph: the gradient at the weights the
+  forward used (weight stashing), the quantity the convergence proofs analyse.
+- ``replay``: keep only the input; before the backward, recompute the forward
+  in train mode with the current weights (features replay; no stored graph,
+  and BN running statistics see the second forward too).
+
+A stage whose backward immediately follows its forward (delay 0) keeps its
+graph whatever the mode: there is nothing stale to handle.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+STALENESS_MODES = ("legacy", "stash", "replay")
+AutocastFactory = Callable[[], ContextManager]
+
+
+class KeptGraph:
+    """Keeps (input, graph root) per batch: ``legacy``, and every delay-0 stage."""
+
+    def __init__(self, module: nn.Module, autocast: AutocastFactory = contextlib.nullcontext):
+        self.module = module
+        self.autocast = autocast
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        """Batches in flight (forwarded, not yet back-propagated)."""
+        return len(self._held)
+
+    def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def forward(self, batch: int, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            out = self._run(batch, x)
+        self._held[batch] = (x, out)
+        return out
+
+    def set_root(self, batch: int, root: torch.Tensor) -> None:
+        """Back-propagate from ``root`` (the last stage's loss) instead of the output."""
+        self._held[batch] = (self._held[batch][0], root)
+
+    def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Accumulate parameter gradients; return the input's gradient (None
+        for an input that needs none)."""
+        x, root = self._held.pop(batch)
+        torch.autograd.backward(root, grad)
+        return x.grad
+
+
+class StashedWeights(KeptGraph):
+    """Forward through a copy of the parameters taken at forward time; the
+    backward adds the copies' gradients to the live parameters' grads."""
+
+    def __init__(self, module: nn.Module, autocast: AutocastFactory = contextlib.nullcontext):
+        super().__init__(module, autocast)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._copies: dict[int, list[torch.Tensor]] = {}
+
+    def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
+        copies = [p.detach().clone().requires_grad_(True) for p in self._params]
+        self._copies[batch] = copies
+        # Buffers (BN running statistics) are the module's own, updated in place.
+        return functional_call(self.module, dict(zip(self._names, copies)), (x,), strict=False)
+
+    def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        x_grad = super().backward(batch, grad)
+        for p, copy in zip(self._params, self._copies.pop(batch)):
+            if copy.grad is not None:
+                p.grad = copy.grad if p.grad is None else p.grad + copy.grad
+        return x_grad
+
+
+class ReplayedForward(KeptGraph):
+    """Keeps only the input; the backward recomputes the forward (train mode,
+    current weights) and back-propagates through the recomputation."""
+
+    def forward(self, batch: int, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            out = self.module(x)
+        self._held[batch] = (x.detach().requires_grad_(x.requires_grad), out)
+        return out
+
+    def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        x, _ = self._held.pop(batch)
+        with torch.enable_grad(), self.autocast():
+            out = self.module(x)
+        torch.autograd.backward(out, grad)
+        return x.grad
+
+
+def make_store(mode: str, module: nn.Module, delayed: bool,
+               autocast: AutocastFactory = contextlib.nullcontext) -> KeptGraph:
+    if not delayed or mode == "legacy":
+        return KeptGraph(module, autocast)
+    if mode == "stash":
+        return StashedWeights(module, autocast)
+    if mode == "replay":
+        return ReplayedForward(module, autocast)
+    raise ValueError(f"unknown staleness mode {mode!r}")

@@ -1,0 +1,297 @@
+"""A training run: data, model, partition, method, engine; epochs with the
+paper's step learning-rate schedule; evaluation after every epoch; the run
+directory's records."""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import BatchStream, ImageDataset, Normalizer, eval_batches, load_dataset
+from .engines.sequential import Observer, SequentialEngine
+from .errors import DivergedError, UserError
+from .method import make_method
+from .models import build_model, count_parameters
+from .optim import SGDConfig
+from .partition import build_stages, make_partition
+from .runs import RunDirectory, environment
+from .stage import StageContext
+
+# lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
+LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
+CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run's numbers; its hash names the run directory."""
+
+    method: str = "fdg"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "resnet56"
+    splits: int = 2
+    partition: str = "auto"
+    split_at: tuple[str, ...] | None = None
+    dataset: str = "cifar10"
+    train_subset: int | None = None
+    test_subset: int | None = None
+    epochs: int = 300
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    stage_devices: tuple[str, ...] | None = None
+    amp: str = "off"
+    channels_last: bool = False
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("split_at", "stage_devices"):
+            d[key] = list(d[key]) if d[key] is not None else None
+        return d
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Reject bad values before anything is loaded."""
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay < 0:
+        raise UserError(f"--weight-decay must be non-negative, got {cfg.weight_decay}")
+    if cfg.amp not in ("off", "bf16"):
+        raise UserError(f"--amp must be off or bf16, got '{cfg.amp}'")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {cfg.threads}")
+    stage_devices(cfg)
+    make_method(cfg.method, **cfg.method_options)
+    # Model name, K and split points are checked on a weightless (meta) model:
+    # instant even for ResNet-1202, and before any data is loaded.
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    cheap = "uniform" if cfg.partition == "time" else cfg.partition
+    make_partition(model, cfg.splits, cheap, list(cfg.split_at) if cfg.split_at else None,
+                   sample=torch.zeros(1, 3, 32, 32, device="meta"))
+
+
+def parse_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"unknown device '{text}'; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {text} requested but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {text} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device '{text}'; use cpu, cuda or cuda:N")
+    return device
+
+
+def stage_devices(cfg: RunConfig) -> list[torch.device]:
+    if cfg.stage_devices:
+        if len(cfg.stage_devices) != cfg.splits:
+            raise UserError(f"--stage-devices lists {len(cfg.stage_devices)} devices for {cfg.splits} stages")
+        return [parse_device(d) for d in cfg.stage_devices]
+    return [parse_device(cfg.device)] * cfg.splits
+
+
+def lr_at(t: int, base_lr: float, planned_steps: int) -> float:
+    drops = sum(t >= round(f * planned_steps) for f in LR_MILESTONES)
+    return base_lr * 0.1 ** drops
+
+
+@torch.no_grad()
+def evaluate(stages: Sequence[nn.Module], devices: Sequence[torch.device], images: torch.Tensor,
+             labels: torch.Tensor, normalizer: Normalizer, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Test loss and error (%) of the composed stages in eval mode. Divergence
+    is judged on the training loss only: a non-finite test loss is recorded."""
+    for s in stages:
+        s.eval()
+    loss_sum, correct = 0.0, 0
+    try:
+        for x, y in eval_batches(images, labels, normalizer):
+            for stage, device in zip(stages, devices):
+                x = x.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    x = stage(x)
+            y = y.to(x.device)
+            loss_sum += F.cross_entropy(x.float(), y, reduction="sum").item()
+            # Non-finite logits (e.g. BN running statistics not yet trained in
+            # a very deep net) count as wrong; the loss shows them as NaN/inf.
+            correct += ((x.argmax(1) == y) & torch.isfinite(x).all(1)).sum().item()
+    finally:
+        for s in stages:
+            s.train()
+    n = len(labels)
+    return {"loss": loss_sum / n, "error": 100.0 * (1 - correct / n)}
+
+
+class Trainer:
+    """Builds every piece of a run from its config; ``fit`` trains and records."""
+
+    def __init__(self, cfg: RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None,
+                 observer: Observer | None = None):
+        check_config(cfg)
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.devices = stage_devices(cfg)
+        data = dataset if dataset is not None else load_dataset(cfg.dataset, data_dir)
+        self.dataset = data.subset(cfg.train_subset, cfg.test_subset)
+        self.method = make_method(cfg.method, **cfg.method_options)
+        model = build_model(cfg.model, self.dataset.num_classes)
+        self.num_parameters = count_parameters(model)
+        sample = torch.zeros(8, *self.dataset.train_images.shape[1:], device=self.devices[0])
+        self.partition = make_partition(model.to(self.devices[0]), cfg.splits, cfg.partition,
+                                        list(cfg.split_at) if cfg.split_at else None, sample=sample)
+        self.partition_text = self.partition.describe(model.block_names)
+        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.stages = [s.to(d, memory_format=memory_format) for s, d in zip(build_stages(model, self.partition),
+                                                                          self.devices)]
+        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        optim = SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+        self.workers = [self.method.make_worker(StageContext(k, cfg.splits, s, d, optim, amp_dtype=self.amp_dtype))
+                        for k, (s, d) in enumerate(zip(self.stages, self.devices))]
+        mean, std = self.dataset.channel_stats()
+        self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
+        self.stream = BatchStream(self.dataset.train_images.to(self.devices[0]),
+                                  self.dataset.train_labels.to(self.devices[0]), cfg.batch_size, cfg.seed,
+                                  self.normalizer)
+        self.test_images = self.dataset.test_images.to(self.devices[0])
+        self.test_labels = self.dataset.test_labels
+        self.engine = SequentialEngine(self.method, self.workers, self.stream, observer)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.planned_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
+
+    def describe(self) -> str:
+        c = self.cfg
+        opts = "".join(f" {k}={v}" for k, v in self.method.option_values().items())
+        return (f"{c.method}{opts} | {c.model} ({self.num_parameters:,} params) K={c.splits} "
+                f"[{self.partition.strategy}: {self.partition_text}] | {self.dataset.description} | "
+                f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {c.batch_size}) on "
+                f"{','.join(map(str, dict.fromkeys(self.devices)))}")
+
+    def fit(self, run: RunDirectory, progress: bool | None = None) -> dict[str, Any]:
+        """Train to the end (or divergence), writing the run directory."""
+        run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
+        history: list[dict[str, Any]] = []
+        status, message = "finished", None
+        bar = _progress_bar(self.total_steps, progress)
+        train_seconds = 0.0
+        try:
+            for epoch in range(math.ceil(self.total_steps / self.steps_per_epoch)):
+                first = epoch * self.steps_per_epoch
+                last = min(first + self.steps_per_epoch, self.total_steps)
+                self._sync()
+                t0 = time.perf_counter()
+                for t in range(first, last):
+                    lr = lr_at(t, self.cfg.lr, self.planned_steps)
+                    for w in self.workers:
+                        w.set_lr(lr)
+                    self.engine.run_iteration(t)
+                    if (t + 1) % CHECK_EVERY == 0 or t + 1 == last:
+                        self._check_progress(t, bar, t0, first)
+                self._sync()
+                seconds = time.perf_counter() - t0
+                train_seconds += seconds
+                train = self.workers[-1].metrics.summary()
+                self.workers[-1].metrics.reset()
+                if not math.isfinite(train["loss"]) and train["images"]:
+                    raise DivergedError(f"training loss is {train['loss']} in epoch {epoch + 1}")
+                test = evaluate(self.stages, self.devices, self.test_images, self.test_labels, self.normalizer,
+                                self.amp_dtype)
+                record = {"epoch": epoch + 1, "iteration": last, "lr": lr, "train_loss": train["loss"],
+                          "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
+                          "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds}
+                history.append(record)
+                run.append_metrics(record)
+        except DivergedError as exc:
+            status, message = "diverged", str(exc)
+        finally:
+            if bar is not None:
+                bar.close()
+        summary = self._summary(history, status, message, train_seconds)
+        run.finish(summary)
+        if status == "diverged":
+            raise DivergedError(f"{message}; recorded in {run.path}")
+        return summary
+
+    def _check_progress(self, t: int, bar, t0: float, first: int) -> None:
+        m = self.workers[-1].metrics.summary()
+        if m["images"] and not math.isfinite(m["loss"]):
+            raise DivergedError(f"training loss is {m['loss']} at iteration {t}")
+        if bar is not None:
+            bar.update(t + 1 - bar.n)
+            rate = (t + 1 - first) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 - m['error']:.1f}%", img_s=f"{rate:.0f}")
+
+    def _summary(self, history: list[dict[str, Any]], status: str, message: str | None,
+                 train_seconds: float) -> dict[str, Any]:
+        errors = [h["test_error"] for h in history]
+        best = min(range(len(errors)), key=errors.__getitem__) if errors else None
+        steps = history[-1]["iteration"] if history else 0
+        return {
+            "status": status,
+            "message": message,
+            "method": self.cfg.method,
+            "method_options": self.method.option_values(),
+            "model": self.cfg.model,
+            "parameters": self.num_parameters,
+            "splits": self.cfg.splits,
+            "partition": {"strategy": self.partition.strategy, "starts": list(self.partition.starts),
+                          "stages": self.partition_text},
+            "dataset": self.dataset.description,
+            "epochs_completed": len(history),
+            "steps": steps,
+            "final_test_error": errors[-1] if errors else None,
+            "best_test_error": errors[best] if errors else None,
+            "best_epoch": history[best]["epoch"] if errors else None,
+            "final_train_loss": history[-1]["train_loss"] if history else None,
+            "train_seconds": train_seconds,
+            "images_per_s": steps * self.cfg.batch_size / train_seconds if train_seconds else None,
+        }
+
+    def _sync(self) -> None:
+        for d in dict.fromkeys(self.devices):
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, unit="it", dynamic_ncols=True, leave=False) if enabled else None

@@ -1,0 +1,32 @@
+"""FDG, fully decoupled learning with delayed gradients (Zhuang et al., TNNLS
+2022, arXiv:1906.09108).
+
+All stages work at once on different batches. At iteration t stage k forwards
+batch t-k (the activation stage k-1 sent at t-1) and back-propagates batch
+t-2(K-1)+k (the gradient stage k+1 sent at t-1), so its gradient is 2(K-1-k)
+iterations old. A stage k < K-1 first back-propagates the stale batch and
+steps, then forwards the new one; the last stage forwards, takes the loss,
+back-propagates and steps. Every stage k < K-1 multiplies the received
+gradient by beta (gradient shrinking), so stage k's gradient carries
+beta^(K-1-k). The pipeline runs on across epochs, never drained.
+"""
+from fdgbench.method import BETA, STALENESS, Method, register
+from fdgbench.schedule import stage_plan
+from fdgbench.stage import StageWorker
+
+
+@register
+class FDG(Method):
+    name = "fdg"
+    summary = "fully decoupled: pipelined forward, delayed gradients shrunk by beta"
+    breaks = ("forward", "backward", "update")
+    options = (BETA, STALENESS)
+
+    def schedule(self, num_stages, t):
+        last = num_stages - 1
+        return tuple(stage_plan(k, num_stages, forward=t - k, backward=t - 2 * last + k, forward_latency=1,
+                                backward_latency=1, backward_first=True) for k in range(num_stages))
+
+    def make_worker(self, ctx):
+        return StageWorker(ctx, staleness=self.staleness, delayed=not ctx.is_last,
+                           grad_scale=1.0 if ctx.is_last else self.beta)

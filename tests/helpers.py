@@ -1,0 +1,45 @@
+"""Small builders shared by the method and engine tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fdgbench.engines.sequential import SequentialEngine
+from fdgbench.optim import SGDConfig
+from fdgbench.stage import StageContext
+
+
+class Scale(nn.Module):
+    """y = w * x with one scalar weight: gradients easy to compute by hand."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w], dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class ToyStream:
+    """Batch t: inputs and targets given as functions of t."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+
+    def batch(self, t):
+        return self.inputs(t), self.targets(t)
+
+    def labels(self, t):
+        return self.targets(t)
+
+
+def half_sse(out, target):
+    return 0.5 * ((out - target) ** 2).sum()
+
+
+def engine_for(method, modules, stream, optim=SGDConfig(), loss_fn=F.cross_entropy, observer=None):
+    k = len(modules)
+    workers = [method.make_worker(StageContext(i, k, m, torch.device("cpu"), optim, loss_fn))
+               for i, m in enumerate(modules)]
+    return SequentialEngine(method, workers, stream, observer), workers

@@ -1,0 +1,234 @@
+"""BP and FDG semantics: K=1 equivalence, schedule facts from real runs,
+gradient shrinking, the three staleness modes against hand computation."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fdgbench.data import synthetic_dataset
+from fdgbench.method import all_methods, make_method
+from fdgbench.optim import SGDConfig
+from fdgbench.runs import RunDirectory
+from fdgbench.schedule import Op
+from fdgbench.train import RunConfig, Trainer
+
+from .helpers import Scale, ToyStream, engine_for, half_sse
+
+DATA = synthetic_dataset(10, train=256, test=64)
+
+
+def _trainer(method, k, observer=None, **kw):
+    opts = kw.pop("method_options", {})
+    cfg = RunConfig(method=method, method_options=opts, model="tiny_resnet", splits=k, dataset="synthetic",
+                    batch_size=32, epochs=kw.pop("epochs", 3), **kw)
+    return Trainer(cfg, dataset=DATA, observer=observer)
+
+
+def _run(trainer, steps):
+    for t in range(steps):
+        trainer.engine.run_iteration(t)
+    return {n: v.clone() for s in trainer.stages for n, v in s.state_dict().items()}
+
+
+def _variants():
+    for m in all_methods():
+        if any(o.name == "staleness" for o in m.options):
+            for mode in ("legacy", "stash", "replay"):
+                yield m.name, {"staleness": mode}
+        else:
+            yield m.name, {}
+
+
+@pytest.mark.parametrize("method,options", list(_variants()))
+def test_every_method_with_one_stage_equals_bp_exactly(method, options):
+    reference = _run(_trainer("bp", 1), 6)
+    got = _run(_trainer(method, 1, method_options=options), 6)
+    assert reference.keys() == got.keys()
+    for name in reference:  # parameters and BN buffers, bit for bit
+        assert torch.equal(reference[name], got[name]), name
+
+
+def test_split_bp_equals_unsplit_bp_exactly():
+    reference = _run(_trainer("bp", 1), 6)
+    for k in (2, 3, 5):
+        got = _run(_trainer("bp", k), 6)
+        for name in reference:
+            assert torch.equal(reference[name], got[name]), (k, name)
+
+
+def test_fdg_differs_from_bp_when_split():
+    bp, fdg = _run(_trainer("bp", 2), 6), _run(_trainer("fdg", 2), 6)
+    assert any(not torch.equal(bp[n], fdg[n]) for n in bp)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_recorded_fdg_forwards_and_backwards_follow_the_delays(k):
+    events = []
+    trainer = _trainer("fdg", k, observer=lambda t, s, a: events.append((t, s, a.op, a.batch)))
+    steps = 4 * k + 3
+    _run(trainer, steps)
+    for stage in range(k):
+        forwards = [(t, b) for t, s, op, b in events if s == stage and op is Op.FORWARD]
+        backwards = [(t, b) for t, s, op, b in events if s == stage and op is Op.BACKWARD]
+        updates = [t for t, s, op, b in events if s == stage and op is Op.UPDATE]
+        assert forwards == [(t, t - stage) for t in range(stage, steps)]
+        delay = 2 * (k - 1 - stage)
+        assert backwards == [(t, t - 2 * (k - 1) + stage) for t in range(2 * (k - 1) - stage, steps)]
+        assert all(t - b == stage + delay for t, b in backwards)  # forward at t-delay, backward at t
+        assert updates == [t for t, _ in backwards]  # a step after every backward, none before the first
+
+
+def test_bp_records_forward_and_backward_of_batch_t_at_iteration_t():
+    events = []
+    _run(_trainer("bp", 3, observer=lambda t, s, a: events.append((t, s, a.op, a.batch))), 4)
+    for t in range(4):
+        for s in range(3):
+            assert (t, s, Op.FORWARD, t) in events and (t, s, Op.BACKWARD, t) in events
+
+
+def test_no_step_before_the_first_gradient():
+    trainer = _trainer("fdg", 3)
+    stage0 = trainer.stages[0]
+    before = copy.deepcopy(stage0.state_dict())
+    for t in range(4):  # stage 0's first gradient arrives at iteration 2(K-1) = 4
+        trainer.engine.run_iteration(t)
+    after = stage0.state_dict()
+    params = {n for n, _ in stage0.named_parameters()}
+    assert all(torch.equal(before[n], after[n]) for n in params)
+    assert not trainer.workers[0].optimizer.sgd.state  # no momentum buffers yet
+    trainer.engine.run_iteration(4)
+    assert any(not torch.equal(before[n], stage0.state_dict()[n]) for n in params)
+
+
+def test_pipeline_is_not_drained_between_epochs(tmp_path):
+    events = []
+    trainer = _trainer("fdg", 3, observer=lambda t, s, a: events.append((t, s, a.op, a.batch)), epochs=2)
+    spe = trainer.steps_per_epoch
+    trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
+    stage0 = [b for t, s, op, b in events if s == 0 and op is Op.BACKWARD]
+    # Batches forwarded in epoch 1's last iterations are back-propagated in epoch 2.
+    assert stage0 == list(range(2 * spe - 4))
+    assert (spe, 0, Op.BACKWARD, spe - 4) in events
+
+
+def _linear_chain(k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Sequential(*[_linear(g) for _ in range(2)]) for _ in range(k)]
+
+
+def _linear(g):
+    layer = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 4, generator=g) * 0.5)
+    return layer
+
+
+def _grads_at_updates(workers):
+    """Record each stage's parameter gradients at every UPDATE."""
+    seen = [[] for _ in workers]
+    for i, w in enumerate(workers):
+        original = w.update
+
+        def update(i=i, original=original, w=w):
+            seen[i].append([p.grad.clone() for p in w.module.parameters()])
+            original()
+        w.update = update
+    return seen
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_gradient_shrinking_compounds_as_beta_to_the_k(k):
+    """With lr = 0 the weights never change, so FDG's delayed gradient for a
+    batch equals BP's for that batch; FDG at beta then carries exactly
+    beta^(K-1-k) times it at stage k (beta = 0.5 scales exactly in floats)."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 4, generator=g) for _ in range(12)]
+    ys = [torch.randn(3, 4, generator=g) for _ in range(12)]
+    stream = ToyStream(lambda t: xs[t], lambda t: ys[t])
+    frozen = SGDConfig(lr=0.0, momentum=0.0, weight_decay=0.0)
+    grads = {}
+    for name, beta in (("bp", None), ("fdg", 1.0), ("fdg", 0.5)):
+        method = make_method(name, **({} if beta is None else {"beta": beta, "staleness": "legacy"}))
+        engine, workers = engine_for(method, _linear_chain(k), stream, frozen, half_sse)
+        seen = _grads_at_updates(workers)
+        for t in range(12):
+            engine.run_iteration(t)
+        grads[(name, beta)] = seen
+    first = 2 * (k - 1)
+    for stage in range(k):
+        shrink = 0.5 ** (k - 1 - stage)
+        delay_updates = len(grads[("fdg", 0.5)][stage])
+        assert delay_updates == 12 - (first - stage)
+        for i in range(delay_updates):  # FDG's i-th update at this stage is batch i
+            for bp, f1, fb in zip(grads[("bp", None)][stage][i], grads[("fdg", 1.0)][stage][i],
+                                  grads[("fdg", 0.5)][stage][i]):
+                # Same float32 operations in the same order as BP; tolerance only
+                # for reduction-order differences between code paths.
+                torch.testing.assert_close(f1, bp, rtol=1e-6, atol=0)
+                assert torch.equal(fb, f1 * shrink)
+
+
+def _hand_fdg_two_stages(mode, steps, lr, xs, ys, w1, w2, w3):
+    """FDG, K = 2, plain SGD, on stage 0 = (w1*, w2*), stage 1 = (w3*),
+    loss 0.5 (y - target)^2, written out by hand."""
+    sent_act, sent_grad = {}, {}
+    held = {}  # what stage 0 keeps for batch b: (x, u at forward, w1 at forward, w2 at forward)
+    for t in range(steps):
+        new_act, new_grad = {}, {}
+        # Stage 0: backward of batch t-2 (gradient sent at t-1), step, forward batch t.
+        b = t - 2
+        if b >= 0:
+            g = sent_grad[b]
+            x, u_fwd, w1_fwd, w2_fwd = held.pop(b)
+            if mode == "legacy":  # stored activation u, current weights
+                d_w2, d_w1 = g * u_fwd, g * w2 * x
+            elif mode == "stash":  # everything as at the forward
+                d_w2, d_w1 = g * u_fwd, g * w2_fwd * x
+            else:  # replay: recompute u with the current w1
+                d_w2, d_w1 = g * (w1 * x), g * w2 * x
+            w1, w2 = w1 - lr * d_w1, w2 - lr * d_w2
+        u = w1 * xs[t]
+        held[t] = (xs[t], u, w1, w2)
+        new_act[t] = w2 * u
+        # Stage 1: forward batch t-1 (activation sent at t-1), loss, backward, step.
+        b = t - 1
+        if b >= 0:
+            h = sent_act[b]
+            r = w3 * h - ys[b]
+            new_grad[b] = r * w3
+            w3 = w3 - lr * r * h
+        sent_act.update(new_act)
+        sent_grad.update(new_grad)
+    return w1, w2, w3
+
+
+@pytest.mark.parametrize("mode", ["legacy", "stash", "replay"])
+def test_staleness_modes_match_hand_computation(mode):
+    xs = [1.0, -0.5, 2.0, 0.7, -1.2, 0.3, 1.5, -0.8]
+    ys = [0.5, 1.0, -1.0, 0.2, 0.9, -0.4, 0.1, 0.6]
+    lr, steps = 0.1, len(xs)
+    stream = ToyStream(lambda t: torch.tensor([[xs[t]]], dtype=torch.float64),
+                       lambda t: torch.tensor([[ys[t]]], dtype=torch.float64))
+    modules = [nn.Sequential(Scale(0.9), Scale(1.1)), nn.Sequential(Scale(0.8))]
+    engine, _ = engine_for(make_method("fdg", staleness=mode), modules, stream,
+                           SGDConfig(lr=lr, momentum=0.0, weight_decay=0.0), half_sse)
+    for t in range(steps):
+        engine.run_iteration(t)
+    got = [modules[0][0].w.item(), modules[0][1].w.item(), modules[1][0].w.item()]
+    expected = _hand_fdg_two_stages(mode, steps, lr, xs, ys, 0.9, 1.1, 0.8)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)  # float64, a few dozen operations
+    others = [_hand_fdg_two_stages(m, steps, lr, xs, ys, 0.9, 1.1, 0.8) for m in ("legacy", "stash", "replay")
+              if m != mode]
+    assert all(abs(o[0] - expected[0]) > 1e-6 for o in others)  # the modes really differ
+
+
+@pytest.mark.parametrize("method,options", list(_variants()))
+@pytest.mark.parametrize("k", [2, 3])
+def test_every_method_trains_a_tiny_net(tmp_path, method, options, k):
+    trainer = _trainer(method, k, method_options=options, epochs=3, lr=0.05)
+    summary = trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
+    assert summary["status"] == "finished"
+    first, last = [r for r in RunDirectory(tmp_path / "run").metrics()][::2]
+    assert last["train_loss"] < first["train_loss"]  # it learns the synthetic classes
+    assert summary["final_test_error"] < 80  # chance is 90%

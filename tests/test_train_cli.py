@@ -1,0 +1,164 @@
+"""Runs end to end through the CLI: run directories, determinism, divergence,
+and one-line errors for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fdgbench.runs import RunDirectory, config_hash
+from fdgbench.train import LR_MILESTONES, lr_at
+
+from .conftest import ROOT, needs_offline_cifar10
+
+TINY = ["--model", "tiny_resnet", "--dataset", "synthetic", "--batch-size", "32", "--train-subset", "256",
+        "--test-subset", "64", "--epochs", "2", "--threads", "1"]
+
+
+def _only_run(out):
+    dirs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(dirs) == 1
+    return RunDirectory(dirs[0])
+
+
+def test_run_writes_a_complete_run_directory(cli, tmp_path):
+    status, out, err = cli("run", "--method", "fdg", "-K", "2", "--beta", "0.5", *TINY, "--out", tmp_path)
+    assert status == 0, err
+    run = _only_run(tmp_path)
+    assert run.path.name.startswith("fdg-tiny_resnet-K2-")
+    files = {p.name for p in run.path.iterdir()}
+    assert {"config.json", "env.json", "metrics.jsonl", "summary.json", "done"} <= files
+    config = run.read_json("config.json")
+    assert config["method_options"] == {"beta": 0.5} and config["splits"] == 2
+    assert run.path.name.endswith(config_hash(config))
+    env = run.read_json("env.json")
+    assert env["seed"] == 0 and env["torch"] and "revision" in env["git"] and env["devices"] == ["cpu", "cpu"]
+    metrics = run.metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert {"train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_s"} <= set(metrics[0])
+    summary = run.read_json("summary.json")
+    assert summary["status"] == "finished" and summary["final_test_error"] == metrics[-1]["test_error"]
+    assert summary["best_test_error"] == min(m["test_error"] for m in metrics)
+    assert summary["method_options"] == {"beta": 0.5, "staleness": "legacy"}
+    assert "final test error" in out
+    # done is written last
+    assert (run.path / "done").stat().st_mtime_ns >= max((run.path / f).stat().st_mtime_ns for f in files)
+
+
+def test_a_done_run_is_not_repeated(cli, tmp_path):
+    cli("run", "--method", "bp", "-K", "1", *TINY, "--out", tmp_path)
+    mtime = (_only_run(tmp_path).path / "done").stat().st_mtime_ns
+    status, out, _ = cli("run", "--method", "bp", "-K", "1", *TINY, "--out", tmp_path)
+    assert status == 0 and "already done" in out
+    assert (_only_run(tmp_path).path / "done").stat().st_mtime_ns == mtime
+
+
+def test_same_seed_same_numbers(cli, tmp_path):
+    def numbers(out):
+        return [{k: v for k, v in m.items() if "second" not in k and "per_s" not in k}
+                for m in _only_run(out).metrics()]
+
+    for name in ("a", "b"):
+        assert cli("run", "--method", "fdg", "-K", "3", *TINY, "--out", tmp_path / name)[0] == 0
+    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+    cli("run", "--method", "fdg", "-K", "3", *TINY, "--seed", "1", "--out", tmp_path / "c")
+    assert numbers(tmp_path / "c") != numbers(tmp_path / "a")
+
+
+def test_a_diverged_run_is_recorded_and_exits_3(cli, tmp_path):
+    status, _, err = cli("run", "--method", "fdg", *TINY, "--lr", "1e30", "--out", tmp_path)
+    assert status == 3
+    # stderr: the run's one-line description, then the one-line verdict.
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("diverged: training loss is nan")
+    run = _only_run(tmp_path)
+    assert run.read_json("summary.json")["status"] == "diverged" and run.is_done
+
+
+def test_lr_schedule_drops_at_the_paper_milestones():
+    planned = 300 * 390
+    assert [lr_at(e * 390, 0.1, planned) for e in (0, 149, 150, 224, 225, 274, 275, 299)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
+    assert LR_MILESTONES[-1] * 300 == pytest.approx(275)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--method", "nope"], "unknown method 'nope'; known: bp, fdg"),
+    (["run", "--model", "resnet7"], "unknown model 'resnet7'"),
+    (["run", "--model", "resnet20", "-K", "12"], "has 11 blocks"),
+    (["run", "--model", "resnet32", "--partition", "paper"], "no paper split for resnet32"),
+    (["run", "--beta", "0"], "--beta must be in (0, 1], got 0.0"),
+    (["run", "--beta", "1.5"], "--beta must be in (0, 1]"),
+    (["run", "--method", "bp", "--beta", "0.5"], "--beta is an option of fdg, not bp"),
+    (["run", "--staleness", "old"], "Invalid value for '--staleness'"),
+    (["run", "--epochs", "0"], "--epochs must be at least 1"),
+    (["run", "--epochs", "many"], "'many' is not a valid integer"),
+    (["run", "--device", "cuda:7"], "cuda:7"),
+    (["run", "--device", "tpu"], "device"),
+    (["run", "--amp", "fp8"], "--amp must be off or bf16"),
+    (["run", "--dataset", "imagenet", "--model", "tiny_resnet"], "unknown dataset 'imagenet'"),
+    (["run", "--dataset", "folder:/no/such/dir", "--model", "tiny_resnet"], "does not exist"),
+    (["run", *TINY, "--out", "/proc/no-such-dir"], "cannot write the run directory"),
+    (["run", *TINY, "--batch-size", "1000"], "fewer than one batch"),
+    (["schedule", "show", "--method", "xyz"], "unknown method 'xyz'"),
+    (["bench", "step", "--splits", "two"], "--splits takes positive integers"),
+    (["list", "things"], "No such command 'things'"),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, args, message):
+    status, out, err = cli(*args)
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_errors_reach_a_real_process_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fdgbench", "run", "--model", "resnet7"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: unknown model 'resnet7'; known: resnet20, resnet32, resnet44, resnet56, " \
+                          "resnet110, resnet1202, resnet18, wrn28_10, wrn28_10_bias, wrn16_4, tiny_resnet\n"
+
+
+def test_list_and_schedule_commands(cli):
+    status, out, _ = cli("list", "methods")
+    assert status == 0
+    assert "fdg    breaks: forward, backward, update" in out and "bp     breaks: none" in out
+    assert "--staleness (legacy|stash|replay)" in out
+    status, out, _ = cli("list", "models")
+    assert "resnet1202      19,421,274 params   602 blocks  paper K: 2,3,4,5" in out
+    status, out, _ = cli("schedule", "show", "--method", "fdg", "--splits", "3", "--iterations", "5")
+    assert status == 0 and "   4 | B0 U F4 | B1 U F3 | F2 B2 U" in out
+
+
+def test_compare_prints_a_table(cli, tmp_path):
+    status, out, err = cli("compare", "--methods", "bp,fdg", *TINY, "--out", tmp_path)
+    assert status == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert lines[header + 1].startswith("bp ") and lines[header + 2].startswith("fdg(beta=1.0,staleness=legacy)")
+    assert "synthetic 10-class patterns (not real images), subset 256 train / 64 test" in out
+
+
+def test_bench_step_prints_ratios(cli):
+    status, out, err = cli("bench", "step", "--model", "tiny_resnet", "--splits", "2", "--batch-size", "16",
+                           "--iterations", "2", "--rounds", "1", "--threads", "1")
+    assert status == 0, err
+    assert "bp   K=1" in out and "fdg  K=2" in out and "x BP" in out
+
+
+@pytest.mark.slow
+def test_fdg_resnet1202_k4_smoke_on_cpu(cli, tmp_path):
+    """The issue's example command; ~1.5 min and ~13 GB on a 2-core CPU."""
+    status, out, err = cli("run", "--method", "fdg", "--model", "resnet1202", "--splits", "4", "--dataset",
+                           "synthetic", "--max-steps", "2", "--out", tmp_path)
+    assert status == 0, err
+    summary = _only_run(tmp_path).read_json("summary.json")
+    assert summary["status"] == "finished" and summary["steps"] == 2 and summary["parameters"] == 19_421_274
+
+
+@needs_offline_cifar10()
+@pytest.mark.slow
+def test_demo_default_runs_on_real_cifar10(cli, tmp_path):
+    """The README's demo, end to end (a few minutes)."""
+    status, out, err = cli("compare", "--out", tmp_path, "--data-dir", tmp_path / "data")
+    assert status == 0, err
+    assert "CIFAR-10" in out and "subset 10000 train / 2000 test" in out
