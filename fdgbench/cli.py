@@ -7,9 +7,12 @@ from typing import Any, Callable
 
 import click
 
+from .data import load_dataset
 from .errors import DivergedError, UserError
 from .method import all_methods, all_options, make_method
 from .partition import STRATEGIES
+from .runs import RunDirectory
+from .train import RunConfig, Trainer, check_config
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
@@ -64,9 +67,7 @@ def _owners(option_name: str) -> str:
     return ",".join(m.name for m in all_methods() if any(o.name == option_name for o in m.options))
 
 
-def _config(method: str, kw: dict[str, Any]):
-    from .train import RunConfig
-
+def _config(method: str, kw: dict[str, Any]) -> RunConfig:
     method_options = {name: kw.pop(name) for name in all_options() if kw.get(name) is not None}
     for name in all_options():
         kw.pop(name, None)
@@ -79,18 +80,19 @@ def _config(method: str, kw: dict[str, Any]):
                      channels_last=kw["channels_last"], threads=kw["threads"])
 
 
-def _run_one(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
+def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
     """Train one config unless its run directory is done; returns the summary,
-    the directory and whether it was cached."""
-    from .runs import RunDirectory
-    from .train import Trainer, check_config
-
+    the directory and whether it was cached. ``datasets`` caches loaded data
+    across calls (by spec)."""
     check_config(cfg)
     run = RunDirectory.for_config(kw["out"], cfg.to_dict())
     if run.is_done and not kw["force"]:
         return run.read_json("summary.json"), run.path, True
     run.ensure_writable()
-    trainer = Trainer(cfg, data_dir=kw["data_dir"])
+    datasets = {} if datasets is None else datasets
+    if cfg.dataset not in datasets:
+        datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
+    trainer = Trainer(cfg, dataset=datasets[cfg.dataset])
     click.echo(trainer.describe(), err=True)
     return trainer.fit(run, progress=kw["progress"]), run.path, False
 
@@ -126,25 +128,47 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
     With no options this is the README's demo: BP vs FDG (K=2) on ResNet-20,
     CIFAR-10 subset (10,000 train / 2,000 test images), 4 epochs, a few minutes on a laptop CPU.
     """
+    def is_default(key: str) -> bool:
+        return ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT
+
     for key, value in DEMO.items():  # the demo's budget unless the user set it
-        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+        # The subset sizes are CIFAR-10's; another dataset keeps its own size.
+        if is_default(key) and (is_default("dataset") or not key.endswith("_subset")):
             kw[key] = value
+    names = _csv(methods)
+    if not names:
+        raise UserError("--methods needs at least one method name")
+    configs = [_config(name, dict(kw)) for name in names]
+    for cfg in configs:  # every config is checked before the first one trains
+        check_config(cfg)
+    datasets: dict[str, Any] = {}
     rows = []
-    for name in _csv(methods) or ():
-        summary, path, cached = _run_one(_config(name, dict(kw)), kw)
-        rows.append((name, summary, path, cached))
+    diverged = []
+    for cfg in configs:
+        try:
+            summary, path, cached = _run_one(cfg, kw, datasets)
+        except DivergedError as exc:  # recorded in its run directory; the comparison goes on
+            click.echo(f"diverged: {exc}", err=True)
+            path = RunDirectory.for_config(kw["out"], cfg.to_dict()).path
+            summary, cached = RunDirectory(path).read_json("summary.json"), False
+            diverged.append(cfg.method)
+        opts = ",".join(f"{k}={v}" for k, v in summary["method_options"].items())
+        rows.append((f"{cfg.method}({opts})" if opts else cfg.method, summary, path, cached))
     first = rows[0][1]
     click.echo(f"\n{first['model']} ({first['parameters']:,} params), K={first['splits']}, {first['dataset']}, "
                f"{first['steps']} iterations of batch {kw['batch_size']}, seed {kw['seed']}")
-    click.echo(f"{'method':<24} {'final err %':>11} {'best err %':>10} {'img/s':>7}  run directory")
-    for name, s, path, cached in rows:
-        opts = ",".join(f"{k}={v}" for k, v in s["method_options"].items())
-        label = f"{name}({opts})" if opts else name
+    width = max(len("method"), *(len(r[0]) for r in rows))
+    click.echo(f"{'method':<{width}}  {'final err %':>11} {'best err %':>10} {'img/s':>7}  run directory")
+    for label, s, path, cached in rows:
         rate = f"{s['images_per_s']:.0f}" if s.get("images_per_s") else "-"
-        click.echo(f"{label:<24} {s['final_test_error']:>11.2f} {s['best_test_error']:>10.2f} {rate:>7}  "
-                   f"{path}{' (cached)' if cached else ''}")
-    click.echo("final = after the last epoch, best = lowest over epochs; one seed each, so differences of a "
-               "point or two are noise at this budget.")
+        final = f"{s['final_test_error']:.2f}" if s["final_test_error"] is not None else "-"
+        best = f"{s['best_test_error']:.2f}" if s["best_test_error"] is not None else "-"
+        click.echo(f"{label:<{width}}  {final:>11} {best:>10} {rate:>7}  {path}{' (cached)' if cached else ''}"
+                   f"{'' if s['status'] == 'finished' else '  ' + s['status'].upper()}")
+    click.echo("test error in %: final = after the last epoch, best = lowest over epochs; one seed each. "
+               "img/s = training images per second of the sequential engine (one process).")
+    if diverged:
+        raise DivergedError(f"{', '.join(diverged)} diverged (see the table)")
 
 
 @cli.group("list")

@@ -199,6 +199,7 @@ class Trainer:
         status, message = "finished", None
         bar = _progress_bar(self.total_steps, progress)
         train_seconds = 0.0
+        self.steps_done = 0
         try:
             for epoch in range(math.ceil(self.total_steps / self.steps_per_epoch)):
                 first = epoch * self.steps_per_epoch
@@ -210,6 +211,7 @@ class Trainer:
                     for w in self.workers:
                         w.set_lr(lr)
                     self.engine.run_iteration(t)
+                    self.steps_done = t + 1
                     if (t + 1) % CHECK_EVERY == 0 or t + 1 == last:
                         self._check_progress(t, bar, t0, first)
                 self._sync()
@@ -250,7 +252,7 @@ class Trainer:
                  train_seconds: float) -> dict[str, Any]:
         errors = [h["test_error"] for h in history]
         best = min(range(len(errors)), key=errors.__getitem__) if errors else None
-        steps = history[-1]["iteration"] if history else 0
+        steps = self.steps_done
         return {
             "status": status,
             "message": message,
@@ -269,7 +271,9 @@ class Trainer:
             "best_epoch": history[best]["epoch"] if errors else None,
             "final_train_loss": history[-1]["train_loss"] if history else None,
             "train_seconds": train_seconds,
-            "images_per_s": steps * self.cfg.batch_size / train_seconds if train_seconds else None,
+            # Over the completed epochs, whose time train_seconds sums.
+            "images_per_s": (history[-1]["iteration"] * self.cfg.batch_size / train_seconds
+                             if history and train_seconds else None),
         }
 
     def _sync(self) -> None:

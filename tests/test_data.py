@@ -22,8 +22,9 @@ def _stream(ds, batch=32, seed=0, augment=True):
 
 def test_crop_flip_is_a_padded_crop_or_its_mirror():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    out = crop_flip(images, torch.Generator().manual_seed(0), pad=2)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    out = crop_flip(padded, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
     seen_flip = set()
     for i in range(len(images)):
         matches = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
