@@ -49,10 +49,3 @@ class StageOptimizer:
         for p, alias in zip(self.params, self._targets):
             p.grad = None
             alias.grad = None
-
-    def state_dict(self) -> dict:
-        return self.sgd.state_dict() if self.sgd is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.sgd is not None:
-            self.sgd.load_state_dict(state)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 
 class Op(str, Enum):
@@ -200,12 +200,3 @@ def format_grid(schedule: ScheduleFn, num_stages: int, iterations: int, messages
 def legend() -> str:
     return ("F<b> forward of batch b, B<b> backward of batch b, U update; sA/rA send/receive an activation, "
             "sG/rG a gradient; ' marks a message consumed in the next iteration")
-
-
-def recorded_batches(plan: Iterable[Sequence[Action]], op: Op) -> list[int | None]:
-    """For each stage, the batch of its ``op`` action in this plan (None if absent)."""
-    out = []
-    for stage in plan:
-        hits = [a.batch for a in stage if a.op is op]
-        out.append(hits[0] if hits else None)
-    return out

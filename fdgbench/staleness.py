@@ -36,10 +36,6 @@ class KeptGraph:
         self.autocast = autocast
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __len__(self) -> int:
-        """Batches in flight (forwarded, not yet back-propagated)."""
-        return len(self._held)
-
     def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 

@@ -1,6 +1,5 @@
 """Runs end to end through the CLI: run directories, determinism, divergence,
 and one-line errors for bad input."""
-import json
 import subprocess
 import sys
 

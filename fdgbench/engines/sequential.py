@@ -60,8 +60,3 @@ class SequentialEngine:
             key = message_key(k, action)
             self._messages[key] = self._outbox.pop((k, op, b)).to(self.workers[key[2]].device)
         # RECV_ACT / RECV_GRAD: nothing to move; the tensor waits in _messages.
-
-    @property
-    def in_flight(self) -> int:
-        """Messages sent and not yet consumed (activations and gradients)."""
-        return len(self._messages)

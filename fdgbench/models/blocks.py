@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,9 +33,18 @@ class BlockModel(nn.Module):
         return x
 
 
-def stage_blocks(prefix: str, blocks: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    """Names a residual stage's blocks ``L1.0``, ``L1.1``, ... as the paper's splits do."""
-    return [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
+def residual_stages(cin: int, widths: tuple[int, ...], blocks_per_stage: int,
+                    make_block: Callable[[int, int, int], nn.Module]) -> tuple[list[tuple[str, nn.Module]], int]:
+    """The residual stages L1, L2, ...: ``blocks_per_stage`` blocks each,
+    named ``L1.0``, ``L1.1``, ... as the paper's splits do; every stage after
+    the first starts with a stride-2 block. ``make_block(cin, cout, stride)``.
+    Returns the named blocks and the output width."""
+    named = []
+    for s, width in enumerate(widths):
+        for i in range(blocks_per_stage):
+            named.append((f"L{s + 1}.{i}", make_block(cin, width, 2 if (s > 0 and i == 0) else 1)))
+            cin = width
+    return named, cin
 
 
 def count_parameters(module: nn.Module) -> int:

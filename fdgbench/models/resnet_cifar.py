@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import BlockModel, stage_blocks
+from .blocks import BlockModel, residual_stages
 
 WIDTHS = (16, 32, 64)
 
@@ -32,9 +32,9 @@ class ClassifierHead(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
-class BasicBlockA(nn.Module):
-    """conv-BN-ReLU-conv-BN plus shortcut, ReLU. The option-A shortcut subsamples
-    by 2 and zero-pads the new channels, so it has no parameters."""
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut, then ReLU (He et al.'s basic
+    block); subclasses choose the shortcut."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -42,6 +42,22 @@ class BasicBlockA(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = conv3x3(cout, cout)
         self.bn2 = nn.BatchNorm2d(cout)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class BasicBlockA(BasicBlock):
+    """Option-A shortcut: subsample by the stride and zero-pad the new
+    channels, so the shortcut has no parameters."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, stride)
         self.stride = stride
         self.pad_channels = cout - cin
 
@@ -51,11 +67,6 @@ class BasicBlockA(nn.Module):
         x = x[:, :, :: self.stride, :: self.stride]
         half = self.pad_channels // 2
         return F.pad(x, (0, 0, 0, 0, half, self.pad_channels - half))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 def _he_init(module: nn.Module) -> None:
@@ -69,17 +80,8 @@ def resnet_cifar(depth: int, num_classes: int = 10, widths: tuple[int, int, int]
                  name: str | None = None) -> BlockModel:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-    n = (depth - 2) // 6
-    blocks: list[tuple[str, nn.Module]] = [("stem", ConvBNReLU(3, widths[0]))]
-    cin = widths[0]
-    for s, width in enumerate(widths):
-        layer = []
-        for i in range(n):
-            stride = 2 if (s > 0 and i == 0) else 1
-            layer.append(BasicBlockA(cin, width, stride))
-            cin = width
-        blocks += stage_blocks(f"L{s + 1}", layer)
-    blocks.append(("head", ClassifierHead(cin, num_classes)))
+    layers, width = residual_stages(widths[0], widths, (depth - 2) // 6, BasicBlockA)
+    blocks = [("stem", ConvBNReLU(3, widths[0])), *layers, ("head", ClassifierHead(width, num_classes))]
     model = BlockModel(blocks, name=name or f"resnet{depth}")
     model.apply(_he_init)
     return model

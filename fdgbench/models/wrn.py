@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import BlockModel, stage_blocks
+from .blocks import BlockModel, residual_stages
 
 
 class PreActBlock(nn.Module):
@@ -54,17 +54,10 @@ def wide_resnet(depth: int, widen: int, num_classes: int = 10, conv_bias: bool =
                 name: str | None = None) -> BlockModel:
     if (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n+4, got {depth}")
-    n = (depth - 4) // 6
-    widths = (16 * widen, 32 * widen, 64 * widen)
-    blocks: list[tuple[str, nn.Module]] = [("stem", nn.Conv2d(3, 16, 3, padding=1, bias=conv_bias))]
-    cin = 16
-    for s, width in enumerate(widths):
-        layer = []
-        for i in range(n):
-            layer.append(PreActBlock(cin, width, 2 if (s > 0 and i == 0) else 1, conv_bias))
-            cin = width
-        blocks += stage_blocks(f"L{s + 1}", layer)
-    blocks.append(("head", PreActHead(cin, num_classes)))
+    layers, width = residual_stages(16, (16 * widen, 32 * widen, 64 * widen), (depth - 4) // 6,
+                                    lambda cin, cout, stride: PreActBlock(cin, cout, stride, conv_bias))
+    blocks = [("stem", nn.Conv2d(3, 16, 3, padding=1, bias=conv_bias)), *layers,
+              ("head", PreActHead(width, num_classes))]
     model = BlockModel(blocks, name=name or f"wrn{depth}_{widen}")
     model.apply(_wrn_init)
     return model
