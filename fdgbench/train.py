@@ -183,6 +183,9 @@ class Trainer:
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
+        # Repeated on every metrics line, so a line read on its own says whose it is.
+        self._identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
+                          "splits": cfg.splits, "seed": cfg.seed}
 
     def describe(self) -> str:
         c = self.cfg
@@ -223,7 +226,8 @@ class Trainer:
                     raise DivergedError(f"training loss is {train['loss']} in epoch {epoch + 1}")
                 test = evaluate(self.stages, self.devices, self.test_images, self.test_labels, self.normalizer,
                                 self.amp_dtype)
-                record = {"epoch": epoch + 1, "iteration": last, "lr": lr, "train_loss": train["loss"],
+                record = {**self._identity, "epoch": epoch + 1, "iteration": last, "lr": lr,
+                          "train_loss": train["loss"],
                           "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
                           "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds}
                 history.append(record)

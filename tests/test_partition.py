@@ -36,10 +36,9 @@ def _cases():
     for name in MODELS:
         ks = sorted({1, 2, 3, 4, *PAPER_SPLITS.get(name, {})})
         for k in ks:
-            strategies = ["uniform", "params", "flops"] + (["paper"] if k in PAPER_SPLITS.get(name, {}) else [])
-            # Timing 600 blocks is slow and adds nothing the others do not check.
-            if name not in ("resnet1202",):
-                strategies.append("time")
+            strategies = ["uniform", "params", "flops", "time"]
+            if k in PAPER_SPLITS.get(name, {}):
+                strategies.append("paper")
             for s in strategies:
                 yield name, k, s
 
