@@ -56,7 +56,10 @@ def training_options(f: Callable) -> Callable:
     ]
     for name, option in sorted(all_options().items(), reverse=True):
         kwargs: dict[str, Any] = {"default": None, "help": f"[{_owners(name)}] {option.help} (default {option.default})"}
-        kwargs["type"] = click.Choice(option.choices) if option.choices else option.type
+        if option.type is bool:
+            kwargs["is_flag"] = True  # absent: None, so "not given" stays distinguishable
+        else:
+            kwargs["type"] = click.Choice(option.choices) if option.choices else option.type
         options.append(click.option(option.flag, name, **kwargs))
     for option in reversed(options):
         f = option(f)

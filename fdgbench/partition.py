@@ -227,3 +227,18 @@ def balance(costs: list[float], partition: Partition) -> float:
     """Slowest stage's cost over the mean stage cost (1.0 = perfectly balanced)."""
     per_stage = [sum(costs[i] for i in r) for r in partition.ranges()]
     return max(per_stage) / (sum(per_stage) / len(per_stage))
+
+
+@torch.no_grad()
+def stage_output_shapes(stages: list[nn.Module], sample_shape: tuple[int, ...],
+                        devices: list[torch.device]) -> list[tuple[int, ...]]:
+    """One sample's output shape at every stage (eval mode, so BN statistics
+    are left alone)."""
+    shapes = []
+    x = torch.zeros(2, *sample_shape)
+    for stage, device in zip(stages, devices):
+        was_training = stage.training
+        x = stage.eval()(x.to(device))
+        stage.train(was_training)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes

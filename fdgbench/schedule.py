@@ -1,15 +1,18 @@
 """The schedule as data.
 
 For iteration t a method yields, per stage k, an ordered tuple of Actions:
-FORWARD(b), BACKWARD(b), UPDATE, and the sends and receives of activations
-(to k+1) and gradients (to k-1), each tagged with its batch id b. A message
+FORWARD(b), BACKWARD(b) (from the gradient received from stage k+1, or the
+loss at the last stage), LOCAL(b) (back-propagate a signal the stage makes
+itself: an auxiliary loss, a synthetic gradient), UPDATE, and the sends and
+receives of activations (to k+1) and gradients (to k-1), each tagged with its
+batch id b. A message
 has a latency: 0 (consumed in the iteration that sends it, a locking) or 1
 (consumed in the next iteration). Engines execute these lists; the validator
 runs them symbolically (unbounded mailboxes, stages taking turns) and rejects
 a schedule that deadlocks, receives a message that was never sent or at the
 wrong latency, leaves a message unconsumed, or computes on data it does not
 hold. Short forms, as torch.distributed.pipelining prints them: ``F3`` forward
-of batch 3, ``B1`` backward, ``U`` update, ``sA3``/``rA3`` send/receive
+of batch 3, ``B1`` backward, ``L1`` local backward, ``U`` update, ``sA3``/``rA3`` send/receive
 activation, ``sG1``/``rG1`` gradient; a trailing ``'`` marks latency 1.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable
 class Op(str, Enum):
     FORWARD = "F"
     BACKWARD = "B"
+    LOCAL = "L"
     UPDATE = "U"
     SEND_ACT = "sA"
     RECV_ACT = "rA"
@@ -31,7 +35,7 @@ class Op(str, Enum):
 
 SENDS = (Op.SEND_ACT, Op.SEND_GRAD)
 RECVS = (Op.RECV_ACT, Op.RECV_GRAD)
-COMPUTE = (Op.FORWARD, Op.BACKWARD, Op.UPDATE)
+COMPUTE = (Op.FORWARD, Op.BACKWARD, Op.LOCAL, Op.UPDATE)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,34 @@ def stage_plan(k: int, num_stages: int, forward: int | None, backward: int | Non
     return tuple(bwd + fwd) if backward_first and not last else tuple(fwd + bwd)
 
 
+def local_plan(k: int, num_stages: int, forward: int, latency: int, send_grad: bool,
+               target: int | None = None) -> StagePlan:
+    """One stage's actions for a method whose stages learn from local signals.
+
+    The stage forwards ``forward`` and sends it on; a stage k < K-1 then
+    back-propagates its local signal (LOCAL: an auxiliary loss, a synthetic
+    gradient), the last stage its loss (BACKWARD). With ``send_grad`` the
+    resulting input gradient goes to stage k-1; then the stage steps. With
+    ``target`` (k < K-1), the stage last receives the gradient stage k+1
+    sent for batch ``target`` and consumes it (BACKWARD). All messages have
+    ``latency``.
+    """
+    if forward < 0:
+        return ()
+    last = k == num_stages - 1
+    plan = [Action(Op.RECV_ACT, forward, latency)] if k > 0 else []
+    plan.append(Action(Op.FORWARD, forward))
+    if not last:
+        plan.append(Action(Op.SEND_ACT, forward, latency))
+    plan.append(Action(Op.BACKWARD if last else Op.LOCAL, forward))
+    if send_grad and k > 0:
+        plan.append(Action(Op.SEND_GRAD, forward, latency))
+    plan.append(Action(Op.UPDATE))
+    if target is not None and target >= 0 and not last:
+        plan += [Action(Op.RECV_GRAD, target, latency), Action(Op.BACKWARD, target)]
+    return tuple(plan)
+
+
 class Mailbox:
     """Messages sent and not yet received: key -> (iteration sent, latency)."""
 
@@ -129,10 +161,11 @@ def execution_order(plan: IterationPlan, t: int, mailbox: Mailbox) -> list[tuple
                     key = message_key(k, action)
                     if not 0 <= key[2] < num_stages:
                         raise ScheduleError(f"iteration {t}, stage {k}: {action} has no stage to go to")
-                    needs = Op.FORWARD if action.op is Op.SEND_ACT else Op.BACKWARD
-                    if (needs, action.batch) not in done_here[k]:
+                    needs = (Op.FORWARD,) if action.op is Op.SEND_ACT else (Op.BACKWARD, Op.LOCAL)
+                    if not any((op, action.batch) in done_here[k] for op in needs):
                         raise ScheduleError(f"iteration {t}, stage {k}: {action} sends batch {action.batch} "
-                                            f"before computing it ({needs.value}{action.batch})")
+                                            f"before computing it ({'/'.join(op.value for op in needs)}"
+                                            f"{action.batch})")
                     mailbox.pending[key] = (t, action.latency)
                 elif action.op is Op.FORWARD and k > 0 and (Op.RECV_ACT, action.batch) not in done_here[k]:
                     raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its input")
@@ -159,11 +192,11 @@ ScheduleFn = Callable[[int, int], IterationPlan]
 
 def validate(schedule: ScheduleFn, num_stages: int, iterations: int) -> None:
     """Run ``iterations`` iterations symbolically; also check that every
-    backward of batch b at stage k follows a forward of b at stage k and
-    happens once."""
+    backward (and local backward) of batch b at stage k follows a forward of
+    b at stage k and happens once."""
     mailbox = Mailbox()
     forwarded: list[set[int]] = [set() for _ in range(num_stages)]
-    backwarded: list[set[int]] = [set() for _ in range(num_stages)]
+    backwarded: list[dict[Op, set[int]]] = [{} for _ in range(num_stages)]
     for t in range(iterations):
         plan = schedule(num_stages, t)
         if len(plan) != num_stages:
@@ -173,11 +206,12 @@ def validate(schedule: ScheduleFn, num_stages: int, iterations: int) -> None:
                 if action.batch in forwarded[k]:
                     raise ScheduleError(f"iteration {t}, stage {k}: batch {action.batch} forwarded twice")
                 forwarded[k].add(action.batch)
-            elif action.op is Op.BACKWARD:
-                if action.batch not in forwarded[k] or action.batch in backwarded[k]:
+            elif action.op in (Op.BACKWARD, Op.LOCAL):
+                done = backwarded[k].setdefault(action.op, set())
+                if action.batch not in forwarded[k] or action.batch in done:
                     raise ScheduleError(f"iteration {t}, stage {k}: {action} without a pending forward of "
                                         f"batch {action.batch}")
-                backwarded[k].add(action.batch)
+                done.add(action.batch)
 
 
 def format_grid(schedule: ScheduleFn, num_stages: int, iterations: int, messages: bool = False) -> str:
@@ -198,5 +232,6 @@ def format_grid(schedule: ScheduleFn, num_stages: int, iterations: int, messages
 
 
 def legend() -> str:
-    return ("F<b> forward of batch b, B<b> backward of batch b, U update; sA/rA send/receive an activation, "
+    return ("F<b> forward of batch b, B<b> backward of batch b, L<b> local backward (auxiliary loss or "
+            "synthetic gradient), U update; sA/rA send/receive an activation, "
             "sG/rG a gradient; ' marks a message consumed in the next iteration")

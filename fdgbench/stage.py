@@ -26,6 +26,9 @@ class StageContext:
     optim: SGDConfig = field(default_factory=SGDConfig)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     amp_dtype: torch.dtype | None = None
+    output_shape: tuple[int, ...] | None = None  # one sample's output shape (auxiliary nets are built from it)
+    num_classes: int = 10
+    seed: int = 0
 
     @property
     def is_first(self) -> bool:
@@ -35,10 +38,40 @@ class StageContext:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
+    def seeded(self) -> ContextManager:
+        """A context whose random draws (a method's extra modules' init) depend
+        only on the run's seed and this stage, not on what ran before."""
+        return _seeded(self.seed * 1009 + self.index + 1)
+
     def autocast(self) -> ContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class MeanMeter:
+    """Running mean of a scalar tensor, accumulated on its device."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, value: torch.Tensor, n: int = 1) -> None:
+        self.total = self.total + value.detach().double() * n
+        self.count += n
+
+    def take(self) -> float:
+        """The mean since the last take (NaN if nothing was added)."""
+        mean = float(self.total) / self.count if self.count else float("nan")
+        self.total, self.count = 0.0, 0
+        return mean
 
 
 class TrainMetrics:
@@ -75,11 +108,14 @@ class StageWorker:
     the method never delays. ``delayed`` says whether this stage's backward
     comes iterations after its forward. ``grad_scale`` multiplies the received
     gradient before it is back-propagated (FDG's gradient shrinking, beta).
-    The last stage computes the loss in its forward and back-propagates it.
+    ``lr_scale`` multiplies the scheduled learning rate; ``input_grad=False``
+    skips the gradient for the previous stage (methods that send none). The last stage
+    computes the loss in its forward and back-propagates it. ``meters`` are
+    a method's extra per-epoch statistics (reported as stage<k>_<name>).
     """
 
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
-                 grad_scale: float = 1.0):
+                 grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True):
         self.ctx = ctx
         self.module = ctx.module
         self.device = ctx.device
@@ -87,12 +123,15 @@ class StageWorker:
         self.optimizer = StageOptimizer(list(self.module.parameters()), ctx.optim,
                                         write_through_data=staleness == "legacy")
         self.grad_scale = grad_scale
+        self.lr_scale = lr_scale
+        self.input_grad = input_grad and not ctx.is_first  # whether a gradient goes back to stage k-1
         self.metrics = TrainMetrics(ctx.device)
+        self.meters: dict[str, MeanMeter] = {}
 
     def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Forward ``batch``; returns the activation to send on (detached), or
         None at the last stage, which computes and keeps the loss instead."""
-        if not self.ctx.is_first:
+        if self.input_grad:
             x.requires_grad_(True)
         out = self.store.forward(batch, x)
         if not self.ctx.is_last:
@@ -110,10 +149,15 @@ class StageWorker:
         if grad is not None and self.grad_scale != 1.0:
             grad = grad * self.grad_scale
         x_grad = self.store.backward(batch, grad)
-        return None if self.ctx.is_first else x_grad
+        return x_grad if self.input_grad else None
+
+    def local_backward(self, batch: int) -> torch.Tensor | None:
+        """Back-propagate a signal the stage makes itself (methods with local
+        losses or synthetic gradients override this)."""
+        raise NotImplementedError(f"{type(self).__name__} has no local backward")
 
     def update(self) -> None:
         self.optimizer.step()
 
     def set_lr(self, lr: float) -> None:
-        self.optimizer.set_lr(lr)
+        self.optimizer.set_lr(lr * self.lr_scale)

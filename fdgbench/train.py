@@ -20,7 +20,7 @@ from .errors import DivergedError, UserError
 from .method import make_method
 from .models import build_model, count_parameters
 from .optim import SGDConfig
-from .partition import build_stages, make_partition
+from .partition import build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, environment
 from .stage import StageContext
 
@@ -170,8 +170,11 @@ class Trainer:
                                                                           self.devices)]
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
         optim = SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-        self.workers = [self.method.make_worker(StageContext(k, cfg.splits, s, d, optim, amp_dtype=self.amp_dtype))
-                        for k, (s, d) in enumerate(zip(self.stages, self.devices))]
+        shapes = stage_output_shapes(self.stages, tuple(self.dataset.train_images.shape[1:]), self.devices)
+        self.workers = [self.method.make_worker(StageContext(k, cfg.splits, s, d, optim, amp_dtype=self.amp_dtype,
+                                                             output_shape=shape, num_classes=self.dataset.num_classes,
+                                                             seed=cfg.seed))
+                        for k, (s, d, shape) in enumerate(zip(self.stages, self.devices, shapes))]
         mean, std = self.dataset.channel_stats()
         self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
         self.stream = BatchStream(self.dataset.train_images.to(self.devices[0]),
@@ -230,6 +233,8 @@ class Trainer:
                           "train_loss": train["loss"],
                           "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
                           "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds}
+                for k, worker in enumerate(self.workers):
+                    record.update({f"stage{k}_{name}": meter.take() for name, meter in worker.meters.items()})
                 history.append(record)
                 run.append_metrics(record)
         except DivergedError as exc:

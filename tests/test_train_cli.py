@@ -81,13 +81,13 @@ def test_lr_schedule_drops_at_the_paper_milestones():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["run", "--method", "nope"], "unknown method 'nope'; known: bp, fdg"),
+    (["run", "--method", "nope"], "unknown method 'nope'; known: bp, fdg, ddg, fr, dgl, dni, cdni, adl"),
     (["run", "--model", "resnet7"], "unknown model 'resnet7'"),
     (["run", "--model", "resnet20", "-K", "12"], "has 11 blocks"),
     (["run", "--model", "resnet32", "--partition", "paper"], "no paper split for resnet32"),
     (["run", "--beta", "0"], "--beta must be in (0, 1], got 0.0"),
     (["run", "--beta", "1.5"], "--beta must be in (0, 1]"),
-    (["run", "--method", "bp", "--beta", "0.5"], "--beta is an option of fdg, not bp"),
+    (["run", "--method", "bp", "--beta", "0.5"], "--beta is an option of fdg, adl, not bp"),
     (["run", "--staleness", "old"], "Invalid value for '--staleness'"),
     (["run", "--epochs", "0"], "--epochs must be at least 1"),
     (["run", "--epochs", "many"], "'many' is not a valid integer"),

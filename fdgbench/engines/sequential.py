@@ -49,9 +49,11 @@ class SequentialEngine:
             out = worker.forward(b, x.to(worker.device), labels.to(worker.device))
             if out is not None:
                 self._outbox[(k, Op.SEND_ACT, b)] = out
-        elif op is Op.BACKWARD:
-            grad = self._messages.pop(("grad", k + 1, k, b), None)
-            x_grad = worker.backward(b, grad)
+        elif op in (Op.BACKWARD, Op.LOCAL):
+            if op is Op.BACKWARD:
+                x_grad = worker.backward(b, self._messages.pop(("grad", k + 1, k, b), None))
+            else:
+                x_grad = worker.local_backward(b)
             if x_grad is not None:
                 self._outbox[(k, Op.SEND_GRAD, b)] = x_grad
         elif op is Op.UPDATE:

@@ -1,0 +1,53 @@
+"""ADL, accumulated decoupled learning (Zhuang et al., ICML 2021).
+
+FDG's schedule and gradient shrinking, with module-wise gradient
+accumulation: a stage steps only after every M-th backward (--accumulate M),
+so its weights change M times less often and a delayed gradient is fewer
+updates stale. Gradients are summed, as in the authors' code, with the
+learning rate unchanged; --accumulate-mean averages them instead.
+"""
+from fdgbench.method import MethodOption, register
+from fdgbench.schedule import Op
+from fdgbench.stage import StageWorker
+
+from .fdg import FDG
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else f"must be at least 1, got {value}"
+
+
+ACCUMULATE = MethodOption("accumulate", int, 2, "backward passes per step (M)", check=_at_least_one)
+ACCUMULATE_MEAN = MethodOption("accumulate_mean", bool, False, "average the M accumulated gradients instead "
+                               "of summing them")
+
+
+class AccumulatingWorker(StageWorker):
+    def __init__(self, ctx, average_over: int, **kwargs):
+        super().__init__(ctx, **kwargs)
+        self.average_over = average_over
+
+    def update(self):
+        if self.average_over > 1:
+            for p in self.optimizer.params:
+                if p.grad is not None:
+                    p.grad.div_(self.average_over)
+        super().update()
+
+
+@register
+class ADL(FDG):
+    name = "adl"
+    summary = "FDG with gradients accumulated over M backward passes per step"
+    options = FDG.options + (ACCUMULATE, ACCUMULATE_MEAN)
+
+    def schedule(self, num_stages, t):
+        plans = super().schedule(num_stages, t)
+        # Stage k back-propagates batch t-2(K-1)+k; it steps after batches M-1, 2M-1, ...
+        return tuple(plan if (t - 2 * (num_stages - 1) + k + 1) % self.accumulate == 0
+                     else tuple(a for a in plan if a.op is not Op.UPDATE)
+                     for k, plan in enumerate(plans))
+
+    def make_worker(self, ctx):
+        return AccumulatingWorker(ctx, self.accumulate if self.accumulate_mean else 1, staleness=self.staleness,
+                                  delayed=not ctx.is_last, grad_scale=1.0 if ctx.is_last else self.beta)

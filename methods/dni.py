@@ -1,0 +1,102 @@
+"""DNI and cDNI, decoupled neural interfaces with synthetic gradients
+(Jaderberg et al., ICML 2017).
+
+At each boundary k < K-1 a synthetic-gradient model M_k predicts dL/dh_k
+from h_k (cDNI: and the one-hot label); stage k back-propagates that
+prediction at once and steps (LOCAL, then UPDATE), and sends the resulting
+input gradient to stage k-1. When the gradient stage k+1 computed for a batch
+arrives (itself built from M_{k+1} unless k+1 is last: bootstrapping), M_k
+is trained on it (BACKWARD): loss = sum over C*H*W of the squared error,
+averaged over the batch, with its own Adam optimizer (--sg-lr), on a fresh
+prediction from the stored h_k. Without labels DNI is known to do poorly on
+CIFAR, so cdni is the one to compare.
+
+Scale: M_k predicts the gradient of the batch-*summed* loss (B dL/dh, O(1)
+per sample) and its output is divided by B before use. That is the same
+model as predicting dL/dh of the mean loss, reparametrised; without it,
+Adam's fixed step sizes make a zero-initialised M_k overshoot targets of
+order 1/B and the stages diverge (measured on the tiny test net: training
+loss 4 -> 250 in ten epochs). The reported sg_loss is in these units.
+"""
+import torch
+
+from fdgbench.auxnets import SyntheticGradient
+from fdgbench.method import Method, MethodOption, register
+from fdgbench.schedule import local_plan
+from fdgbench.stage import MeanMeter, StageWorker
+
+from .variants import VARIANT, forward_batch
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+SG_LR = MethodOption("sg_lr", float, 1e-4, "Adam learning rate of the synthetic-gradient models", check=_positive)
+SG_KERNEL = MethodOption("sg_kernel", int, 5, "conv kernel of the synthetic-gradient models (5 as in the "
+                         "paper, or 3)", check=lambda k: None if k in (3, 5) else f"must be 3 or 5, got {k}")
+
+
+class SyntheticGradientWorker(StageWorker):
+    def __init__(self, ctx, conditioned: bool, sg_lr: float, kernel: int):
+        super().__init__(ctx)
+        with ctx.seeded():
+            self.sg = SyntheticGradient(ctx.output_shape, ctx.num_classes, conditioned, kernel).to(ctx.device)
+        self.sg_optimizer = torch.optim.Adam(self.sg.parameters(), lr=sg_lr)
+        self.meters = {"sg_loss": MeanMeter()}
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, batch, x, labels):
+        out = super().forward(batch, x, labels)
+        self._outputs[batch] = (out, labels)
+        return out
+
+    def local_backward(self, batch):
+        h, labels = self._outputs[batch]
+        with torch.no_grad(), self.ctx.autocast():
+            synthetic = self.sg(h, labels).to(h.dtype) / h.shape[0]
+        return super().backward(batch, synthetic)
+
+    def backward(self, batch, grad):
+        """The true (bootstrapped) gradient for ``batch`` arrived: fit M_k to it."""
+        h, labels = self._outputs.pop(batch)
+        with self.ctx.autocast():
+            predicted = self.sg(h, labels)
+        batch_size = h.shape[0]
+        loss = (predicted.float() - batch_size * grad.float()).square().sum() / batch_size
+        self.sg_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sg_optimizer.step()
+        self.meters["sg_loss"].add(loss)
+        return None
+
+
+@register
+class DNI(Method):
+    name = "dni"
+    summary = "synthetic gradients predicted from the activation alone (no labels)"
+    breaks = ("backward", "update")
+    options = (VARIANT, SG_LR, SG_KERNEL)
+    conditioned = False
+
+    def schedule(self, num_stages, t):
+        plans = []
+        for k in range(num_stages):
+            batch, latency = forward_batch(self.variant, k, t)
+            # The gradient for stage k's output arrives from stage k+1: in the
+            # same iteration (sync), or one iteration after k+1 forwarded it.
+            target = t if self.variant == "sync" else t - k - 2
+            plans.append(local_plan(k, num_stages, batch, latency, send_grad=True, target=target))
+        return tuple(plans)
+
+    def make_worker(self, ctx):
+        if ctx.is_last:
+            return StageWorker(ctx)
+        return SyntheticGradientWorker(ctx, self.conditioned, self.sg_lr, self.sg_kernel)
+
+
+@register
+class CDNI(DNI):
+    name = "cdni"
+    summary = "synthetic gradients conditioned on the label (cDNI), the DNI variant that works on CIFAR"
+    conditioned = True
