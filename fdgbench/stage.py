@@ -1,6 +1,7 @@
 """The stage interface engines drive: one stage's module, optimizer and the
-three actions FORWARD, BACKWARD and UPDATE. Methods configure it (staleness
-handling, gradient scaling) or subclass it; engines never look inside."""
+actions FORWARD, BACKWARD, LOCAL (back-propagate a local signal) and UPDATE.
+Methods configure it (staleness handling, gradient scaling) or subclass it
+(auxiliary losses, synthetic gradients); engines never look inside."""
 from __future__ import annotations
 
 import contextlib
