@@ -32,12 +32,21 @@ class MethodOption:
         return "--" + self.name.replace("_", "-")
 
 
-def _in_unit_interval(value: float) -> str | None:
+# Option checks: each returns an error message, or None for a valid value.
+def in_unit_interval(value: float) -> str | None:
     return None if 0.0 < value <= 1.0 else f"must be in (0, 1], got {value}"
 
 
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+def at_least_one(value: int) -> str | None:
+    return None if value >= 1 else f"must be at least 1, got {value}"
+
+
 BETA = MethodOption("beta", float, 1.0, "gradient shrinking factor in (0, 1]; stage k's gradient "
-                    "carries beta^(K-1-k) (1 = no shrinking)", check=_in_unit_interval)
+                    "carries beta^(K-1-k) (1 = no shrinking)", check=in_unit_interval)
 STALENESS = MethodOption("staleness", str, "legacy", "what a delayed backward sees: legacy (authors' "
                          "PyTorch-1.0 behaviour), stash (weights of the forward), replay (recompute)",
                          choices=STALENESS_MODES)

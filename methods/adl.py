@@ -6,18 +6,14 @@ so its weights change M times less often and a delayed gradient is fewer
 updates stale. Gradients are summed, as in the authors' code, with the
 learning rate unchanged; --accumulate-mean averages them instead.
 """
-from fdgbench.method import MethodOption, register
+from fdgbench.method import MethodOption, at_least_one, register
 from fdgbench.schedule import Op
 from fdgbench.stage import StageWorker
 
 from .fdg import FDG
 
 
-def _at_least_one(value: int) -> str | None:
-    return None if value >= 1 else f"must be at least 1, got {value}"
-
-
-ACCUMULATE = MethodOption("accumulate", int, 2, "backward passes per step (M)", check=_at_least_one)
+ACCUMULATE = MethodOption("accumulate", int, 2, "backward passes per step (M)", check=at_least_one)
 ACCUMULATE_MEAN = MethodOption("accumulate_mean", bool, False, "average the M accumulated gradients instead "
                                "of summing them")
 

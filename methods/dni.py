@@ -21,18 +21,14 @@ loss 4 -> 250 in ten epochs). The reported sg_loss is in these units.
 import torch
 
 from fdgbench.auxnets import SyntheticGradient
-from fdgbench.method import Method, MethodOption, register
+from fdgbench.method import Method, MethodOption, positive, register
 from fdgbench.schedule import local_plan
 from fdgbench.stage import MeanMeter, StageWorker
 
 from .variants import VARIANT, forward_batch
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be positive, got {value}"
-
-
-SG_LR = MethodOption("sg_lr", float, 1e-4, "Adam learning rate of the synthetic-gradient models", check=_positive)
+SG_LR = MethodOption("sg_lr", float, 1e-4, "Adam learning rate of the synthetic-gradient models", check=positive)
 SG_KERNEL = MethodOption("sg_kernel", int, 5, "conv kernel of the synthetic-gradient models (5 as in the "
                          "paper, or 3)", check=lambda k: None if k in (3, 5) else f"must be 3 or 5, got {k}")
 

@@ -9,18 +9,14 @@ both forwards, as in the authors' code.
 The authors' code also used Nesterov momentum (--nesterov) and gave stage 0
 twice the learning rate (--first-stage-lr-scale 2); both are off by default.
 """
-from fdgbench.method import Method, MethodOption, register
+from fdgbench.method import Method, MethodOption, positive, register
 from fdgbench.stage import StageWorker
 
 from .ddg import DDG
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be positive, got {value}"
-
-
 FIRST_STAGE_LR_SCALE = MethodOption("first_stage_lr_scale", float, 1.0, "multiply stage 0's learning rate "
-                                    "(the FR authors' code used 2)", check=_positive)
+                                    "(the FR authors' code used 2)", check=positive)
 
 
 @register
