@@ -3,14 +3,21 @@ same invocation (this machine is shared and noisy; absolute seconds are not
 trusted), and every timing says what it includes."""
 from __future__ import annotations
 
+import json
+import math
+import os
+import socket
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
 from .data import BatchStream, Normalizer, load_dataset, synthetic_dataset
-from .train import RunConfig, Trainer, parse_device
+from .errors import UserError
+from .train import RunConfig, Trainer, check_config, parse_device
 
 
 def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> None:
@@ -96,3 +103,250 @@ def bench_step(model: str, splits: list[int], batch_size: int, iterations: int, 
         part = f" [{tr.partition.strategy}: {tr.partition_text}]" if k > 1 else ""
         click.echo(f"  {method:<4} K={k}  {1000 * m:8.1f} ms/iter  {ratio:5.3f}x BP{part}")
     click.echo("  target: FDG <= 1.15x BP (same FLOPs per iteration; the difference is bookkeeping)")
+
+
+# -- profiles, the link, and the speedup benchmark ----------------------------------------------
+
+PROFILE_DIR = "results/profiles"
+
+
+def profile_path(model: str, batch_size: int, device: str, threads: int) -> Path:
+    return Path(PROFILE_DIR) / f"{model}-b{batch_size}-{device.replace(':', '')}-t{threads}.json"
+
+
+def profile_blocks(model: str, batch_size: int, device: str, threads: int, iterations: int = 5) -> dict[str, Any]:
+    """Every block's forward, backward and update seconds (medians over
+    ``iterations`` after two warm-up iterations), measured by running BP with
+    one block per stage on the sequential engine with ``threads`` threads;
+    plus each block's output size. Restores this process's thread count."""
+    from .engines.simulate import summarize_spans
+    from .engines.trace import Tracer
+    from .models import build_model
+
+    with torch.device("meta"):
+        num_blocks = len(build_model(model))
+    data = synthetic_dataset(10, train=batch_size * 2, test=batch_size)
+    cfg = RunConfig(method="bp", model=model, splits=num_blocks, partition="uniform", dataset="synthetic",
+                    batch_size=batch_size, device=device, threads=threads)
+    saved_threads = torch.get_num_threads()
+    try:
+        tracer = Tracer()
+        trainer = Trainer(cfg, dataset=data, tracer=tracer)
+        for t in range(2 + iterations):
+            if t == 2:
+                trainer._sync()
+                tracer.start()
+            trainer.engine.run_iteration(t)
+        trainer._sync()
+    finally:
+        torch.set_num_threads(saved_threads)
+    med = summarize_spans(tracer.spans)
+    blocks = [{"name": name, "forward_s": med[(i, "forward")], "backward_s": med[(i, "backward")],
+               "update_s": med.get((i, "update"), 0.0),
+               "output_bytes": 4 * batch_size * math.prod(trainer.output_shapes[i])}
+              for i, name in enumerate(trainer.block_names)]
+    params = sum(p.numel() for s in trainer.stages for p in s.parameters())
+    return {"model": model, "batch_size": batch_size, "device": device, "threads": threads,
+            "iterations": iterations, "parameter_bytes": 4 * params, "blocks": blocks,
+            "measured": "sequential engine, BP with one block per stage; medians per action",
+            "env": {"torch": torch.__version__, "cpu_count": os.cpu_count(), "hostname": socket.gethostname()}}
+
+
+def load_or_profile(model: str, batch_size: int, device: str, threads: int, refresh: bool = False) -> dict[str, Any]:
+    path = profile_path(model, batch_size, device, threads)
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text())
+    click.echo(f"profiling {model} (batch {batch_size}, {device}, {threads} thread(s)) -> {path}", err=True)
+    profile = profile_blocks(model, batch_size, device, threads)
+    profile["link"] = measure_link(device, max(b["output_bytes"] for b in profile["blocks"][:-1] or profile["blocks"]))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(profile, indent=1) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write the profile {path}: {exc.strerror or exc}") from None
+    return profile
+
+
+def _pingpong(rank: int, sizes: list[int], repeats: int, device: str) -> list[float]:
+    import torch.distributed as dist
+
+    out = []
+    for nbytes in sizes:
+        buf = torch.zeros(max(1, nbytes // 4), device=device)
+        times = []
+        for _ in range(repeats + 2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            times.append((time.perf_counter() - t0) / 2)
+        out.append(statistics.median(times[2:]))
+    return out
+
+
+def measure_link(device: str, nbytes: int, repeats: int = 20) -> dict[str, float]:
+    """One-way time of a 4-byte and an ``nbytes`` message between two ranks
+    on this machine (torch.distributed send/recv): latency and bandwidth."""
+    from .engines.launch import spawn_ranks
+
+    small, large = spawn_ranks(2, torch.device(device), _pingpong, ([4, nbytes], repeats, device))[0]
+    return {"latency_s": small, "bandwidth_Bps": nbytes / max(large - small, 1e-9), "probe_bytes": nbytes,
+            "measured": f"median one-way send/recv over {repeats} round trips, 2 local ranks"}
+
+
+def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterations: int) -> dict[str, Any]:
+    """One rank of a speedup measurement: warm up (fill the pipeline), then
+    time ``iterations`` iterations from a common start to the moment every
+    rank has finished and drained (the last barrier)."""
+    import torch.distributed as dist
+
+    from .engines.trace import Tracer
+
+    tracer = Tracer()
+    trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size), rank=rank,
+                      tracer=tracer)
+    for t in range(warmup):
+        trainer.engine.run_iteration(t)
+    trainer._sync()
+    dist.barrier()
+    tracer.start()
+    t0 = time.perf_counter()
+    for t in range(warmup, warmup + iterations):
+        trainer.engine.run_iteration(t)
+    trainer._sync()
+    trainer.engine.finish(warmup + iterations)
+    elapsed = time.perf_counter() - t0
+    busy = sum(s.duration for s in tracer.spans if s.category in ("forward", "backward", "local", "update"))
+    return {"elapsed": elapsed, "busy": busy, "starts": list(trainer.partition.starts),
+            "partition": trainer.partition_text}
+
+
+def _timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: int) -> float:
+    saved = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size))
+        for t in range(warmup):
+            trainer.engine.run_iteration(t)
+        trainer._sync()
+        t0 = time.perf_counter()
+        for t in range(warmup, warmup + iterations):
+            trainer.engine.run_iteration(t)
+        trainer._sync()
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(saved)
+
+
+def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size: int, iterations: int,
+                  partition: str, device: str, threads_per_stage: int, all_threads: int) -> None:
+    """Throughput of each method on K ranks (one per stage, ``threads_per_stage``
+    threads each) against BP on one worker with as many threads per worker,
+    and BP with ``all_threads`` threads, in one invocation; beside each, the
+    simulator's prediction from this machine's block profile and link."""
+    from .engines.launch import spawn_ranks
+    from .engines.simulate import Link, simulate, simulate_data_parallel, stage_costs
+    from .method import make_method
+    from .partition import Partition
+
+    parse_device(device)
+    train_size = batch_size * 8
+    profile = load_or_profile(model, batch_size, device, threads_per_stage)
+    link = Link(profile["link"]["latency_s"], profile["link"]["bandwidth_Bps"])
+    blocks = profile["blocks"]
+    base = dict(model=model, dataset="synthetic", batch_size=batch_size, device=device)
+
+    def predicted(method_name: str, k: int, starts: list[int]) -> float:
+        method = make_method(method_name)
+        if method.data_parallel:
+            whole = stage_costs(blocks, [range(len(blocks))])[0]
+            return simulate_data_parallel(whole, k, profile["parameter_bytes"], link).iteration_s
+        ranges = Partition(tuple(starts), len(blocks), "").ranges()
+        return simulate(method, stage_costs(blocks, ranges), link).iteration_s
+
+    rows = []
+    warm = 4
+    bp1 = _timed_sequential(RunConfig(method="bp", splits=1, threads=threads_per_stage, **base), train_size, warm,
+                            iterations) / iterations
+    rows.append(("bp", 1, f"1 x {threads_per_stage}", bp1, predicted("bp", 1, [0]), None, "-"))
+    bp_all = _timed_sequential(RunConfig(method="bp", splits=1, threads=all_threads, **base), train_size, warm,
+                               iterations) / iterations
+    rows.append(("bp", 1, f"1 x {all_threads}", bp_all, None, None, "-"))
+    for k in splits:
+        for name in methods:
+            cfg = RunConfig(method=name, splits=k, partition=partition, threads=threads_per_stage,
+                            engine="distributed", **base)
+            check_config(cfg)
+            results = spawn_ranks(k, torch.device(device), _timed_rank, (cfg, train_size, 2 * k + warm, iterations))
+            per_iter = max(r["elapsed"] for r in results) / iterations
+            busy = [r["busy"] for r in results]
+            balance = max(busy) / statistics.mean(busy)
+            rows.append((name, k, f"{k} x {threads_per_stage}", per_iter, predicted(name, k, results[0]["starts"]),
+                         balance, results[0]["partition"]))
+    click.echo(f"{model}, batch {batch_size}, {device}, {iterations} timed iterations per row after warm-up "
+               f"(pipeline filled); synthetic data drawn by the same batch loader; one invocation")
+    click.echo(f"{'method':<6} {'K':>2} {'workers x threads':>17} {'ms/iter':>8} {'img/s':>7} "
+               f"{'vs BP 1x' + str(threads_per_stage):>9} {'vs BP 1x' + str(all_threads):>9} "
+               f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8}  partition")
+    for name, k, workers, per_iter, pred, balance, part in rows:
+        pred_text = f"{1000 * pred:7.0f} {pred / per_iter:8.2f}" if pred else f"{'-':>7} {'-':>8}"
+        bal = f"{balance:7.2f}" if balance else f"{'-':>7}"
+        click.echo(f"{name:<6} {k:>2} {workers:>17} {1000 * per_iter:8.0f} {batch_size / per_iter:7.0f} "
+                   f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text}  {part}")
+    click.echo("balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
+               f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}) and "
+               f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)")
+
+
+def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
+                   bandwidth_gbps: float | None, latency_us: float | None, reprofile: bool,
+                   gantt: Path | None) -> None:
+    """Predicted speedups over BP on one worker, per method and K, with stages
+    balanced by the profile's measured block times."""
+    from .engines.simulate import Link, simulate, simulate_data_parallel, stage_costs
+    from .method import make_method
+    from .partition import Partition, balance, balanced_starts
+    from .report.gantt import draw_gantt
+
+    profile = load_or_profile(model, batch_size, device, threads, refresh=reprofile)
+    blocks = profile["blocks"]
+    measured = profile["link"]
+    link = Link(measured["latency_s"] if latency_us is None else latency_us * 1e-6,
+                measured["bandwidth_Bps"] if bandwidth_gbps is None else bandwidth_gbps * 1e9)
+    costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
+    whole = stage_costs(blocks, [range(len(blocks))])[0]
+    bp_one = whole.forward + whole.backward + whole.update
+    click.echo(f"{model}, batch {batch_size}: block profile {profile_path(model, batch_size, device, threads)} "
+               f"({device}, {threads} thread(s) per worker); BP on one worker {1000 * bp_one:.0f} ms/iter; link "
+               f"{link.latency_s * 1e6:.0f} us + {link.bandwidth_Bps / 1e9:.2f} GB/s"
+               f"{'' if bandwidth_gbps is None and latency_us is None else ' (given)'}")
+    click.echo(f"{'K':>3} {'method':<6} {'ms/iter':>8} {'speedup':>8} {'util min/mean':>14} {'balance':>8}")
+    drawn = False
+    for k in splits:
+        if k > len(blocks):
+            click.echo(f"{k:>3} {model} has {len(blocks)} blocks, so K={k} is not possible (no row)")
+            continue
+        partition = Partition(balanced_starts(costs, k), len(blocks), "time")
+        stages = stage_costs(blocks, partition.ranges())
+        for name in methods:
+            method = make_method(name)
+            if method.data_parallel:
+                pred = simulate_data_parallel(whole, k, profile["parameter_bytes"], link)
+                bal = "-"
+            else:
+                pred = simulate(method, stages, link)
+                bal = f"{balance(costs, partition):8.2f}"
+            util = f"{min(pred.utilisation):.2f}/{statistics.mean(pred.utilisation):.2f}"
+            click.echo(f"{k:>3} {name:<6} {1000 * pred.iteration_s:8.0f} {bp_one / pred.iteration_s:7.2f}x "
+                       f"{util:>14} {bal:>8}")
+            if gantt is not None and not drawn and name == "fdg":
+                paths = draw_gantt(pred.spans, gantt, f"simulated: fdg {model} K={k}, batch {batch_size}, "
+                                   f"{threads} thread(s) per worker", count=6)
+                click.echo(f"    timeline: {' '.join(map(str, paths))}")
+                drawn = True
+    click.echo("speedup = BP on one worker (sum of all blocks) / predicted time per iteration; util = busy "
+               "fraction of each worker in steady state; dp's all-reduce is not overlapped with its backward "
+               "(a pessimistic model)")

@@ -1,6 +1,7 @@
 """fdgbench command line: run, compare, list, schedule, bench."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -8,11 +9,13 @@ from typing import Any, Callable
 import click
 
 from .data import load_dataset
-from .errors import DivergedError, UserError
+from .errors import DivergedError, UserError, WorkerFailedError
 from .method import all_methods, all_options, make_method
 from .partition import STRATEGIES
+from .engines.launch import init_process_group, spawn_ranks, under_torchrun
+from .engines.trace import Tracer
 from .runs import RunDirectory
-from .train import RunConfig, Trainer, check_config
+from .train import ENGINES, RunConfig, Trainer, check_config, parse_device, train_rank
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
@@ -49,7 +52,14 @@ def training_options(f: Callable) -> Callable:
         click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
         click.option("--amp", default="off", show_default=True, help="off or bf16 (autocast, fp32 weights)"),
         click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
-        click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
+        click.option("--engine", default="sequential", show_default=True, type=click.Choice(ENGINES),
+                     help="sequential: every stage in this process; distributed: one torch.distributed rank per "
+                          "stage (under torchrun, or spawned here)"),
+        click.option("--threads", "--threads-per-stage", "threads", type=int,
+                     help="torch intra-op threads of each process (each rank on the distributed engine; default "
+                          "there: this machine's cores / K)"),
+        click.option("--trace", is_flag=True, help="record every action's start and end per stage into trace.json "
+                     "(Chrome/Perfetto format; `fdgbench plot gantt RUN_DIR` draws it)"),
         click.option("--out", default=DEFAULT_RESULTS, show_default=True, help="results root directory"),
         click.option("--force", is_flag=True, help="rerun even if the run directory is done"),
         click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
@@ -71,6 +81,9 @@ def _owners(option_name: str) -> str:
 
 
 def _config(method: str, kw: dict[str, Any]) -> RunConfig:
+    if kw["engine"] == "distributed" and kw["threads"] is None:  # ranks share this machine's cores
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", kw["splits"]))
+        kw = {**kw, "threads": max(1, (os.cpu_count() or 1) // max(1, ranks_here))}
     method_options = {name: kw.pop(name) for name in all_options() if kw.get(name) is not None}
     for name in all_options():
         kw.pop(name, None)
@@ -80,7 +93,7 @@ def _config(method: str, kw: dict[str, Any]) -> RunConfig:
                      max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"], momentum=kw["momentum"],
                      weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], seed=kw["seed"],
                      device=kw["device"], stage_devices=_csv(kw["stage_devices"]), amp=kw["amp"],
-                     channels_last=kw["channels_last"], threads=kw["threads"])
+                     channels_last=kw["channels_last"], threads=kw["threads"], engine=kw["engine"])
 
 
 def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
@@ -88,6 +101,8 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
     the directory and whether it was cached. ``datasets`` caches loaded data
     across calls (by spec)."""
     check_config(cfg)
+    if cfg.engine == "distributed" and under_torchrun():
+        return _run_torchrun_rank(cfg, kw)
     run = RunDirectory.for_config(kw["out"], cfg.to_dict())
     if run.is_done and not kw["force"]:
         return run.read_json("summary.json"), run.path, True
@@ -95,9 +110,43 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
     datasets = {} if datasets is None else datasets
     if cfg.dataset not in datasets:
         datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
-    trainer = Trainer(cfg, dataset=datasets[cfg.dataset])
+    if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
+        summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
+                                (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"]))
+        return summaries[0], run.path, False
+    trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None)
     click.echo(trainer.describe(), err=True)
     return trainer.fit(run, progress=kw["progress"]), run.path, False
+
+
+def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
+    """This process is one rank that torchrun started (multi-node: torchrun's
+    flags). Rank 0 decides whether the run is already done."""
+    import torch.distributed as dist
+
+    init_process_group(parse_device(cfg.device))
+    try:
+        if dist.get_world_size() != cfg.splits:
+            raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "
+                            f"use --nproc-per-node {cfg.splits} (times the nodes)")
+        run = RunDirectory.for_config(kw["out"], cfg.to_dict())
+        decision = [None]
+        if dist.get_rank() == 0:
+            run.ensure_writable()
+            decision[0] = run.is_done and not kw["force"]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            return run.read_json("summary.json"), run.path, True
+        summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
+                             local_rank=int(os.environ["LOCAL_RANK"]))
+        return summary, run.path, False
+    finally:
+        dist.destroy_process_group()
+
+
+def _is_primary() -> bool:
+    """False in torchrun's ranks other than 0, which print nothing of their own."""
+    return not under_torchrun() or os.environ.get("RANK") == "0"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -112,6 +161,8 @@ def run(method: str, **kw: Any) -> None:
     """Train one configuration (paper defaults for everything not given)."""
     cfg = _config(method, kw)
     summary, path, cached = _run_one(cfg, kw)
+    if not _is_primary():
+        return
     note = " (already done; --force reruns)" if cached else ""
     click.echo(f"{cfg.method} {cfg.model} K={cfg.splits}: final test error {summary['final_test_error']:.2f}%, "
                f"best {summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}), "
@@ -169,7 +220,8 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
         click.echo(f"{label:<{width}}  {final:>11} {best:>10} {rate:>7}  {path}{' (cached)' if cached else ''}"
                    f"{'' if s['status'] == 'finished' else '  ' + s['status'].upper()}")
     click.echo("test error in %: final = after the last epoch, best = lowest over epochs; one seed each. "
-               "img/s = training images per second of the sequential engine (one process).")
+               f"img/s = training images per second ({kw['engine']} engine"
+               f"{', one rank per stage' if kw['engine'] == 'distributed' else ', one process'}).")
     if diverged:
         raise DivergedError(f"{', '.join(diverged)} diverged (see the table)")
 
@@ -226,12 +278,15 @@ def schedule_show(method: str, splits: int, iterations: int, messages: bool) -> 
     if splits < 1 or iterations < 1:
         raise UserError("--splits and --iterations must be at least 1")
     m = make_method(method)
+    stages = 1 if m.data_parallel else splits
     try:
-        validate(m.schedule, splits, max(iterations, 4 * splits))
+        validate(m.schedule, stages, max(iterations, 4 * stages))
     except ScheduleError as exc:
         raise UserError(f"invalid schedule: {exc}") from None
     click.echo(f"{method}, K={splits}: {m.summary}")
-    click.echo(format_grid(m.schedule, splits, iterations, messages))
+    if m.data_parallel:
+        click.echo(f"each of the {splits} replicas runs this one-stage schedule on its shard of every batch:")
+    click.echo(format_grid(m.schedule, stages, iterations, messages))
     click.echo(legend())
 
 
@@ -276,6 +331,113 @@ def bench_step(model: str, splits: str, batch_size: int, iterations: int, rounds
     run_bench(model, ks, batch_size, iterations, rounds, device, threads, staleness)
 
 
+def _positive_ints(text: str, flag: str) -> list[int]:
+    values = []
+    for s in _csv(text) or ():
+        if not s.isdigit() or int(s) < 1:
+            raise UserError(f"{flag} takes positive integers, got '{s}'")
+        values.append(int(s))
+    if not values:
+        raise UserError(f"{flag} needs at least one value")
+    return values
+
+
+def _method_names(text: str) -> list[str]:
+    names = list(_csv(text) or ())
+    if not names:
+        raise UserError("--methods needs at least one method name")
+    for name in names:
+        make_method(name)  # unknown names fail here, before any work
+    return names
+
+
+@bench.command("speedup")
+@click.option("--model", default="resnet56", show_default=True)
+@click.option("--splits", default="2", show_default=True, help="stage counts K (one rank per stage)")
+@click.option("--methods", default="bp,fdg,dp", show_default=True, help="methods run on K ranks")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--iterations", type=int, default=20, show_default=True, help="timed iterations per row")
+@click.option("--partition", default="balanced", show_default=True,
+              help="how stages are cut (balanced = by measured time; see `fdgbench run --help`)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads-per-stage", type=int, default=1, show_default=True)
+@click.option("--all-threads", type=int, default=os.cpu_count() or 1, show_default=True,
+              help="threads of the second BP reference (default: this machine's cores)")
+def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterations: int, partition: str,
+                  device: str, threads_per_stage: int, all_threads: int) -> None:
+    """Images/s of each method on K ranks vs BP on one worker (same threads per
+    worker) and vs BP with all cores, with the simulator's prediction beside."""
+    from .bench import bench_speedup as run_bench
+
+    if min(iterations, batch_size, threads_per_stage, all_threads) < 1:
+        raise UserError("--iterations, --batch-size and the thread counts must be at least 1")
+    run_bench(model, _positive_ints(splits, "--splits"), _method_names(methods), batch_size, iterations, partition,
+              device, threads_per_stage, all_threads)
+
+
+@bench.command("simulate")
+@click.option("--model", default="wrn28_10", show_default=True)
+@click.option("--splits", default="2,4,8,16", show_default=True, help="stage counts K to predict")
+@click.option("--methods", default="bp,ddg,fr,dgl,fdg,dp", show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="where the block profile is measured")
+@click.option("--threads", type=int, default=1, show_default=True, help="threads per worker in the profile")
+@click.option("--bandwidth", type=float, help="link bandwidth in GB/s (default: measured between local ranks)")
+@click.option("--latency-us", type=float, help="link latency in microseconds (default: measured)")
+@click.option("--reprofile", is_flag=True, help="measure the block profile again instead of reading the saved one")
+@click.option("--gantt", type=click.Path(dir_okay=False, path_type=Path),
+              help="also draw the predicted FDG timeline at the first K here (.png and .svg)")
+def bench_simulate(model: str, splits: str, methods: str, batch_size: int, device: str, threads: int,
+                   bandwidth: float | None, latency_us: float | None, reprofile: bool, gantt: Path | None) -> None:
+    """Predicted iteration time, utilisation and speedup over BP on one worker
+    for each method and K, from a saved block profile (measured once)."""
+    from .bench import bench_simulate as run_bench
+
+    if bandwidth is not None and bandwidth <= 0 or latency_us is not None and latency_us < 0:
+        raise UserError("--bandwidth must be positive and --latency-us non-negative")
+    if min(batch_size, threads) < 1:
+        raise UserError("--batch-size and --threads must be at least 1")
+    parse_device(device)
+    run_bench(model, _positive_ints(splits, "--splits"), _method_names(methods), batch_size, device, threads,
+              bandwidth, latency_us, reprofile, gantt)
+
+
+@cli.group()
+def plot() -> None:
+    """Plots (PNG and SVG) from run directories."""
+
+
+@plot.command("gantt")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--first", type=int, help="first iteration drawn (default: the middle of the run)")
+@click.option("--iterations", type=int, default=6, show_default=True, help="how many iterations to draw")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="output path without suffix (default: RUN_DIR/gantt)")
+def plot_gantt(run_dir: Path, first: int | None, iterations: int, out: Path | None) -> None:
+    """Per-stage timeline of a run recorded with --trace."""
+    from .engines.trace import read_trace
+    from .report.gantt import draw_gantt
+
+    trace = run_dir / "trace.json"
+    if not trace.is_file():
+        raise UserError(f"{trace} not found; record the run with --trace")
+    if iterations < 1:
+        raise UserError(f"--iterations must be at least 1, got {iterations}")
+    try:
+        spans, meta = read_trace(trace)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{trace} is not a trace fdgbench wrote: {exc}") from None
+    title = (f"{meta.get('method')} {meta.get('model')} K={meta.get('splits')}, {meta.get('engine')} engine, "
+             f"{meta.get('threads')} thread(s) per process, batch {meta.get('batch_size')}")
+    try:
+        paths = draw_gantt(spans, out or run_dir / "gantt", title, first, iterations, meta.get("steps_per_epoch"))
+    except ValueError as exc:
+        raise UserError(f"{trace}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
+    click.echo(" ".join(map(str, paths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one ``error:`` line and exit status 2; a
     diverged run exits 3."""
@@ -291,14 +453,21 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {exc.format_message()}", err=True)
         return 2
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_rank_prefix()}{exc}", err=True)
         return 2
     except DivergedError as exc:
-        click.echo(f"diverged: {exc}", err=True)
+        click.echo(f"diverged: {_rank_prefix()}{exc}", err=True)
         return 3
+    except WorkerFailedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+
+
+def _rank_prefix() -> str:
+    return f"rank {os.environ['RANK']}: " if under_torchrun() else ""
 
 
 if __name__ == "__main__":

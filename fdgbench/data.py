@@ -321,6 +321,9 @@ class BatchStream:
         return self.normalizer(images), self.labels_all.index_select(0, idx)
 
 
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, batch_size: int = 1000):
+EVAL_BATCH = 1000  # test images per evaluation batch
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, batch_size: int = EVAL_BATCH):
     for start in range(0, len(labels), batch_size):
         yield normalizer(images[start:start + batch_size]), labels[start:start + batch_size]

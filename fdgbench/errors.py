@@ -10,3 +10,8 @@ class UserError(Exception):
 
 class DivergedError(Exception):
     """A run's loss became NaN or infinite; the run is recorded as diverged (exit 3)."""
+
+
+class WorkerFailedError(Exception):
+    """A distributed worker (rank) died or raised; the message names the rank
+    and the cause (exit 1)."""

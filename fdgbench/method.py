@@ -57,6 +57,9 @@ class Method:
     summary: ClassVar[str]
     breaks: ClassVar[tuple[str, ...]] = ()  # which of LOCKINGS the method breaks
     options: ClassVar[tuple[MethodOption, ...]] = ()
+    # True: the model stays whole and K replicas share each batch (the
+    # engine gives every worker the whole model; K counts workers, not stages).
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, **values: Any):
         known = {o.name: o for o in self.options}

@@ -19,7 +19,8 @@ from torch import nn
 from .errors import UserError
 from .models import BlockModel
 
-STRATEGIES = ("auto", "paper", "uniform", "params", "flops", "time")
+STRATEGIES = ("auto", "paper", "uniform", "params", "flops", "time", "balanced")
+ALIASES = {"balanced": "time"}  # balanced by measured time, as torchgpipe's balance_by_time
 
 # The FDG authors' split points, as the first block of every stage after the
 # first (stem = conv+bn+relu, head = pool+fc; L1..L3 the residual stages).
@@ -193,6 +194,7 @@ def make_partition(model: BlockModel, k: int, strategy: str = "auto", split_at: 
                             f"give {k - 1} cut points or drop --splits")
         return Partition(starts, len(model), "explicit")
     _check_k(model, k)
+    strategy = ALIASES.get(strategy, strategy)
     if strategy not in STRATEGIES:
         raise UserError(f"unknown partition strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
     known = PAPER_SPLITS.get(model.name, {})

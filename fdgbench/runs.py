@@ -55,7 +55,7 @@ class RunDirectory:
         """Create (or reset) the directory for a fresh run."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "summary.json", "done"):
+            for name in ("metrics.jsonl", "summary.json", "done", "trace.json"):
                 (self.path / name).unlink(missing_ok=True)
             self.write_json("config.json", config)
             self.write_json("env.json", env)
@@ -77,6 +77,17 @@ class RunDirectory:
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def save_stage(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Stage k's final weights and buffers (each rank saves its own)."""
+        folder = self.path / "stages"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".stage{k}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(folder / f"stage{k}.pt")
+
+    def load_stage(self, k: int) -> dict[str, torch.Tensor]:
+        return torch.load(self.path / "stages" / f"stage{k}.pt", map_location="cpu")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)

@@ -30,6 +30,10 @@ class StageContext:
     output_shape: tuple[int, ...] | None = None  # one sample's output shape (auxiliary nets are built from it)
     num_classes: int = 10
     seed: int = 0
+    # Data-parallel methods: how many replicas share each batch, and which one
+    # this process is (None: all of them run here, one after another).
+    replicas: int = 1
+    replica: int | None = None
 
     @property
     def is_first(self) -> bool:
@@ -95,11 +99,22 @@ class TrainMetrics:
             self.correct += (logits.detach().argmax(1) == labels).sum()
         self.count += n
 
+    def totals(self) -> torch.Tensor:
+        """(loss sum, correct, count) as one float64 tensor: what engines add
+        up across stages and processes."""
+        return torch.stack([self.loss_sum, self.correct.double(),
+                            torch.tensor(float(self.count), dtype=torch.float64, device=self.device)])
+
     def summary(self) -> dict[str, float]:
-        if not self.count:
-            return {"loss": float("nan"), "error": float("nan"), "images": 0}
-        return {"loss": self.loss_sum.item() / self.count,
-                "error": 100.0 * (1.0 - self.correct.item() / self.count), "images": self.count}
+        return summarize_totals(self.totals())
+
+
+def summarize_totals(totals: torch.Tensor) -> dict[str, float]:
+    """Mean loss, error (%) and image count from TrainMetrics.totals()."""
+    loss_sum, correct, count = totals.tolist()
+    if not count:
+        return {"loss": float("nan"), "error": float("nan"), "images": 0}
+    return {"loss": loss_sum / count, "error": 100.0 * (1.0 - correct / count), "images": int(count)}
 
 
 class StageWorker:

@@ -14,18 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BatchStream, ImageDataset, Normalizer, eval_batches, load_dataset
+from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .engines.sequential import Observer, SequentialEngine
+from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
 from .method import make_method
 from .models import build_model, count_parameters
 from .optim import SGDConfig
 from .partition import build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, environment
-from .stage import StageContext
+from .stage import StageContext, summarize_totals
 
 # lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
 LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
+ENGINES = ("sequential", "distributed")
 CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
 
 
@@ -54,7 +56,8 @@ class RunConfig:
     stage_devices: tuple[str, ...] | None = None
     amp: str = "off"
     channels_last: bool = False
-    threads: int | None = None
+    threads: int | None = None  # intra-op threads of each process (each rank, on the distributed engine)
+    engine: str = "sequential"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,14 +83,23 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError(f"--amp must be off or bf16, got '{cfg.amp}'")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"unknown engine '{cfg.engine}'; known: {', '.join(ENGINES)}")
+    if cfg.engine == "distributed" and cfg.stage_devices:
+        raise UserError("--stage-devices is for the sequential engine; distributed ranks take one device each")
     stage_devices(cfg)
-    make_method(cfg.method, **cfg.method_options)
+    method = make_method(cfg.method, **cfg.method_options)
+    if cfg.splits < 1:
+        raise UserError(f"--splits must be at least 1, got {cfg.splits}")
+    if method.data_parallel and cfg.batch_size % cfg.splits:
+        raise UserError(f"{cfg.method} splits each batch across {cfg.splits} replicas: --batch-size "
+                        f"{cfg.batch_size} must be a multiple of {cfg.splits}")
     # Model name, K and split points are checked on a weightless (meta) model:
     # instant even for ResNet-1202, and before any data is loaded.
     with torch.device("meta"):
         model = build_model(cfg.model)
-    cheap = "uniform" if cfg.partition == "time" else cfg.partition
-    make_partition(model, cfg.splits, cheap, list(cfg.split_at) if cfg.split_at else None,
+    cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
+    make_partition(model, 1 if method.data_parallel else cfg.splits, cheap, list(cfg.split_at) if cfg.split_at else None,
                    sample=torch.zeros(1, 3, 32, 32, device="meta"))
 
 
@@ -114,67 +126,79 @@ def stage_devices(cfg: RunConfig) -> list[torch.device]:
     return [parse_device(cfg.device)] * cfg.splits
 
 
+def _agree_on(partition):
+    """Rank 0's partition, on every rank."""
+    import torch.distributed as dist
+
+    box = [partition]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def lr_at(t: int, base_lr: float, planned_steps: int) -> float:
     drops = sum(t >= round(f * planned_steps) for f in LR_MILESTONES)
     return base_lr * 0.1 ** drops
 
 
-@torch.no_grad()
-def evaluate(stages: Sequence[nn.Module], devices: Sequence[torch.device], images: torch.Tensor,
-             labels: torch.Tensor, normalizer: Normalizer, amp_dtype: torch.dtype | None) -> dict[str, float]:
-    """Test loss and error (%) of the composed stages in eval mode. Divergence
-    is judged on the training loss only: a non-finite test loss is recorded."""
-    for s in stages:
-        s.eval()
-    loss_sum, correct = 0.0, 0
-    try:
-        for x, y in eval_batches(images, labels, normalizer):
-            for stage, device in zip(stages, devices):
-                x = x.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    x = stage(x)
-            y = y.to(x.device)
-            loss_sum += F.cross_entropy(x.float(), y, reduction="sum").item()
-            # Non-finite logits (e.g. BN running statistics not yet trained in
-            # a very deep net) count as wrong; the loss shows them as NaN/inf.
-            correct += ((x.argmax(1) == y) & torch.isfinite(x).all(1)).sum().item()
-    finally:
-        for s in stages:
-            s.train()
-    n = len(labels)
-    return {"loss": loss_sum / n, "error": 100.0 * (1 - correct / n)}
-
-
 class Trainer:
-    """Builds every piece of a run from its config; ``fit`` trains and records."""
+    """Builds every piece of a run from its config; ``fit`` trains and records.
+
+    With ``rank`` (a torch.distributed process group is up, one rank per
+    stage) this process builds the same model and partition as every other
+    rank but keeps and trains only its own stage, on the distributed engine;
+    otherwise all stages live here, on the sequential engine."""
 
     def __init__(self, cfg: RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, rank: int | None = None, local_rank: int | None = None,
+                 tracer: Tracer | None = None):
         check_config(cfg)
         self.cfg = cfg
+        self.rank = rank
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self.devices = stage_devices(cfg)
+        self.method = make_method(cfg.method, **cfg.method_options)
+        # A data-parallel method keeps the model whole and replicates it K times.
+        self.num_stages = 1 if self.method.data_parallel else cfg.splits
+        devices = stage_devices(cfg)
+        if rank is not None:
+            from .engines.launch import rank_device
+
+            devices = [rank_device(devices[0], rank if local_rank is None else local_rank)] * self.num_stages
+        self.devices = devices
         data = dataset if dataset is not None else load_dataset(cfg.dataset, data_dir)
         self.dataset = data.subset(cfg.train_subset, cfg.test_subset)
-        self.method = make_method(cfg.method, **cfg.method_options)
         model = build_model(cfg.model, self.dataset.num_classes)
         self.num_parameters = count_parameters(model)
         sample = torch.zeros(8, *self.dataset.train_images.shape[1:], device=self.devices[0])
-        self.partition = make_partition(model.to(self.devices[0]), cfg.splits, cfg.partition,
+        self.partition = make_partition(model.to(self.devices[0]), self.num_stages, cfg.partition,
                                         list(cfg.split_at) if cfg.split_at else None, sample=sample)
+        if rank is not None and self.num_stages > 1:
+            self.partition = _agree_on(self.partition)  # measured (time) partitions differ between ranks
         self.partition_text = self.partition.describe(model.block_names)
-        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        self.stages = [s.to(d, memory_format=memory_format) for s, d in zip(build_stages(model, self.partition),
-                                                                          self.devices)]
+        self.block_names = list(model.block_names)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        all_stages = build_stages(model, self.partition)
+        self.output_shapes = shapes = stage_output_shapes(all_stages, tuple(self.dataset.train_images.shape[1:]),
+                                    [self.devices[0]] * len(all_stages))
+        # The stages this process trains: all of them, or the rank's own.
+        self.stage_indices = list(range(self.num_stages)) if rank is None or self.num_stages == 1 else [rank]
+        self.stages = [all_stages[k].to(self.devices[k], memory_format=self.memory_format) for k in self.stage_indices]
+        del all_stages, model
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
         optim = SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-        shapes = stage_output_shapes(self.stages, tuple(self.dataset.train_images.shape[1:]), self.devices)
-        self.workers = [self.method.make_worker(StageContext(k, cfg.splits, s, d, optim, amp_dtype=self.amp_dtype,
-                                                             output_shape=shape, num_classes=self.dataset.num_classes,
-                                                             seed=cfg.seed))
-                        for k, (s, d, shape) in enumerate(zip(self.stages, self.devices, shapes))]
+        replica = rank if self.method.data_parallel else None
+        self.workers = []
+        for k, stage in zip(self.stage_indices, self.stages):
+            module = stage
+            if self.method.data_parallel and rank is not None:
+                from torch.nn.parallel import DistributedDataParallel
+
+                module = DistributedDataParallel(stage, device_ids=[self.devices[k]] if self.devices[k].type == "cuda" else None)
+            ctx = StageContext(k, self.num_stages, module, self.devices[k], optim, amp_dtype=self.amp_dtype,
+                               output_shape=shapes[k], num_classes=self.dataset.num_classes, seed=cfg.seed,
+                               replicas=cfg.splits if self.method.data_parallel else 1, replica=replica)
+            self.workers.append(self.method.make_worker(ctx))
         mean, std = self.dataset.channel_stats()
         self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
         self.stream = BatchStream(self.dataset.train_images.to(self.devices[0]),
@@ -182,7 +206,14 @@ class Trainer:
                                   self.normalizer)
         self.test_images = self.dataset.test_images.to(self.devices[0])
         self.test_labels = self.dataset.test_labels
-        self.engine = SequentialEngine(self.method, self.workers, self.stream, observer)
+        self.tracer = tracer
+        if rank is None:
+            self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages)
+        else:
+            from .engines.distributed import DistributedEngine
+
+            self.engine = DistributedEngine(self.method, self.workers[0], self.stages[0], self.stream, self.num_stages,
+                                            tuple(self.dataset.train_images.shape[1:]), self.memory_format, tracer)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
@@ -196,16 +227,31 @@ class Trainer:
         return (f"{c.method}{opts} | {c.model} ({self.num_parameters:,} params) K={c.splits} "
                 f"[{self.partition.strategy}: {self.partition_text}] | {self.dataset.description} | "
                 f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {c.batch_size}) on "
-                f"{','.join(map(str, dict.fromkeys(self.devices)))}")
+                f"{','.join(map(str, dict.fromkeys(self.devices)))}, {self._engine_text()}")
+
+    def _engine_text(self) -> str:
+        threads = torch.get_num_threads()
+        if self.rank is None:
+            return f"sequential engine, {threads} thread(s)"
+        import torch.distributed as dist
+
+        role = "replicas" if self.method.data_parallel else "ranks, one per stage"
+        return f"distributed engine ({dist.get_backend()}), {dist.get_world_size()} {role}, {threads} thread(s) each"
 
     def fit(self, run: RunDirectory, progress: bool | None = None) -> dict[str, Any]:
-        """Train to the end (or divergence), writing the run directory."""
-        run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
+        """Train to the end (or divergence), writing the run directory (rank 0
+        of a distributed run writes the records; every rank its stage's weights)."""
+        primary = self.engine.is_primary
+        if primary:
+            run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
         history: list[dict[str, Any]] = []
         status, message = "finished", None
-        bar = _progress_bar(self.total_steps, progress)
+        bar = _progress_bar(self.total_steps, progress) if primary else None
         train_seconds = 0.0
         self.steps_done = 0
+        if self.tracer is not None:
+            self._barrier()
+            self.tracer.start()
         try:
             for epoch in range(math.ceil(self.total_steps / self.steps_per_epoch)):
                 first = epoch * self.steps_per_epoch
@@ -223,39 +269,67 @@ class Trainer:
                 self._sync()
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
-                train = self.workers[-1].metrics.summary()
-                self.workers[-1].metrics.reset()
+                train = summarize_totals(self.engine.train_totals())
+                self.engine.reset_train_metrics()
                 if not math.isfinite(train["loss"]) and train["images"]:
                     raise DivergedError(f"training loss is {train['loss']} in epoch {epoch + 1}")
-                test = evaluate(self.stages, self.devices, self.test_images, self.test_labels, self.normalizer,
-                                self.amp_dtype)
+                meters = self.engine.take_meters()
+                test = self.engine.evaluate(self.test_images, self.test_labels, self.normalizer)
                 record = {**self._identity, "epoch": epoch + 1, "iteration": last, "lr": lr,
                           "train_loss": train["loss"],
                           "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
-                          "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds}
-                for k, worker in enumerate(self.workers):
-                    record.update({f"stage{k}_{name}": meter.take() for name, meter in worker.meters.items()})
+                          "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds,
+                          **meters}
                 history.append(record)
-                run.append_metrics(record)
-        except DivergedError as exc:
+                if primary:
+                    run.append_metrics(record)
+        except DivergedError as exc:  # every rank raises it at the same check (the totals are shared)
             status, message = "diverged", str(exc)
         finally:
             if bar is not None:
                 bar.close()
+        self.engine.finish(self.steps_done)
+        if not (self.method.data_parallel and self.rank):  # replicas are equal: rank 0 saves the one
+            for k, stage in zip(self.stage_indices, self.stages):
+                run.save_stage(k, stage.state_dict())
+        if self.tracer is not None:
+            self._write_trace(run)
         summary = self._summary(history, status, message, train_seconds)
-        run.finish(summary)
+        if primary:
+            run.finish(summary)
         if status == "diverged":
             raise DivergedError(f"{message}; recorded in {run.path}")
         return summary
 
+    def _write_trace(self, run: RunDirectory) -> None:
+        spans = self.tracer.spans
+        if self.rank is not None:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, spans)
+            spans = [s for part in gathered for s in part]
+        if self.engine.is_primary:
+            write_trace(run.path / "trace.json", spans,
+                        {"method": self.cfg.method, "model": self.cfg.model, "splits": self.cfg.splits,
+                         "engine": self.cfg.engine, "threads": torch.get_num_threads(),
+                         "batch_size": self.cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                         "partition": self.partition_text})
+
     def _check_progress(self, t: int, bar, t0: float, first: int) -> None:
-        m = self.workers[-1].metrics.summary()
+        m = summarize_totals(self.engine.train_totals())
         if m["images"] and not math.isfinite(m["loss"]):
             raise DivergedError(f"training loss is {m['loss']} at iteration {t}")
         if bar is not None:
             bar.update(t + 1 - bar.n)
             rate = (t + 1 - first) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 - m['error']:.1f}%", img_s=f"{rate:.0f}")
+
+    def _barrier(self) -> None:
+        if self.rank is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def _summary(self, history: list[dict[str, Any]], status: str, message: str | None,
                  train_seconds: float) -> dict[str, Any]:
@@ -289,6 +363,24 @@ class Trainer:
         for d in dict.fromkeys(self.devices):
             if d.type == "cuda":
                 torch.cuda.synchronize(d)
+
+
+def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress: bool | None, trace: bool,
+               local_rank: int | None = None) -> dict[str, Any]:
+    """One rank of a distributed run (the process group is up): load the data
+    (rank 0 first, so a decoding cache is written once), build this rank's
+    stage and train it."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        dataset = load_dataset(cfg.dataset, data_dir)
+    dist.barrier()
+    if rank != 0:
+        dataset = load_dataset(cfg.dataset, data_dir)
+    trainer = Trainer(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None)
+    if rank == 0:
+        print(trainer.describe(), file=sys.stderr, flush=True)
+    return trainer.fit(RunDirectory(run_path), progress)
 
 
 def seed_everything(seed: int) -> None:

@@ -8,3 +8,4 @@ from . import fr  # noqa: F401
 from . import dgl  # noqa: F401
 from . import dni  # noqa: F401
 from . import adl  # noqa: F401
+from . import dp  # noqa: F401

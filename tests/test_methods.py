@@ -21,7 +21,7 @@ DATA = synthetic_dataset(10, train=256, test=64)
 def _trainer(method, k, observer=None, **kw):
     opts = kw.pop("method_options", {})
     cfg = RunConfig(method=method, method_options=opts, model="tiny_resnet", splits=k, dataset="synthetic",
-                    batch_size=32, epochs=kw.pop("epochs", 3), **kw)
+                    batch_size=kw.pop("batch_size", 32), epochs=kw.pop("epochs", 3), **kw)
     return Trainer(cfg, dataset=DATA, observer=observer)
 
 
@@ -237,8 +237,10 @@ def test_every_method_trains_a_tiny_net(tmp_path, method, options, k):
     # Synthetic gradients start at zero: DNI's first stages learn only once
     # their gradient models have fit, so it gets more epochs; and at lr 0.05
     # its K=3 tiny net collapses (dead ReLUs, zero gradients), so a lower lr.
+    # Batch 30: dp splits it into K equal shards, for K = 2 and 3.
     dni = method in ("dni", "cdni")
-    trainer = _trainer(method, k, method_options=options, epochs=8 if dni else 3, lr=0.01 if dni else 0.05)
+    trainer = _trainer(method, k, method_options=options, epochs=8 if dni else 3, lr=0.01 if dni else 0.05,
+                       batch_size=30)
     before = [copy.deepcopy(s.state_dict()) for s in trainer.stages]
     summary = trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
     assert summary["status"] == "finished"

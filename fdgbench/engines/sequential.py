@@ -8,26 +8,35 @@ Stages may sit on different devices.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
-from ..data import BatchStream
+from ..data import BatchStream, Normalizer, eval_batches
+from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
 from ..schedule import Action, Mailbox, Op, execution_order, message_key
 from ..stage import StageWorker
+from .trace import Tracer
 
 Observer = Callable[[int, int, Action], None]  # (iteration, stage, action), after it ran
 
 
 class SequentialEngine:
+    is_primary = True  # the one process owns the run directory
+
     def __init__(self, method: Method, workers: Sequence[StageWorker], stream: BatchStream,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, tracer: Tracer | None = None,
+                 stages: Sequence[nn.Module] | None = None):
         self.method = method
         self.workers = list(workers)
         self.num_stages = len(self.workers)
         self.stream = stream
         self.observer = observer
+        self.tracer = tracer
+        self.stages = list(stages) if stages is not None else [w.module for w in self.workers]
         self._mailbox = Mailbox()
         self._messages: dict[tuple, torch.Tensor] = {}
         self._outbox: dict[tuple[int, Op, int], torch.Tensor] = {}
@@ -35,7 +44,10 @@ class SequentialEngine:
     def run_iteration(self, t: int) -> None:
         plan = self.method.schedule(self.num_stages, t)
         for k, action in execution_order(plan, t, self._mailbox):
+            start = time.perf_counter()
             self._run(k, action)
+            if self.tracer is not None:
+                self.tracer.record(k, t, action, start, time.perf_counter())
             if self.observer is not None:
                 self.observer(t, k, action)
 
@@ -62,3 +74,27 @@ class SequentialEngine:
             key = message_key(k, action)
             self._messages[key] = self._outbox.pop((k, op, b)).to(self.workers[key[2]].device)
         # RECV_ACT / RECV_GRAD: nothing to move; the tensor waits in _messages.
+
+    # Read-outs; the distributed engine's twins are collective.
+    def train_totals(self) -> torch.Tensor:
+        return sum(w.metrics.totals().cpu() for w in self.workers)
+
+    def reset_train_metrics(self) -> None:
+        for w in self.workers:
+            w.metrics.reset()
+
+    def take_meters(self) -> dict[str, float]:
+        return {f"stage{k}_{name}": meter.take() for k, w in enumerate(self.workers) for name, meter in w.meters.items()}
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer) -> dict[str, float]:
+        """Test loss and error (%) of the composed stages in eval mode."""
+        score = EvalScore()
+        with eval_mode(self.stages):
+            for x, y in eval_batches(images, labels, normalizer):
+                for stage, worker in zip(self.stages, self.workers):
+                    x = eval_forward(stage, x, worker.device, worker.ctx.amp_dtype)
+                score.add(x, y)
+        return score.result()
+
+    def finish(self, next_t: int) -> None:
+        """Messages still in flight are dropped with the engine."""

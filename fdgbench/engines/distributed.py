@@ -1,0 +1,255 @@
+"""The distributed engine: one torch.distributed rank per stage.
+
+Rank k runs stage k's action list from the same schedule the sequential
+engine runs, iteration after iteration. Sends are non-blocking (``isend``),
+so a latency-1 message never holds its sender back; every receive of an
+iteration is posted (``irecv``) when the iteration starts and waited for at
+its action, so a message sent early lands while the stage computes. Each
+boundary has two process groups, one per direction: activations and
+gradients never share a stream (on NCCL, a receive queued behind a send on
+one stream can deadlock against the neighbour's mirror image).
+
+Message shapes are exchanged once up front: rank k receives its input's
+(shape, dtype) from rank k-1, runs its stage once on zeros (eval mode, no
+gradient) to learn its output's, and passes that on. Gradients have the
+shape of the activation they belong to.
+
+A data-parallel method (``Method.data_parallel``) has one stage, replicated
+on every rank; its worker splits the batch and DDP averages the gradients,
+so the engine only runs stage 0's plan everywhere and sends nothing.
+
+Rank 0 owns the run directory; training totals are summed over ranks
+(all_reduce), per-stage meters gathered, and the test set is scored by
+pipelining it through the stages.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import EVAL_BATCH, BatchStream, Normalizer, eval_batches
+from ..evaluation import EvalScore, eval_forward, eval_mode
+from ..method import Method
+from ..schedule import RECVS, Action, Op
+from ..stage import StageWorker
+from .trace import Tracer
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill" makes that rank fail there
+
+
+class DistributedEngine:
+    def __init__(self, method: Method, worker: StageWorker, stage: nn.Module, stream: BatchStream,
+                 num_stages: int, input_shape: tuple[int, ...],
+                 memory_format: torch.memory_format = torch.preserve_format, tracer: Tracer | None = None):
+        self.method, self.worker, self.stage, self.stream = method, worker, stage, stream
+        self.workers = [worker]
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.num_stages = num_stages
+        self.data_parallel = num_stages == 1 and self.world_size > 1
+        if not self.data_parallel and num_stages != self.world_size:
+            raise ValueError(f"{num_stages} stages on {self.world_size} ranks")
+        self.k = 0 if self.data_parallel else self.rank
+        self.is_primary = self.rank == 0
+        self.device, self.amp_dtype, self.memory_format = worker.device, worker.ctx.amp_dtype, memory_format
+        self.tracer = tracer
+        # One group per boundary and direction; every rank creates all of them, in the same order.
+        boundaries = range(num_stages - 1)
+        self._act_groups = [dist.new_group([b, b + 1]) for b in boundaries]
+        self._grad_groups = [dist.new_group([b, b + 1]) for b in boundaries]
+        # Evaluation has its own groups: training activations may still be in flight when it starts.
+        self._eval_groups = [dist.new_group([b, b + 1]) for b in boundaries]
+        self._in_spec, self._out_spec = self._exchange_specs(stream.batch_size, input_shape)
+        self._inbox: dict[tuple[Op, int], torch.Tensor] = {}
+        self._outbox: dict[tuple[Op, int], torch.Tensor] = {}
+        self._sends: list[tuple[int, Any, torch.Tensor]] = []  # (iteration, work, tensor kept alive)
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV))
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _exchange_specs(self, batch_size: int, input_shape: tuple[int, ...]):
+        k, last = self.k, self.num_stages - 1
+        in_spec = ((batch_size, *input_shape), torch.float32)
+        if k > 0:
+            buf = torch.zeros(8, dtype=torch.int64, device=self.device)
+            dist.recv(buf, self.rank - 1, group=self._act_groups[k - 1])
+            in_spec = _decode_spec(buf)
+        out_spec = None
+        if k < last:
+            with eval_mode([self.stage]):
+                out = eval_forward(self.stage, self._zeros(in_spec), self.device, self.amp_dtype)
+            out_spec = (tuple(out.shape), out.dtype)
+            dist.send(_encode_spec(out_spec, self.device), self.rank + 1, group=self._act_groups[k])
+        return in_spec, out_spec
+
+    def _zeros(self, spec, batch: int | None = None) -> torch.Tensor:
+        shape, dtype = spec
+        if batch is not None:
+            shape = (batch, *shape[1:])
+        x = torch.zeros(shape, dtype=dtype, device=self.device)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    # -- training --------------------------------------------------------------------------------
+
+    def run_iteration(self, t: int) -> None:
+        if self._fault and self._fault[:2] == (self.rank, t):
+            _inject(self._fault[2], self.rank, t)
+        plan = self.method.schedule(self.num_stages, t)[self.k]
+        posted = {(a.op, a.batch): self._post_recv(a) for a in plan if a.op in RECVS}
+        for action in plan:
+            start = time.perf_counter()
+            self._run(t, action, posted)
+            if self.tracer is not None:
+                self.tracer.record(self.k, t, action, start, time.perf_counter())
+        self._reap_sends(t)
+
+    def _post_recv(self, action: Action):
+        if action.op is Op.RECV_ACT:
+            buf, src, group = torch.empty(self._in_spec[0], dtype=self._in_spec[1], device=self.device), \
+                self.rank - 1, self._act_groups[self.k - 1]
+        else:
+            buf, src, group = torch.empty(self._out_spec[0], dtype=self._out_spec[1], device=self.device), \
+                self.rank + 1, self._grad_groups[self.k]
+        return buf, dist.irecv(buf, src, group=group, tag=_tag(action.op, action.batch))
+
+    def _run(self, t: int, action: Action, posted: dict) -> None:
+        worker, b, op = self.worker, action.batch, action.op
+        if op is Op.FORWARD:
+            if self.k == 0:
+                x, labels = self.stream.batch(b)
+            else:
+                x, labels = self._inbox.pop((Op.RECV_ACT, b)), self.stream.labels(b)
+            out = worker.forward(b, x.to(worker.device), labels.to(worker.device))
+            if out is not None:
+                self._outbox[(Op.SEND_ACT, b)] = out
+        elif op in (Op.BACKWARD, Op.LOCAL):
+            if op is Op.BACKWARD:
+                x_grad = worker.backward(b, self._inbox.pop((Op.RECV_GRAD, b), None))
+            else:
+                x_grad = worker.local_backward(b)
+            if x_grad is not None:
+                self._outbox[(Op.SEND_GRAD, b)] = x_grad
+        elif op is Op.UPDATE:
+            worker.update()
+        elif op in (Op.SEND_ACT, Op.SEND_GRAD):
+            tensor = self._outbox.pop((op, b)).contiguous()
+            if op is Op.SEND_ACT:
+                dst, group = self.rank + 1, self._act_groups[self.k]
+            else:
+                dst, group = self.rank - 1, self._grad_groups[self.k - 1]
+            self._sends.append((t, dist.isend(tensor, dst, group=group, tag=_tag(op, b)), tensor))
+        else:  # a receive: wait for the buffer posted at the start of the iteration
+            buf, work = posted[(op, b)]
+            work.wait()
+            if op is Op.RECV_ACT and buf.dim() == 4:
+                buf = buf.contiguous(memory_format=self.memory_format)
+            self._inbox[(op, b)] = buf
+
+    def _reap_sends(self, t: int) -> None:
+        """Forget finished sends; wait for any older than one iteration, which
+        bounds how far a stage runs ahead of a slow neighbour."""
+        kept = []
+        for sent_at, work, tensor in self._sends:
+            if sent_at < t:
+                work.wait()
+            elif not work.is_completed():
+                kept.append((sent_at, work, tensor))
+        self._sends = kept
+
+    # -- read-outs (collective: every rank calls them at the same point) -------------------------
+
+    def train_totals(self) -> torch.Tensor:
+        totals = self.worker.metrics.totals()
+        dist.all_reduce(totals)
+        return totals
+
+    def reset_train_metrics(self) -> None:
+        self.worker.metrics.reset()
+
+    def take_meters(self) -> dict[str, float]:
+        mine = {} if self.data_parallel and self.rank else {
+            f"stage{self.k}_{name}": meter.take() for name, meter in self.worker.meters.items()}
+        gathered: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, mine)
+        return {key: value for part in gathered for key, value in part.items()}
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer) -> dict[str, float]:
+        """Score the test set by pipelining it through the stages (eval mode).
+        Data-parallel replicas are equal, so rank 0 alone scores its own."""
+        scorer = 0 if self.data_parallel else self.world_size - 1
+        result: list[Any] = [None]
+        if self.rank == scorer or not self.data_parallel:
+            result[0] = self._evaluate_stage(images, labels, normalizer)
+        dist.broadcast_object_list(result, src=scorer)
+        return result[0]
+
+    def _evaluate_stage(self, images, labels, normalizer) -> dict[str, float] | None:
+        last = self.k == self.num_stages - 1
+        score, sends = EvalScore(), []
+        with eval_mode([self.stage]):
+            batches = eval_batches(images, labels, normalizer, EVAL_BATCH) if self.k == 0 else None
+            for start in range(0, len(labels), EVAL_BATCH):
+                n = min(EVAL_BATCH, len(labels) - start)
+                if batches is not None:
+                    x, _ = next(batches)
+                else:
+                    x = self._zeros(self._in_spec, n)
+                    dist.recv(x, self.rank - 1, group=self._eval_groups[self.k - 1])
+                y = eval_forward(self.stage, x, self.device, self.amp_dtype)
+                if last:
+                    score.add(y, labels[start:start + n])
+                else:
+                    y = y.contiguous()
+                    sends.append((dist.isend(y, self.rank + 1, group=self._eval_groups[self.k]), y))
+        for work, _ in sends:
+            work.wait()
+        return score.result() if last else None
+
+    def finish(self, next_t: int) -> None:
+        """Stop after iteration ``next_t - 1``: receive (and drop) the messages
+        still in flight, those iteration ``next_t`` would have consumed, so
+        every send completes; then wait for all ranks."""
+        plan = self.method.schedule(self.num_stages, next_t)[self.k]
+        for action in plan:
+            if action.op in RECVS and action.latency:
+                self._post_recv(action)[1].wait()
+        for _, work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+        dist.barrier()
+
+
+def _tag(op: Op, batch: int) -> int:
+    return 2 * batch + (op in (Op.SEND_GRAD, Op.RECV_GRAD))
+
+
+def _encode_spec(spec, device: torch.device) -> torch.Tensor:
+    shape, dtype = spec
+    if len(shape) > 6:
+        raise ValueError(f"activations of rank {len(shape)} are not supported")
+    return torch.tensor([len(shape), *shape, *[0] * (6 - len(shape)), DTYPES.index(dtype)], dtype=torch.int64,
+                        device=device)
+
+
+def _decode_spec(buf: torch.Tensor):
+    values = buf.tolist()
+    return tuple(values[1:1 + values[0]]), DTYPES[values[7]]
+
+
+def _parse_fault(text: str | None):
+    if not text:
+        return None
+    rank, iteration, mode = text.split(":")
+    return int(rank), int(iteration), mode
+
+
+def _inject(mode: str, rank: int, t: int) -> None:
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {t}")

@@ -1,0 +1,175 @@
+"""Starting the ranks of a distributed run, and stopping all of them when one
+fails.
+
+Two ways in: under ``torchrun`` (its environment names the rank, world size
+and rendezvous; multi-node works by torchrun's own flags) or spawned here,
+one process per rank on this machine, rendezvous through a temporary file.
+In the spawned case this process watches the ranks: when one dies or raises,
+the others get ``GRACE_S`` seconds to notice (a peer's closed socket makes
+their pending receives fail) and are then terminated, and the failure comes
+back as one line naming the rank and the cause.
+"""
+from __future__ import annotations
+
+import multiprocessing.connection
+import os
+import queue
+import signal
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DivergedError, UserError, WorkerFailedError
+
+GRACE_S = 10.0  # after the first failure, how long the other ranks get to exit on their own
+TIMEOUT_ENV = "FDGBENCH_DIST_TIMEOUT"  # seconds a collective or receive may wait (default 600)
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """Rank r's device: the requested CPU, or GPU number (local rank mod GPUs)."""
+    if device.type != "cuda":
+        return device
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_process_group(device: torch.device, rank: int | None = None, world_size: int | None = None,
+                       init_file: str | None = None) -> None:
+    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+    kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": timeout}
+    if init_file is not None:
+        kwargs.update(init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(**kwargs)
+
+
+def is_communication_error(exc: BaseException) -> bool:
+    """A failure caused by a peer going away (secondary), not by this rank."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection closed",
+                                                                     "connection reset", "broken pipe"))
+
+
+def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any], args: tuple = ()) -> list[Any]:
+    """Run ``target(rank, *args)`` in ``world_size`` spawned processes that
+    form one process group; returns each rank's return value. A failure in any
+    rank stops them all and raises UserError / DivergedError (when that is
+    what the rank raised) or WorkerFailedError."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    reports = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="fdgbench-rdzv-") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_rank_entry, args=(r, world_size, str(device), init_file, reports, target, args),
+                             name=f"fdgbench-rank{r}") for r in range(world_size)]
+        for p in procs:
+            p.start()
+        try:
+            results, errors = _watch(procs, reports)
+        except BaseException:
+            _stop(procs)
+            raise
+    if errors or any(p.exitcode != 0 for p in procs):
+        raise _failure(procs, errors)
+    return [results[r] for r in range(world_size)]
+
+
+def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports, target, args) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
+    try:
+        init_process_group(torch.device(device), rank, world_size, init_file)
+        result = target(rank, *args)
+        reports.put((rank, "ok", result))
+    except BaseException as exc:  # reported to the parent as one line; the traceback only on request
+        detail = traceback.format_exc() if os.environ.get("FDGBENCH_DEBUG") else None
+        reports.put((rank, "error", (type(exc).__name__, _first_line(exc), is_communication_error(exc), detail)))
+        reports.close()
+        reports.join_thread()
+        os._exit(1)  # skip process-group teardown, which can block on a dead peer
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _watch(procs, reports) -> tuple[dict[int, Any], dict[int, tuple]]:
+    results: dict[int, Any] = {}
+    errors: dict[int, tuple] = {}
+    failed_at = None
+    while True:
+        _drain(reports, results, errors)
+        if all(p.exitcode is not None for p in procs):
+            break
+        if failed_at is None and (errors or any(p.exitcode not in (None, 0) for p in procs)):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
+            _stop(procs)
+            break
+        multiprocessing.connection.wait([p.sentinel for p in procs], timeout=0.2)
+    time.sleep(0.1)  # the last reports may still be in the queue's pipe
+    _drain(reports, results, errors)
+    return results, errors
+
+
+def _drain(reports, results: dict[int, Any], errors: dict[int, tuple]) -> None:
+    try:
+        while True:
+            rank, kind, payload = reports.get_nowait()
+            (results if kind == "ok" else errors)[rank] = payload
+    except queue.Empty:
+        pass
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + 5
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def _failure(procs, errors: dict[int, tuple]) -> Exception:
+    """The root cause: an error a rank raised itself, else a rank that died
+    without a word, else the first lost-contact report."""
+    own = {r: e for r, e in errors.items() if not e[2]}
+    if own:
+        rank = min(own)
+        name, message, _, detail = own[rank]
+        if detail:
+            print(detail, flush=True)
+        if name == "UserError":
+            return UserError(message)
+        if name == "DivergedError":
+            return DivergedError(message)
+        return WorkerFailedError(f"rank {rank} raised {name}: {message}")
+    silent = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (0, None) and r not in errors]
+    if silent:
+        rank, code = silent[0]
+        cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return WorkerFailedError(f"rank {rank} died ({cause}); the other ranks were stopped")
+    if errors:
+        rank = min(errors)
+        name, message, _, _ = errors[rank]
+        return WorkerFailedError(f"rank {rank} lost contact with a peer: {name}: {message}")
+    return WorkerFailedError("a rank was stopped before reporting")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:400]

@@ -1,0 +1,118 @@
+"""The timeline simulator: a method's schedule run against measured costs
+instead of tensors, to predict iteration time, per-worker utilisation and
+speedup for any K and link, and to draw the same Gantt chart as a traced run.
+
+Each stage is a worker with its own clock, running its action list in order,
+iteration after iteration (as on the distributed engine). A compute action
+takes its stage's measured time; a send costs the sender ``send_s`` and the
+message arrives ``latency + bytes / bandwidth`` later; a receive waits until
+the message has arrived. Costs come from a profile (``profile_blocks``):
+every block's forward, backward and update time measured in one process with
+the stages' thread count, so any partition's stage costs are sums of blocks.
+
+A data-parallel method is modelled as K replicas each running the whole
+model on B/K images (compute scaled by 1/K) followed by a ring all-reduce of
+the gradients, 2 (K-1)/K times their bytes over the link.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..method import Method
+from ..schedule import COMPUTE, RECVS, SENDS, Mailbox, Op, execution_order, message_key
+from .trace import CATEGORIES, Span
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float = 50e-6
+    bandwidth_Bps: float = 10e9
+
+    def transfer_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds per action of one stage, and the bytes of its output activation."""
+
+    forward: float
+    backward: float
+    update: float
+    local: float = 0.0
+    output_bytes: float = 0.0
+
+
+@dataclass
+class Prediction:
+    iteration_s: float  # steady-state seconds per iteration
+    utilisation: list[float]  # per worker: busy (compute) fraction of the steady-state window
+    spans: list[Span] = field(repr=False, default_factory=list)
+
+
+def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iterations: int = 40,
+             send_s: float = 0.0) -> Prediction:
+    """Run ``iterations`` iterations of ``method``'s schedule on K = len(stages)
+    workers; the steady state is measured over the second half."""
+    k_stages = len(stages)
+    clock = [0.0] * k_stages
+    arrival: dict[tuple, float] = {}
+    spans: list[Span] = []
+    ends: list[float] = []
+    busy_at: list[list[float]] = [[0.0] * k_stages]
+    busy = [0.0] * k_stages
+    mailbox = Mailbox()
+    for t in range(iterations):
+        plan = method.schedule(k_stages, t)
+        for k, action in execution_order(plan, t, mailbox):
+            start = clock[k]
+            cost = stages[k]
+            if action.op in COMPUTE:
+                duration = {Op.FORWARD: cost.forward, Op.BACKWARD: cost.backward, Op.LOCAL: cost.local,
+                            Op.UPDATE: cost.update}[action.op]
+                busy[k] += duration
+            elif action.op in SENDS:
+                nbytes = cost.output_bytes if action.op is Op.SEND_ACT else stages[k - 1].output_bytes
+                duration = send_s
+                arrival[message_key(k, action)] = start + send_s + link.transfer_s(nbytes)
+            else:  # a receive: wait for the message
+                duration = max(0.0, arrival.pop(message_key(k, action)) - start)
+            clock[k] = start + duration
+            spans.append(Span(k, t, str(action), CATEGORIES[action.op], start, duration))
+        ends.append(max(clock))
+        busy_at.append(list(busy))
+    half = iterations // 2
+    window = ends[-1] - ends[half - 1]
+    per_iteration = window / (iterations - half)
+    utilisation = [(busy_at[-1][k] - busy_at[half][k]) / window if window else 1.0 for k in range(k_stages)]
+    return Prediction(per_iteration, utilisation, spans)
+
+
+def simulate_data_parallel(whole: StageCosts, replicas: int, parameter_bytes: float, link: Link) -> Prediction:
+    """K replicas of the whole model on B/K images each, then a ring all-reduce."""
+    compute = (whole.forward + whole.backward) / replicas
+    allreduce = 0.0 if replicas == 1 else 2 * (replicas - 1) / replicas * parameter_bytes / link.bandwidth_Bps + \
+        2 * (replicas - 1) * link.latency_s
+    total = compute + allreduce + whole.update
+    return Prediction(total, [(compute + whole.update) / total] * replicas)
+
+
+def stage_costs(blocks: Sequence[dict], ranges: Sequence[range]) -> list[StageCosts]:
+    """A partition's stage costs from a profile's per-block costs."""
+    out = []
+    for r in ranges:
+        part = [blocks[i] for i in r]
+        out.append(StageCosts(forward=sum(b["forward_s"] for b in part), backward=sum(b["backward_s"] for b in part),
+                              update=sum(b["update_s"] for b in part), output_bytes=part[-1]["output_bytes"]))
+    return out
+
+
+def summarize_spans(spans: Sequence[Span]) -> dict[tuple[int, str], float]:
+    """Median seconds per (stage, category) of a trace: what one action of
+    each kind costs there."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    for s in spans:
+        groups.setdefault((s.stage, s.category), []).append(s.duration)
+    return {key: statistics.median(v) for key, v in groups.items()}

@@ -1,0 +1,183 @@
+"""The distributed engine (gloo, CPU): parity with the sequential engine for
+every method at K = 2 and 3, the CLI (spawned and torchrun), faults, traces."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdgbench.data import synthetic_dataset
+from fdgbench.engines.launch import spawn_ranks
+from fdgbench.engines.trace import read_trace
+from fdgbench.method import all_methods
+from fdgbench.runs import RunDirectory
+from fdgbench.train import RunConfig, Trainer
+
+BATCH = 48  # divisible by 2 and 3, so dp's shards are equal
+STEPS = 6
+
+
+def _data():
+    # One batch per epoch: metrics.jsonl then holds every iteration's training loss.
+    return synthetic_dataset(10, train=BATCH, test=64)
+
+
+def _configs(k):
+    """Every registered method, and each staleness mode of those that have one."""
+    out = []
+    for m in all_methods():
+        modes = next((o.choices for o in m.options if o.name == "staleness"), None)
+        for opts in ([{"staleness": s} for s in modes] if modes else [{}]):
+            out.append(RunConfig(method=m.name, method_options=opts, model="tiny_resnet", splits=k,
+                                 dataset="synthetic", batch_size=BATCH, epochs=STEPS, lr=0.05, threads=1))
+    return out
+
+
+def _train_distributed(rank, configs, root):
+    for i, cfg in enumerate(configs):
+        cfg = RunConfig(**{**cfg.__dict__, "engine": "distributed"})
+        Trainer(cfg, dataset=_data(), rank=rank).fit(RunDirectory(Path(root) / f"d{i}"), progress=False)
+
+
+def _train_sequential(configs, root):
+    threads = torch.get_num_threads()
+    try:
+        for i, cfg in enumerate(configs):
+            Trainer(cfg, dataset=_data()).fit(RunDirectory(Path(root) / f"s{i}"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _params(run, k):
+    return {n: v for n, v in run.load_stage(k).items() if "running_" not in n and "num_batches" not in n}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_distributed_engine_matches_sequential_for_every_method(k, tmp_path):
+    configs = _configs(k)
+    spawn_ranks(k, torch.device("cpu"), _train_distributed, (configs, str(tmp_path)))
+    _train_sequential(configs, tmp_path)
+    checked = []
+    for i, cfg in enumerate(configs):
+        seq, dis = RunDirectory(tmp_path / f"s{i}"), RunDirectory(tmp_path / f"d{i}")
+        label = f"{cfg.method} {cfg.method_options}"
+        seq_m, dis_m = seq.metrics(), dis.metrics()
+        assert len(seq_m) == len(dis_m) == STEPS, label
+        stages = 1 if cfg.method == "dp" else k
+        if cfg.method == "dp":
+            # DDP all-reduces gradients in buckets; the sequential replay sums
+            # the shards' gradients in autograd: the same sum in another order,
+            # so equal to float32 rounding (observed: ~1e-7 relative), not bit
+            # for bit. BN running statistics differ by design (methods/dp.py),
+            # so neither buffers nor test error are compared.
+            for a, b in zip(seq_m, dis_m):
+                assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5), label
+            for name, value in _params(seq, 0).items():
+                torch.testing.assert_close(_params(dis, 0)[name], value, rtol=1e-4, atol=1e-6)
+        else:  # bit for bit: the same kernels on the same shapes in the same order
+            for key in ("train_loss", "train_error", "test_loss", "test_error"):
+                assert [m[key] for m in seq_m] == [m[key] for m in dis_m], (label, key)
+            for s in range(stages):
+                a, b = seq.load_stage(s), dis.load_stage(s)
+                assert a.keys() == b.keys()
+                assert all(torch.equal(a[n], b[n]) for n in a), (label, s)
+            # Per-stage meters (auxiliary and synthetic-gradient losses) reach rank 0's records.
+            meter_keys = sorted(key for key in seq_m[-1] if key.startswith("stage"))
+            assert [[m[key] for key in meter_keys] for m in seq_m] == [[m[key] for key in meter_keys] for m in dis_m]
+        assert dis.read_json("config.json")["engine"] == "distributed"
+        assert dis.is_done
+        checked.append(cfg.method)
+    assert set(checked) == {m.name for m in all_methods()}
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fdgbench", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+TINY = ["--model", "tiny_resnet", "--dataset", "synthetic", "--batch-size", "32", "--epochs", "2", "--max-steps",
+        "40", "--threads", "1", "--no-progress"]
+
+
+def test_cli_spawned_and_torchrun_ranks_give_the_same_run(tmp_path):
+    spawned = _cli("run", "--method", "fdg", "-K", "2", "--engine", "distributed", "--trace", "--out",
+                   str(tmp_path / "a"), *TINY)
+    assert spawned.returncode == 0, spawned.stderr
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    launched = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "fdgbench", "run", "--method",
+                               "fdg", "-K", "2", "--engine", "distributed", "--out", str(tmp_path / "b"), *TINY],
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("final test error") == 1  # rank 0 alone reports
+    (a,), (b,) = (list((tmp_path / x).iterdir()) for x in "ab")
+    assert a.name == b.name  # the same config, so the same run directory name
+    ra, rb = RunDirectory(a), RunDirectory(b)
+    assert [m["train_loss"] for m in ra.metrics()] == [m["train_loss"] for m in rb.metrics()]
+    assert all(torch.equal(ra.load_stage(1)[n], v) for n, v in rb.load_stage(1).items())
+    # The trace: every action of both stages, each inside the run's time span.
+    spans, meta = read_trace(a / "trace.json")
+    assert meta["engine"] == "distributed" and {s.stage for s in spans} == {0, 1}
+    forwards = {(s.stage, s.name) for s in spans if s.category == "forward"}
+    assert forwards == {(0, f"F{t}") for t in range(40)} | {(1, f"F{t - 1}") for t in range(1, 40)}
+    assert all(s.duration >= 0 and s.start >= -0.5 for s in spans)
+    assert {s.category for s in spans} >= {"forward", "backward", "update", "send", "recv"}
+
+
+@pytest.mark.parametrize("mode,cause", [("raise", "raised RuntimeError: fault injected"),
+                                        ("kill", "died (killed by SIGKILL)")])
+def test_a_failing_rank_stops_the_run_with_one_line(mode, cause, tmp_path):
+    start = time.monotonic()
+    result = _cli("run", "--method", "fdg", "-K", "3", "--engine", "distributed", "--out", str(tmp_path), *TINY,
+                  env={"FDGBENCH_FAULT": f"1:5:{mode}"}, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: rank 1 ") and cause in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    # Bounded: start-up (~10 s) plus the grace period (10 s), with room for a loaded machine.
+    assert elapsed < 60
+    run = next(tmp_path.iterdir())
+    assert not RunDirectory(run).is_done
+
+
+def test_gantt_plot_of_a_traced_run_and_its_errors(tmp_path):
+    result = _cli("run", "--method", "dgl", "-K", "2", "--engine", "distributed", "--trace", "--out", str(tmp_path),
+                  *TINY)
+    assert result.returncode == 0, result.stderr
+    run = next(tmp_path.iterdir())
+    plotted = _cli("plot", "gantt", str(run), "--iterations", "4")
+    assert plotted.returncode == 0, plotted.stderr
+    assert all((run / f"gantt.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    missing = _cli("plot", "gantt", str(tmp_path))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'trace.json'} not found; record the run with --trace"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stage-devices", "cpu,cpu"], "--stage-devices is for the sequential engine"),
+    (["--method", "dp", "-K", "3", "--batch-size", "32"], "--batch-size 32 must be a multiple of 3"),
+    (["--engine", "pipeline"], "Invalid value for '--engine'"),
+])
+def test_distributed_option_errors_are_one_line(args, message, tmp_path):
+    result = _cli("run", "--model", "tiny_resnet", "--dataset", "synthetic", "--engine", "distributed",
+                  "--out", str(tmp_path), *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_simulate_benchmark_predicts_every_method_and_says_which_k_cannot_be(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the block profile is saved under results/profiles here
+    result = _cli("bench", "simulate", "--model", "tiny_resnet", "--splits", "2,8", "--methods", "bp,fdg,dgl,dp",
+                  "--batch-size", "16")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["2"]]
+    assert [r[1] for r in rows] == ["bp", "fdg", "dgl", "dp"]
+    speedup = {r[1]: float(r[3].rstrip("x")) for r in rows}
+    assert speedup["bp"] <= 1.0 < speedup["fdg"] <= 2.0  # K=2 cannot beat 2x
+    assert "tiny_resnet has 5 blocks, so K=8 is not possible" in result.stdout
+    assert (tmp_path / "results/profiles/tiny_resnet-b16-cpu-t1.json").is_file()

@@ -1,0 +1,80 @@
+"""The timeline simulator against timelines worked out by hand, and the
+Gantt chart drawn from its spans."""
+import pytest
+
+from fdgbench.engines.simulate import Link, StageCosts, simulate, simulate_data_parallel, stage_costs
+from fdgbench.method import make_method
+from fdgbench.report.gantt import draw_gantt
+
+FREE = Link(latency_s=0.0, bandwidth_Bps=float("inf"))
+EVEN = [StageCosts(forward=1.0, backward=2.0, update=0.5, output_bytes=1e6)] * 2
+
+
+def test_bp_runs_its_stages_one_after_another():
+    # F0, F1, B1, B0 in series, then both stages update: 1 + 1 + 2 + 2 + 0.5.
+    pred = simulate(make_method("bp"), EVEN, FREE)
+    assert pred.iteration_s == pytest.approx(6.5)
+    assert pred.utilisation == pytest.approx([3.5 / 6.5] * 2)
+
+
+def test_fdg_keeps_every_balanced_stage_busy():
+    # Each stage does B, U, F of different batches each iteration and never waits.
+    pred = simulate(make_method("fdg"), EVEN, FREE)
+    assert pred.iteration_s == pytest.approx(3.5)
+    assert pred.utilisation == pytest.approx([1.0, 1.0])
+
+
+def test_fdg_is_paced_by_its_slowest_stage():
+    stages = [StageCosts(1.0, 2.0, 0.5, 1e6), StageCosts(2.0, 4.0, 0.5, 0.0)]
+    pred = simulate(make_method("fdg"), stages, FREE)
+    assert pred.iteration_s == pytest.approx(6.5)
+    assert pred.utilisation == pytest.approx([3.5 / 6.5, 1.0])
+
+
+def test_transfer_time_delays_locked_messages_and_pipelined_ones_only_past_their_slack():
+    link = Link(latency_s=0.1, bandwidth_Bps=1e7)  # 1 MB takes 0.1 + 0.1 s
+    # BP waits for both messages every iteration: 6.5 + 2 x 0.2.
+    assert simulate(make_method("bp"), EVEN, link).iteration_s == pytest.approx(6.9)
+    # FDG's messages have an iteration to arrive: within the cycle F0 -> (A) -> F1 B1 -> (G) -> B0 U0 F0,
+    # two iterations long (7 s), the work is 6.5 s, so 2 x 0.2 s of transfer hides.
+    assert simulate(make_method("fdg"), EVEN, link).iteration_s == pytest.approx(3.5)
+    # Past the slack the cycle sets the pace: (6.5 + 2 x 5) / 2 iterations.
+    slow = Link(latency_s=5.0, bandwidth_Bps=float("inf"))
+    assert simulate(make_method("fdg"), EVEN, slow).iteration_s == pytest.approx(8.25)
+
+
+def test_dgl_runs_at_the_slowest_stages_pace_in_both_variants():
+    # No gradient crosses a boundary, so even sync DGL's stage 0 never waits
+    # for stage 1 (sends do not block): only the start differs.
+    stages = [StageCosts(forward=1.0, backward=0.0, update=0.5, local=2.0, output_bytes=1e6),
+              StageCosts(forward=1.0, backward=2.0, update=0.5)]
+    for variant in ("sync", "pipelined"):
+        pred = simulate(make_method("dgl", variant=variant), stages, FREE)
+        assert pred.iteration_s == pytest.approx(3.5), variant
+        assert pred.utilisation == pytest.approx([1.0, 1.0]), variant
+
+
+def test_data_parallel_splits_compute_and_pays_the_all_reduce():
+    whole = StageCosts(forward=2.0, backward=4.0, update=1.0)
+    assert simulate_data_parallel(whole, 1, 8e9, FREE).iteration_s == pytest.approx(7.0)
+    link = Link(latency_s=0.0, bandwidth_Bps=1e9)
+    # (2 + 4) / 2 compute, ring all-reduce 2 (K-1)/K x 8 GB / 1 GB/s = 8 s, update 1.
+    assert simulate_data_parallel(whole, 2, 8e9, link).iteration_s == pytest.approx(12.0)
+
+
+def test_stage_costs_sum_a_profile_over_a_partition():
+    blocks = [{"forward_s": 1, "backward_s": 2, "update_s": 0.1, "output_bytes": b} for b in (10, 20, 30)]
+    a, b = stage_costs(blocks, [range(0, 2), range(2, 3)])
+    assert (a.forward, a.backward, a.update, a.output_bytes) == pytest.approx((2, 4, 0.2, 20))
+    assert (b.forward, b.output_bytes) == (1, 30)
+
+
+def test_simulated_timeline_follows_the_schedule_and_draws(tmp_path):
+    pred = simulate(make_method("fdg"), EVEN * 2, FREE, iterations=12)  # K = 4
+    forwards = [(s.stage, s.iteration, s.name) for s in pred.spans if s.category == "forward"]
+    assert (3, 5, "F2") in forwards and (0, 5, "F5") in forwards  # stage k forwards batch t - k
+    for stage in range(4):  # a stage's actions never overlap
+        mine = sorted((s.start, s.start + s.duration) for s in pred.spans if s.stage == stage)
+        assert all(end <= nxt + 1e-12 for (_, end), (nxt, _) in zip(mine, mine[1:]))
+    paths = draw_gantt(pred.spans, tmp_path / "sim", "simulated fdg K=4", count=4)
+    assert all(p.stat().st_size > 1000 for p in paths)
