@@ -248,7 +248,7 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     and BP with ``all_threads`` threads, in one invocation; beside each, the
     simulator's prediction from this machine's block profile and link."""
     from .engines.launch import spawn_ranks
-    from .engines.simulate import Link, simulate, simulate_data_parallel, stage_costs
+    from .engines.simulate import Link, has_auxiliary_nets, simulate, simulate_data_parallel, stage_costs
     from .method import make_method
     from .partition import Partition
 
@@ -291,14 +291,20 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     click.echo(f"{'method':<6} {'K':>2} {'workers x threads':>17} {'ms/iter':>8} {'img/s':>7} "
                f"{'vs BP 1x' + str(threads_per_stage):>9} {'vs BP 1x' + str(all_threads):>9} "
                f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8}  partition")
+    starred = False
     for name, k, workers, per_iter, pred, balance, part in rows:
-        pred_text = f"{1000 * pred:7.0f} {pred / per_iter:8.2f}" if pred else f"{'-':>7} {'-':>8}"
+        star = k > 1 and has_auxiliary_nets(make_method(name), k)
+        starred |= star
+        pred_text = (f"{1000 * pred:6.0f}{'*' if star else ' '} {pred / per_iter:8.2f}" if pred
+                     else f"{'-':>7} {'-':>8}")
         bal = f"{balance:7.2f}" if balance else f"{'-':>7}"
         click.echo(f"{name:<6} {k:>2} {workers:>17} {1000 * per_iter:8.0f} {batch_size / per_iter:7.0f} "
                    f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text}  {part}")
     click.echo("balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
                f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}) and "
                f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)")
+    if starred:
+        click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
 
 
 def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
@@ -306,7 +312,7 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                    gantt: Path | None) -> None:
     """Predicted speedups over BP on one worker, per method and K, with stages
     balanced by the profile's measured block times."""
-    from .engines.simulate import Link, simulate, simulate_data_parallel, stage_costs
+    from .engines.simulate import Link, has_auxiliary_nets, simulate, simulate_data_parallel, stage_costs
     from .method import make_method
     from .partition import Partition, balance, balanced_starts
     from .report.gantt import draw_gantt
@@ -324,7 +330,7 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                f"{link.latency_s * 1e6:.0f} us + {link.bandwidth_Bps / 1e9:.2f} GB/s"
                f"{'' if bandwidth_gbps is None and latency_us is None else ' (given)'}")
     click.echo(f"{'K':>3} {'method':<6} {'ms/iter':>8} {'speedup':>8} {'util min/mean':>14} {'balance':>8}")
-    drawn = False
+    drawn = starred = False
     for k in splits:
         if k > len(blocks):
             click.echo(f"{k:>3} {model} has {len(blocks)} blocks, so K={k} is not possible (no row)")
@@ -340,7 +346,9 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                 pred = simulate(method, stages, link)
                 bal = f"{balance(costs, partition):8.2f}"
             util = f"{min(pred.utilisation):.2f}/{statistics.mean(pred.utilisation):.2f}"
-            click.echo(f"{k:>3} {name:<6} {1000 * pred.iteration_s:8.0f} {bp_one / pred.iteration_s:7.2f}x "
+            star = "*" if has_auxiliary_nets(method, k) else " "
+            starred |= star == "*"
+            click.echo(f"{k:>3} {name:<6} {1000 * pred.iteration_s:8.0f} {bp_one / pred.iteration_s:7.2f}x{star}"
                        f"{util:>14} {bal:>8}")
             if gantt is not None and not drawn and name == "fdg":
                 paths = draw_gantt(pred.spans, gantt, f"simulated: fdg {model} K={k}, batch {batch_size}, "
@@ -350,3 +358,5 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
     click.echo("speedup = BP on one worker (sum of all blocks) / predicted time per iteration; util = busy "
                "fraction of each worker in steady state; dp's all-reduce is not overlapped with its backward "
                "(a pessimistic model)")
+    if starred:
+        click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")

@@ -84,6 +84,11 @@ class Method:
     def schedule(self, num_stages: int, t: int) -> IterationPlan:
         raise NotImplementedError
 
+    def replays_forward(self) -> bool:
+        """Whether a delayed backward first recomputes the stage's forward
+        (the timeline simulator charges it); true for --staleness replay."""
+        return getattr(self, "staleness", None) == "replay"
+
     def make_worker(self, ctx: StageContext) -> StageWorker:
         raise NotImplementedError
 

@@ -28,6 +28,9 @@ class FR(Method):
 
     schedule = DDG.schedule
 
+    def replays_forward(self):
+        return True
+
     def make_worker(self, ctx):
         return StageWorker(ctx, staleness="replay", delayed=not ctx.is_last,
                            lr_scale=self.first_stage_lr_scale if ctx.is_first else 1.0)

@@ -54,6 +54,14 @@ def test_dgl_runs_at_the_slowest_stages_pace_in_both_variants():
         assert pred.utilisation == pytest.approx([1.0, 1.0]), variant
 
 
+def test_a_replayed_forward_is_charged_to_the_delayed_stages():
+    # DDG: stage 0 runs F, B, U (3.5 s) and never waits. FR recomputes stage
+    # 0's forward before its delayed backward (4.5 s); the last stage does not replay.
+    assert simulate(make_method("ddg"), EVEN, FREE).iteration_s == pytest.approx(3.5)
+    assert simulate(make_method("fr"), EVEN, FREE).iteration_s == pytest.approx(4.5)
+    assert simulate(make_method("fdg", staleness="replay"), EVEN, FREE).iteration_s == pytest.approx(4.5)
+
+
 def test_data_parallel_splits_compute_and_pays_the_all_reduce():
     whole = StageCosts(forward=2.0, backward=4.0, update=1.0)
     assert simulate_data_parallel(whole, 1, 8e9, FREE).iteration_s == pytest.approx(7.0)

@@ -9,6 +9,11 @@ message arrives ``latency + bytes / bandwidth`` later; a receive waits until
 the message has arrived. Costs come from a profile (``profile_blocks``):
 every block's forward, backward and update time measured in one process with
 the stages' thread count, so any partition's stage costs are sums of blocks.
+A local backward (DGL's auxiliary loss, DNI's synthetic gradient) is charged
+the stage's backward; the auxiliary nets themselves are not in the profile,
+so those methods' predictions are low. A method that replays its forward
+before a delayed backward (FR, --staleness replay) is charged that forward
+again.
 
 A data-parallel method is modelled as K replicas each running the whole
 model on B/K images (compute scaled by 1/K) followed by a ring all-reduce of
@@ -17,7 +22,7 @@ the gradients, 2 (K-1)/K times their bytes over the link.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from ..method import Method
@@ -57,6 +62,9 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
     """Run ``iterations`` iterations of ``method``'s schedule on K = len(stages)
     workers; the steady state is measured over the second half."""
     k_stages = len(stages)
+    if method.replays_forward():  # every delayed stage (all but the last) recomputes its forward
+        stages = [replace(c, backward=c.backward + c.forward) if k < k_stages - 1 else c
+                  for k, c in enumerate(stages)]
     clock = [0.0] * k_stages
     arrival: dict[tuple, float] = {}
     spans: list[Span] = []
@@ -90,6 +98,13 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
     return Prediction(per_iteration, utilisation, spans)
 
 
+def has_auxiliary_nets(method: Method, num_stages: int) -> bool:
+    """Whether the method's stages learn from local signals, whose nets the
+    block profile does not cost (its predictions are then low)."""
+    return any(a.op is Op.LOCAL for t in range(2 * num_stages) for stage in method.schedule(num_stages, t)
+               for a in stage)
+
+
 def simulate_data_parallel(whole: StageCosts, replicas: int, parameter_bytes: float, link: Link) -> Prediction:
     """K replicas of the whole model on B/K images each, then a ring all-reduce."""
     compute = (whole.forward + whole.backward) / replicas
@@ -104,8 +119,10 @@ def stage_costs(blocks: Sequence[dict], ranges: Sequence[range]) -> list[StageCo
     out = []
     for r in ranges:
         part = [blocks[i] for i in r]
-        out.append(StageCosts(forward=sum(b["forward_s"] for b in part), backward=sum(b["backward_s"] for b in part),
-                              update=sum(b["update_s"] for b in part), output_bytes=part[-1]["output_bytes"]))
+        backward = sum(b["backward_s"] for b in part)
+        out.append(StageCosts(forward=sum(b["forward_s"] for b in part), backward=backward,
+                              update=sum(b["update_s"] for b in part), local=backward,
+                              output_bytes=part[-1]["output_bytes"]))
     return out
 
 
