@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench-data bench-step clean
+.PHONY: setup demo test test-slow bench-data bench-step bench-speedup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-data: $(STAMP)
 
 bench-step: $(STAMP)
 	$(BIN)/fdgbench bench step --threads 1
+
+bench-speedup: $(STAMP)
+	$(BIN)/fdgbench bench speedup --model resnet56 --splits 2 --methods bp,fdg,ddg,fr,dgl,dp
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -250,7 +250,7 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     from .engines.launch import spawn_ranks
     from .engines.simulate import Link, has_auxiliary_nets, simulate, simulate_data_parallel, stage_costs
     from .method import make_method
-    from .partition import Partition
+    from .partition import ALIASES, Partition, balanced_starts
 
     parse_device(device)
     train_size = batch_size * 8
@@ -275,10 +275,17 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     bp_all = _timed_sequential(RunConfig(method="bp", splits=1, threads=all_threads, **base), train_size, warm,
                                iterations) / iterations
     rows.append(("bp", 1, f"1 x {all_threads}", bp_all, None, None, "-"))
+    costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
     for k in splits:
+        # "balanced": cut where the block profile (the real batch, threads and engine) balances the
+        # stages; `run --partition balanced` times blocks in isolation instead, a rougher guide.
+        split_at = None
+        if ALIASES.get(partition, partition) == "time" and k <= len(blocks):
+            split_at = tuple(str(i) for i in balanced_starts(costs, k)[1:])
         for name in methods:
-            cfg = RunConfig(method=name, splits=k, partition=partition, threads=threads_per_stage,
-                            engine="distributed", **base)
+            whole = make_method(name).data_parallel  # replicas: nothing to cut
+            cfg = RunConfig(method=name, splits=k, partition=partition, split_at=None if whole else split_at,
+                            threads=threads_per_stage, engine="distributed", **base)
             check_config(cfg)
             results = spawn_ranks(k, torch.device(device), _timed_rank, (cfg, train_size, 2 * k + warm, iterations))
             per_iter = max(r["elapsed"] for r in results) / iterations
@@ -300,7 +307,8 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
         bal = f"{balance:7.2f}" if balance else f"{'-':>7}"
         click.echo(f"{name:<6} {k:>2} {workers:>17} {1000 * per_iter:8.0f} {batch_size / per_iter:7.0f} "
                    f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text}  {part}")
-    click.echo("balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
+    click.echo(f"partition {partition}{' (cut by the block profile)' if ALIASES.get(partition) == 'time' else ''}; "
+               "balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
                f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}) and "
                f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)")
     if starred:

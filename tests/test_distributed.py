@@ -181,3 +181,18 @@ def test_simulate_benchmark_predicts_every_method_and_says_which_k_cannot_be(tmp
     assert speedup["bp"] <= 1.0 < speedup["fdg"] <= 2.0  # K=2 cannot beat 2x
     assert "tiny_resnet has 5 blocks, so K=8 is not possible" in result.stdout
     assert (tmp_path / "results/profiles/tiny_resnet-b16-cpu-t1.json").is_file()
+
+
+def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _cli("bench", "speedup", "--model", "tiny_resnet", "--methods", "fdg,dp", "--batch-size", "32",
+                  "--iterations", "3", "--all-threads", "2")
+    assert result.returncode == 0, result.stderr
+    rows = {(r[0], r[1], r[2] + r[3] + r[4]): r for r in (line.split() for line in result.stdout.splitlines())
+            if r[:1] in (["bp"], ["fdg"], ["dp"])}
+    assert set(rows) == {("bp", "1", "1x1"), ("bp", "1", "1x2"), ("fdg", "2", "2x1"), ("dp", "2", "2x1")}
+    assert rows[("bp", "1", "1x1")][7] == "1.00x"  # the reference row
+    fdg = rows[("fdg", "2", "2x1")]
+    assert float(fdg[7].rstrip("x")) > 0 and float(fdg[9]) >= 1.0  # a ratio, and balance = slowest / mean
+    assert float(fdg[11]) > 0  # simulated / measured
+    assert "partition balanced (cut by the block profile)" in result.stdout

@@ -39,16 +39,18 @@ def draw_gantt(spans: Sequence[Span], out: str | Path, title: str, first: int | 
     lo, hi = window(spans, first, count, steps_per_epoch)
     shown = [s for s in spans if lo <= s.iteration < hi]
     origin = min(s.start for s in shown)
+    span = max(s.start + s.duration for s in shown) - origin
+    scale, unit = (1.0, "seconds") if span > 10 else (1000.0, "milliseconds")
     stages = sorted({s.stage for s in spans})
     fig, ax = plt.subplots(figsize=(12, 1.0 + 0.7 * len(stages)))
     for s in shown:
         y = len(stages) - 1 - stages.index(s.stage)
-        left, width = 1000 * (s.start - origin), 1000 * s.duration
+        left, width = scale * (s.start - origin), scale * s.duration
         ax.barh(y, width, left=left, height=0.6, color=COLOURS[s.category], edgecolor="white", linewidth=0.3)
         if s.category in ("forward", "backward", "local") and width > 0:
             ax.text(left + width / 2, y, s.name, ha="center", va="center", fontsize=6, color="white", clip_on=True)
     ax.set_yticks(range(len(stages)), [f"stage {k}" for k in reversed(stages)])
-    ax.set_xlabel(f"milliseconds (iterations {lo} to {hi - 1})")
+    ax.set_xlabel(f"{unit} (iterations {lo} to {hi - 1})")
     ax.set_title(title, fontsize=10)
     used = [c for c in COLOURS if any(s.category == c for s in shown)]
     ax.grid(axis="x", alpha=0.3)
