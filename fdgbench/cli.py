@@ -15,6 +15,7 @@ from .partition import STRATEGIES
 from .engines.launch import init_process_group, spawn_ranks, under_torchrun
 from .engines.trace import Tracer
 from .runs import RunDirectory
+from .tracking import WandbTracker
 from .train import ENGINES, RunConfig, Trainer, check_config, parse_device, train_rank
 
 DEFAULT_DATA_DIR = "data"
@@ -61,6 +62,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--trace", is_flag=True, help="record every action's start and end per stage into trace.json "
                      "(Chrome/Perfetto format; `fdgbench plot gantt RUN_DIR` draws it)"),
         click.option("--out", default=DEFAULT_RESULTS, show_default=True, help="results root directory"),
+        click.option("--wandb", "use_wandb", is_flag=True,
+                     help="also log config and per-epoch metrics to Weights & Biases (honours WANDB_MODE)"),
+        click.option("--wandb-project", default="fdgbench", show_default=True),
         click.option("--force", is_flag=True, help="rerun even if the run directory is done"),
         click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
     ]
@@ -112,11 +116,17 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
         datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
     if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
         summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
-                                (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"]))
+                                (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
+                                 _wandb_project(kw)))
         return summaries[0], run.path, False
+    tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
     trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None)
     click.echo(trainer.describe(), err=True)
-    return trainer.fit(run, progress=kw["progress"]), run.path, False
+    return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
+
+
+def _wandb_project(kw: dict[str, Any]) -> str | None:
+    return (kw.get("wandb_project") or "fdgbench") if kw.get("use_wandb") else None
 
 
 def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
@@ -138,7 +148,7 @@ def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, b
         if decision[0]:
             return run.read_json("summary.json"), run.path, True
         summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
-                             local_rank=int(os.environ["LOCAL_RANK"]))
+                             local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw))
         return summary, run.path, False
     finally:
         dist.destroy_process_group()
@@ -400,6 +410,178 @@ def bench_simulate(model: str, splits: str, methods: str, batch_size: int, devic
     parse_device(device)
     run_bench(model, _positive_ints(splits, "--splits"), _method_names(methods), batch_size, device, threads,
               bandwidth, latency_us, reprofile, gantt)
+
+
+class _DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to
+    its ``run`` subcommand (``fdgbench sweep table2`` = ``sweep run table2``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _sweep_options(f: Callable) -> Callable:
+    for option in reversed([
+        click.argument("table"),
+        click.option("--preset", default="full", show_default=True,
+                     help="full = the paper's protocol; quick / smoke cut models, epochs and data (see the spec)"),
+        click.option("--seeds", type=int, help="seeds per cell (default: the preset's)"),
+        click.option("--out", default=DEFAULT_RESULTS, show_default=True,
+                     help="results root; the sweep's runs go to OUT/<table>-<preset>"),
+    ]):
+        f = option(f)
+    return f
+
+
+def _sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str | None = None):
+    from .report.specs import load_spec
+
+    spec = load_spec(table)
+    p = spec.preset(preset)
+    dataset = spec.dataset
+    if data_dir is not None and p.get("fallback_dataset"):
+        try:
+            load_dataset(spec.dataset, data_dir)
+        except UserError as exc:  # e.g. no CIFAR-100 here: the preset allows labelled synthetic data
+            click.echo(f"note: {exc}; using {p['fallback_dataset']} as this preset allows", err=True)
+            dataset = p["fallback_dataset"]
+    return spec, spec.cells(preset, seeds, dataset), Path(out) / f"{spec.name}-{preset}"
+
+
+@cli.group(cls=_DefaultCommandGroup)
+def sweep() -> None:
+    """Run a paper table's sweep (`fdgbench sweep TABLE --preset P`), or see its status."""
+
+
+@sweep.command("run")
+@_sweep_options
+@click.option("--dry-run", is_flag=True, help="list the runs and whether each is done; train nothing")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--progress/--no-progress", default=None)
+@click.option("--wandb", "use_wandb", is_flag=True, help="also log every run to Weights & Biases")
+@click.option("--wandb-project", default="fdgbench", show_default=True)
+def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, data_dir: str, device: str,
+              progress: bool | None, use_wandb: bool, wandb_project: str) -> None:
+    """Train every run of TABLE's preset that is not done; a diverged run is
+    recorded and the sweep goes on."""
+    spec, cells, root = _sweep_cells(table, preset, seeds, out, None if dry_run else data_dir)
+    cells = [replace_config(c, device=device) for c in cells]
+    for c in cells:
+        check_config(c.config)
+    p = spec.preset(preset)
+    click.echo(f"{spec.title}, preset {preset}: {len(cells)} runs -> {root}"
+               + (f" ({p['description']})" if p.get("description") else ""))
+    if preset == "full" and not dry_run:
+        click.echo("the full preset is the paper's protocol (300 epochs per run); `fdgbench sweep status` "
+                   "estimates the remaining time once the first epochs are done", err=True)
+    kw = {"out": str(root), "force": False, "data_dir": data_dir, "progress": progress, "trace": False,
+          "use_wandb": use_wandb, "wandb_project": wandb_project}
+    datasets: dict[str, Any] = {}
+    counts = {"done before": 0, "finished": 0, "diverged": 0}
+    for i, cell in enumerate(cells, 1):
+        run = RunDirectory.for_config(root, cell.config.to_dict())
+        label = f"[{i}/{len(cells)}] {cell.row.id} / {cell.column.id} / seed {cell.seed}"
+        if run.is_done:
+            counts["done before"] += 1
+            click.echo(f"{label}: done ({run.read_json('summary.json')['status']})")
+            continue
+        if dry_run:
+            click.echo(f"{label}: {'incomplete' if run.path.exists() else 'missing'} -> {run.path.name}")
+            continue
+        click.echo(f"{label}: training", err=True)
+        try:
+            summary, _, _ = _run_one(cell.config, kw, datasets)
+            counts["finished"] += 1
+            click.echo(f"{label}: final test error {summary['final_test_error']:.2f}%")
+        except DivergedError as exc:
+            counts["diverged"] += 1
+            click.echo(f"{label}: diverged ({exc})")
+    if not dry_run:
+        click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; tables: fdgbench table {table} "
+                   f"--preset {preset}")
+
+
+def replace_config(cell, **changes):
+    from dataclasses import replace
+
+    return replace(cell, config=replace(cell.config, **changes))
+
+
+@sweep.command("status")
+@_sweep_options
+def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
+    """Done / running / incomplete / missing runs, and the estimated time left."""
+    import statistics
+    import time as time_
+
+    spec, cells, root = _sweep_cells(table, preset, seeds, out)
+    counts = {"done": 0, "running": 0, "incomplete": 0, "missing": 0}
+    seconds: dict[str, list[float]] = {}
+    remaining: list[tuple[str, int]] = []
+    for cell in cells:
+        run = RunDirectory.for_config(root, cell.config.to_dict())
+        history = run.metrics()
+        for h in history:
+            seconds.setdefault(cell.config.model, []).append(h["epoch_seconds"])
+        if run.is_done:
+            counts["done"] += 1
+            continue
+        planned = cell.config.epochs if not cell.config.max_steps else 1
+        remaining.append((cell.config.model, max(0, planned - len(history))))
+        if not run.path.exists():
+            counts["missing"] += 1
+        elif time_.time() - max(f.stat().st_mtime for f in run.path.iterdir()) < 600 if any(run.path.iterdir()) else False:
+            counts["running"] += 1
+        else:
+            counts["incomplete"] += 1
+    click.echo(f"{spec.title}, preset {preset}, {root}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+               + f" (of {len(cells)})")
+    unknown = sorted({m for m, e in remaining if e and m not in seconds})
+    left = sum(statistics.median(seconds[m]) * e for m, e in remaining if m in seconds)
+    if remaining:
+        text = f"estimated time left: {left / 3600:.1f} h of training (median epoch time per model so far)"
+        if unknown:
+            text += f"; no epoch finished yet for {', '.join(unknown)}, so they are not counted"
+        click.echo(text)
+
+
+@cli.command("table")
+@_sweep_options
+@click.option("--tables-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="where the tables go (default: results/ beside the spec, i.e. paper_tables/results)")
+def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: Path | None) -> None:
+    """Collect TABLE's run directories into Markdown, LaTeX and CSV beside the spec."""
+    from .report.tables import collect, render_csv, render_latex, render_markdown
+
+    spec, cells, root = _sweep_cells(table, preset, seeds, out)
+    results = collect(spec, cells, root)
+    datasets = sorted({s["dataset"] for r in results for s in r.finished})
+    num_classes = _num_classes(cells[0].config.dataset)
+    text = spec.preset(preset).get("description", "the paper's protocol")
+    from .report.specs import spec_path
+
+    target = tables_dir or spec_path(table).parent / "results"
+    outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, num_classes, datasets),
+               f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, num_classes, datasets),
+               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results)}
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, content in outputs.items():
+            (target / name).write_text(content)
+    except OSError as exc:
+        raise UserError(f"cannot write the tables under {target}: {exc.strerror or exc}") from None
+    filled = sum(bool(r.finished) for r in results)
+    click.echo(f"{spec.name} ({preset}): {filled} of {len(results)} cells have finished runs; "
+               + " ".join(str(target / n) for n in outputs))
+
+
+def _num_classes(dataset: str) -> int:
+    if dataset.startswith("synthetic:"):
+        return int(dataset.split(":")[1])
+    return 100 if dataset == "cifar100" else 10
 
 
 @cli.group()

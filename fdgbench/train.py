@@ -24,6 +24,7 @@ from .optim import SGDConfig
 from .partition import build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, environment
 from .stage import StageContext, summarize_totals
+from .tracking import WandbTracker
 
 # lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
 LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
@@ -238,12 +239,16 @@ class Trainer:
         role = "replicas" if self.method.data_parallel else "ranks, one per stage"
         return f"distributed engine ({dist.get_backend()}), {dist.get_world_size()} {role}, {threads} thread(s) each"
 
-    def fit(self, run: RunDirectory, progress: bool | None = None) -> dict[str, Any]:
+    def fit(self, run: RunDirectory, progress: bool | None = None, tracker: WandbTracker | None = None) -> dict[str, Any]:
         """Train to the end (or divergence), writing the run directory (rank 0
-        of a distributed run writes the records; every rank its stage's weights)."""
+        of a distributed run writes the records; every rank its stage's
+        weights) and, with a tracker, logging to it."""
         primary = self.engine.is_primary
+        tracker = tracker if primary else None
         if primary:
             run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
+        if tracker is not None:
+            tracker.start(run.path.name, run.path, self.cfg.to_dict())
         history: list[dict[str, Any]] = []
         status, message = "finished", None
         bar = _progress_bar(self.total_steps, progress) if primary else None
@@ -283,6 +288,8 @@ class Trainer:
                 history.append(record)
                 if primary:
                     run.append_metrics(record)
+                if tracker is not None:
+                    tracker.log(record)
         except DivergedError as exc:  # every rank raises it at the same check (the totals are shared)
             status, message = "diverged", str(exc)
         finally:
@@ -297,6 +304,8 @@ class Trainer:
         summary = self._summary(history, status, message, train_seconds)
         if primary:
             run.finish(summary)
+        if tracker is not None:
+            tracker.finish(summary)
         if status == "diverged":
             raise DivergedError(f"{message}; recorded in {run.path}")
         return summary
@@ -366,7 +375,7 @@ class Trainer:
 
 
 def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress: bool | None, trace: bool,
-               local_rank: int | None = None) -> dict[str, Any]:
+               local_rank: int | None = None, wandb_project: str | None = None) -> dict[str, Any]:
     """One rank of a distributed run (the process group is up): load the data
     (rank 0 first, so a decoding cache is written once), build this rank's
     stage and train it."""
@@ -380,7 +389,8 @@ def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress
     trainer = Trainer(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None)
     if rank == 0:
         print(trainer.describe(), file=sys.stderr, flush=True)
-    return trainer.fit(RunDirectory(run_path), progress)
+    tracker = WandbTracker(wandb_project) if wandb_project and rank == 0 else None
+    return trainer.fit(RunDirectory(run_path), progress, tracker)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,110 @@
+"""Paper table specs (``paper_tables/<table>.toml``): rows (model, K, the
+paper's numbers and best beta), columns (method and its options), presets
+(full = the paper's protocol; quick and smoke say what they cut), footnotes.
+``expand`` turns a spec and a preset into the runs that fill its cells."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..runs import PROJECT_ROOT
+from ..train import RunConfig
+
+SPEC_DIR = PROJECT_ROOT / "paper_tables"
+PRESETS = ("full", "quick", "smoke")
+RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads")
+
+
+@dataclass(frozen=True)
+class Column:
+    id: str
+    method: str
+    options: dict[str, Any]
+    paper: tuple[str, ...]  # published columns shown beside ours; ours is compared with the last
+    beta_from_row: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    model: str
+    splits: int
+    paper: dict[str, float]
+    best_beta: float | None = None
+    paper_params: str | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: Row
+    column: Column
+    seed: int
+    config: RunConfig
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    dataset: str
+    source: str
+    columns: list[Column]
+    rows: list[Row]
+    presets: dict[str, dict[str, Any]]
+    footnotes: list[str] = field(default_factory=list)
+
+    def preset(self, name: str) -> dict[str, Any]:
+        if name not in self.presets:
+            raise UserError(f"{self.name} has no preset '{name}'; known: {', '.join(self.presets)}")
+        return self.presets[name]
+
+    def cells(self, preset: str, seeds: int | None = None, dataset: str | None = None) -> list[Cell]:
+        """The runs of ``preset`` (rows and columns it keeps, its budget),
+        with ``seeds`` seeds (default: the preset's) and ``dataset`` (default:
+        the spec's)."""
+        p = self.preset(preset)
+        rows = [r for r in self.rows if r.id in p.get("rows", [r.id for r in self.rows])]
+        columns = [c for c in self.columns if c.id in p.get("columns", [c.id for c in self.columns])]
+        n = seeds if seeds is not None else p.get("seeds", 1)
+        if n < 1:
+            raise UserError(f"--seeds must be at least 1, got {n}")
+        budget = {k: p[k] for k in RUN_FIELDS if k in p}
+        out = []
+        for row in rows:
+            for column in columns:
+                options = dict(column.options)
+                if column.beta_from_row:
+                    options["beta"] = row.best_beta
+                for seed in range(n):
+                    cfg = RunConfig(method=column.method, method_options=options, model=row.model,
+                                    splits=row.splits, dataset=dataset or self.dataset, seed=seed, **budget)
+                    out.append(Cell(row, column, seed, cfg))
+        return out
+
+
+def spec_path(name: str) -> Path:
+    """A table name (table2) or a path to a spec file."""
+    path = Path(name)
+    if path.suffix == ".toml":
+        return path
+    return SPEC_DIR / f"{name}.toml"
+
+
+def load_spec(name: str) -> TableSpec:
+    path = spec_path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.toml")))
+        raise UserError(f"no table spec '{name}' ({path} not found); known: {known}")
+    try:
+        data = tomllib.loads(path.read_text())
+        columns = [Column(c["id"], c["method"], dict(c.get("options", {})), tuple(c.get("paper", ())),
+                          bool(c.get("beta_from_row", False))) for c in data["columns"]]
+        rows = [Row(r["id"], r["model"], int(r["splits"]), {k: float(v) for k, v in r.get("paper", {}).items()},
+                    r.get("best_beta"), r.get("paper_params")) for r in data["rows"]]
+        return TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows,
+                         dict(data.get("presets", {})), list(data.get("footnotes", [])))
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path} is not a valid table spec: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,156 @@
+"""Paper tables from run directories only: each cell is the median over the
+seeds that finished (n shown) of the final-epoch test error (and, in a second
+table, the best epoch's), beside the paper's number and the difference.
+Missing and diverged cells are marked, never dropped. Markdown, LaTeX
+(booktabs) and CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import build_model, count_parameters
+from ..runs import RunDirectory
+from .specs import Cell, Column, Row, TableSpec
+
+STATISTICS = {"final": ("final_test_error", "final-epoch"), "best": ("best_test_error", "best-epoch")}
+
+
+@dataclass
+class CellResult:
+    row: Row
+    column: Column
+    expected: int  # runs the preset asks for (seeds)
+    finished: list[dict[str, Any]]  # summaries of finished runs
+    diverged: int
+
+    def median(self, key: str) -> float | None:
+        values = [s[key] for s in self.finished if s.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def paper_column(self) -> str | None:
+        return self.column.paper[-1] if self.column.paper else None
+
+    @property
+    def paper(self) -> float | None:
+        return self.row.paper.get(self.paper_column) if self.paper_column else None
+
+
+def collect(spec: TableSpec, cells: list[Cell], root: Path) -> list[CellResult]:
+    grouped: dict[tuple[str, str], CellResult] = {}
+    for cell in cells:
+        result = grouped.setdefault((cell.row.id, cell.column.id), CellResult(cell.row, cell.column, 0, [], 0))
+        result.expected += 1
+        run = RunDirectory.for_config(root, cell.config.to_dict())
+        if not run.is_done:
+            continue
+        summary = run.read_json("summary.json")
+        if summary["status"] == "finished":
+            result.finished.append(summary)
+        else:
+            result.diverged += 1
+    return list(grouped.values())
+
+
+def _params(model: str, num_classes: int) -> str:
+    with torch.device("meta"):
+        return f"{count_parameters(build_model(model, num_classes)) / 1e6:.2f}M"
+
+
+def _cell_text(r: CellResult, key: str) -> str:
+    ours = r.median(key)
+    paper = "-" if r.paper is None else f"{r.paper:.2f}"
+    if ours is None:
+        state = f"diverged ({r.diverged}/{r.expected})" if r.diverged else "missing"
+        return f"{state} / {paper}"
+    n = f"n={len(r.finished)}" + (f", {r.diverged} diverged" if r.diverged else "")
+    diff = "-" if r.paper is None else f"{ours - r.paper:+.2f}"
+    return f"{ours:.2f} ({n}) / {paper} / {diff}"
+
+
+def _grid(spec: TableSpec, results: list[CellResult], key: str, num_classes: int) -> tuple[list[str], list[list[str]]]:
+    rows = list(dict.fromkeys(r.row.id for r in results))
+    columns = list(dict.fromkeys(r.column.id for r in results))
+    by = {(r.row.id, r.column.id): r for r in results}
+    def title(column: str) -> str:
+        paper = by[(rows[0], column)].paper_column
+        return column if paper in (None, column) else f"{column} (vs {paper})"
+
+    header = ["row", "K", "params (paper)"] + [title(c) for c in columns]
+    lines = []
+    for row_id in rows:
+        row = by[(row_id, columns[0])].row
+        params = f"{_params(row.model, num_classes)} ({row.paper_params or '-'})"
+        lines.append([row.id, str(row.splits), params] + [_cell_text(by[(row_id, c)], key) for c in columns])
+    return header, lines
+
+
+def _caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets: list[str]) -> str:
+    data = "; ".join(datasets) if datasets else "no finished runs yet"
+    return (f"{spec.title}, preset {preset} ({preset_text}). Each cell: ours = median over n seeds of the "
+            f"{STATISTICS[stat][1]} test error / the paper's number (the column named in the header) / "
+            f"ours - paper. Data: {data}.")
+
+
+def render_markdown(spec: TableSpec, preset: str, preset_text: str, results: list[CellResult], num_classes: int,
+                    datasets: list[str]) -> str:
+    out = [f"# {spec.title}: preset {preset}", ""]
+    for stat, (key, _) in STATISTICS.items():
+        header, lines = _grid(spec, results, key, num_classes)
+        out += [_caption(spec, preset, preset_text, stat, datasets), "",
+                "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        out.append("")
+    out += ["Notes:", ""] + [f"{i}. {note}" for i, note in enumerate(spec.footnotes, 1)]
+    out += ["", f"Source of the paper's numbers: {spec.source}.", ""]
+    return "\n".join(out)
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        text = text.replace(a, b)
+    return text
+
+
+def render_latex(spec: TableSpec, preset: str, preset_text: str, results: list[CellResult], num_classes: int,
+                 datasets: list[str]) -> str:
+    out = [f"% {spec.title}, preset {preset}: generated by `fdgbench table {spec.name}`; do not edit"]
+    for stat, (key, _) in STATISTICS.items():
+        header, lines = _grid(spec, results, key, num_classes)
+        out += [r"\begin{table}[t]", r"\centering", r"\small",
+                r"\caption{" + _tex(_caption(spec, preset, preset_text, stat, datasets)) + "}",
+                r"\begin{tabular}{" + "l" * 3 + "c" * (len(header) - 3) + "}", r"\toprule",
+                " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+        out += [" & ".join(_tex(c) for c in line) + r" \\" for line in lines]
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def render_csv(spec: TableSpec, preset: str, results: list[CellResult]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["table", "preset", "row", "column", "model", "splits", "method", "options", "runs_expected",
+                     "runs_finished", "runs_diverged", "final_error_median", "best_error_median", "paper_column",
+                     "paper_error", "final_minus_paper", "best_minus_paper", "dataset"])
+    for r in results:
+        final, best = r.median("final_test_error"), r.median("best_test_error")
+        options = ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items()))
+        if r.column.beta_from_row:
+            options = ";".join(filter(None, [options, f"beta={r.row.best_beta}"]))
+
+        def fmt(x: float | None) -> str:
+            return "" if x is None else f"{x:.4f}"
+
+        writer.writerow([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
+                         options, r.expected, len(r.finished), r.diverged, fmt(final), fmt(best),
+                         r.paper_column or "", fmt(r.paper),
+                         fmt(None if final is None or r.paper is None else final - r.paper),
+                         fmt(None if best is None or r.paper is None else best - r.paper),
+                         "|".join(sorted({s["dataset"] for s in r.finished}))])
+    return buf.getvalue()

@@ -1,0 +1,113 @@
+"""Paper table specs, sweeps and tables: the specs encode the paper, tables
+come from run directories only (golden files pin their format), and the
+smoke preset of Table 2 runs end to end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fdgbench.report.specs import load_spec
+from fdgbench.runs import RunDirectory
+
+from .conftest import needs_offline_cifar10
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fdgbench", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+
+
+def test_paper_specs_hold_the_published_numbers():
+    t2, t3, t4 = load_spec("table2"), load_spec("table3"), load_spec("table4")
+    r56 = next(r for r in t2.rows if r.model == "resnet56")
+    assert r56.paper["FDG b=1"] == 6.20 and r56.paper["FDG best"] == 5.90 and r56.best_beta == 0.5
+    # The README's "WRN-28-10, 19.4M" row is ResNet-1202 (REFERENCE.md note 2).
+    r1202 = next(r for r in t2.rows if r.model == "resnet1202")
+    assert r1202.paper["BP"] == 7.93 and "19.4M" in r1202.paper_params
+    assert [r.splits for r in t4.rows] == [2, 3, 4] and t4.rows[2].paper["DGL*"] == 9.65
+    assert t3.dataset == "cifar100" and next(r for r in t3.rows if r.model == "wrn28_10").paper["FDG best"] == 19.08
+    # Presets: full is the paper's protocol (300 epochs, 3 seeds) for every row and column.
+    full = t2.cells("full")
+    assert len(full) == 6 * 6 * 3 and {c.config.epochs for c in full} == {300}
+    fdg_best = [c for c in full if c.column.id == "FDG best b" and c.row.model == "resnet20"]
+    assert {c.config.method_options["beta"] for c in fdg_best} == {0.2}
+
+
+def _fake_runs(spec_path, root):
+    spec = load_spec(str(spec_path))
+    wanted = {(r["row"], r["column"], r["seed"]): r for r in json.loads((GOLDEN / "fake_runs.json").read_text())["runs"]}
+    for cell in spec.cells("smoke"):
+        fake = wanted.get((cell.row.id, cell.column.id, cell.seed))
+        if fake is None:
+            continue
+        run = RunDirectory.for_config(root, cell.config.to_dict())
+        run.start(cell.config.to_dict(), {"seed": cell.seed})
+        run.finish({"status": fake["status"], "final_test_error": fake["final"], "best_test_error": fake["best"],
+                    "dataset": "synthetic 10-class patterns (not real images)"})
+    # An unfinished run (no done file) counts as missing.
+    extra = next(c for c in spec.cells("smoke") if (c.row.id, c.column.id, c.seed) == ("Tiny K=3", "BP", 0))
+    RunDirectory.for_config(root, extra.config.to_dict()).start(extra.config.to_dict(), {})
+
+
+def test_tables_from_run_directories_match_the_golden_files(tmp_path):
+    spec = tmp_path / "golden.toml"
+    shutil.copy(GOLDEN / "golden.toml", spec)
+    _fake_runs(spec, tmp_path / "runs" / "golden-smoke")
+    result = _cli("table", str(spec), "--preset", "smoke", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert "3 of 6 cells have finished runs" in result.stdout
+    for ext in ("md", "tex", "csv"):
+        got = (tmp_path / "results" / f"golden-smoke.{ext}").read_text()
+        assert got == (GOLDEN / f"golden-smoke.{ext}").read_text(), ext
+
+
+@pytest.mark.parametrize("args,message", [
+    (["table", "table9"], "no table spec 'table9'"),
+    (["sweep", "table2", "--preset", "fast"], "table2 has no preset 'fast'; known: full, quick, smoke"),
+    (["sweep", "status", "table2", "--seeds", "0"], "--seeds must be at least 1"),
+])
+def test_table_and_sweep_errors_are_one_line(args, message):
+    result = _cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@needs_offline_cifar10()
+def test_table2_smoke_preset_end_to_end(tmp_path):
+    out, tables = tmp_path / "runs", tmp_path / "tables"
+    dry = _cli("sweep", "table2", "--preset", "smoke", "--dry-run", "--out", str(out))
+    assert dry.returncode == 0 and dry.stdout.count("missing ->") == 2, dry.stdout + dry.stderr
+    swept = _cli("sweep", "table2", "--preset", "smoke", "--out", str(out), "--no-progress")
+    assert swept.returncode == 0, swept.stderr
+    status = _cli("sweep", "status", "table2", "--preset", "smoke", "--out", str(out))
+    assert "2 done, 0 running, 0 incomplete, 0 missing (of 2)" in status.stdout
+    again = _cli("sweep", "table2", "--preset", "smoke", "--out", str(out))  # done runs are skipped
+    assert again.stdout.count(": done (finished)") == 2
+    made = _cli("table", "table2", "--preset", "smoke", "--out", str(out), "--tables-dir", str(tables))
+    assert made.returncode == 0, made.stderr
+    md = (tables / "table2-smoke.md").read_text()
+    assert "CIFAR-10, JPEG copy" in md and md.count("(n=1) / 7.78 / ") == 2  # BP vs the authors' rerun, twice
+    assert "missing" not in md
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_logging_writes_local_run_files_offline_and_nothing_when_disabled(mode, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fdgbench", "run", "--method", "bp", "--model", "tiny_resnet",
+                             "--dataset", "synthetic", "--epochs", "2", "--max-steps", "10", "--wandb", "--out",
+                             str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr
+    run = next(tmp_path.iterdir())
+    assert RunDirectory(run).is_done and len(RunDirectory(run).metrics()) == 1  # the run directory stays the record
+    logs = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    if mode == "disabled":
+        assert logs == []
+    else:  # the offline log holds the config and the per-epoch metrics
+        data = logs[0].read_bytes()
+        assert b"tiny_resnet" in data and b"test_error" in data and b"train_loss" in data
