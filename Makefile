@@ -33,11 +33,12 @@ bench-step: $(STAMP)
 bench-speedup: $(STAMP)
 	$(BIN)/fdgbench bench speedup --model resnet56 --splits 2 --methods bp,fdg,ddg,fr,dgl,dp
 
-## reproduce-table2 (and 3, 4): the table's sweep, then its tables; PRESET=full|quick|smoke (default full)
+## reproduce-table2 (and 3, 4): the table's sweep, its tables and its first row's curves; PRESET=full|quick|smoke (default full)
 PRESET ?= full
 reproduce-table2 reproduce-table3 reproduce-table4: $(STAMP)
 	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET)
 	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET)
+	$(BIN)/fdgbench plot curves $(@:reproduce-%=%) --preset $(PRESET)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

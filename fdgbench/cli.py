@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -468,15 +469,20 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     """Train every run of TABLE's preset that is not done; a diverged run is
     recorded and the sweep goes on."""
     spec, cells, root = _sweep_cells(table, preset, seeds, out, None if dry_run else data_dir)
-    cells = [replace_config(c, device=device) for c in cells]
+    cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
     for c in cells:
         check_config(c.config)
     p = spec.preset(preset)
     click.echo(f"{spec.title}, preset {preset}: {len(cells)} runs -> {root}"
                + (f" ({p['description']})" if p.get("description") else ""))
     if preset == "full" and not dry_run:
-        click.echo("the full preset is the paper's protocol (300 epochs per run); `fdgbench sweep status` "
-                   "estimates the remaining time once the first epochs are done", err=True)
+        from .bench import estimate_sweep_seconds
+
+        todo = [c.config for c in cells if not RunDirectory.for_config(root, c.config.to_dict()).is_done]
+        seconds = estimate_sweep_seconds(todo)
+        click.echo(f"estimated total: {seconds / 3600:.1f} h for {len(todo)} runs on this machine (3 timed BP "
+                   f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "
+                   f"`fdgbench sweep status` refines it as epochs finish")
     kw = {"out": str(root), "force": False, "data_dir": data_dir, "progress": progress, "trace": False,
           "use_wandb": use_wandb, "wandb_project": wandb_project}
     datasets: dict[str, Any] = {}
@@ -504,10 +510,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
                    f"--preset {preset}")
 
 
-def replace_config(cell, **changes):
-    from dataclasses import replace
-
-    return replace(cell, config=replace(cell.config, **changes))
+RUNNING_S = 3600  # a run whose directory changed this recently counts as running (epochs can take long)
 
 
 @sweep.command("status")
@@ -533,15 +536,16 @@ def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
         remaining.append((cell.config.model, max(0, planned - len(history))))
         if not run.path.exists():
             counts["missing"] += 1
-        elif time_.time() - max(f.stat().st_mtime for f in run.path.iterdir()) < 600 if any(run.path.iterdir()) else False:
-            counts["running"] += 1
-        else:
-            counts["incomplete"] += 1
+        else:  # running: written to in the last RUNNING_S seconds (an epoch's metrics, a trace, the start)
+            written = [f.stat().st_mtime for f in run.path.iterdir()]
+            counts["running" if written and time_.time() - max(written) < RUNNING_S else "incomplete"] += 1
     click.echo(f"{spec.title}, preset {preset}, {root}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
                + f" (of {len(cells)})")
     unknown = sorted({m for m, e in remaining if e and m not in seconds})
     left = sum(statistics.median(seconds[m]) * e for m, e in remaining if m in seconds)
-    if remaining:
+    if remaining and not seconds:
+        click.echo("estimated time left: unknown until a run finishes its first epoch")
+    elif remaining:
         text = f"estimated time left: {left / 3600:.1f} h of training (median epoch time per model so far)"
         if unknown:
             text += f"; no epoch finished yet for {', '.join(unknown)}, so they are not counted"
@@ -615,6 +619,33 @@ def plot_gantt(run_dir: Path, first: int | None, iterations: int, out: Path | No
         paths = draw_gantt(spans, out or run_dir / "gantt", title, first, iterations, meta.get("steps_per_epoch"))
     except ValueError as exc:
         raise UserError(f"{trace}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
+    click.echo(" ".join(map(str, paths)))
+
+
+@plot.command("curves")
+@_sweep_options
+@click.option("--row", help="the table row to draw (default: the preset's first)")
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="output path without suffix (default: paper_tables/results/<table>-<preset>-<row>)")
+def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str | None, plot_out: Path | None) -> None:
+    """Test error against epoch for every method of a table row."""
+    from .report.plots import plot_curves as draw
+    from .report.specs import spec_path
+
+    spec, cells, root = _sweep_cells(table, preset, seeds, out)
+    rows = list(dict.fromkeys(c.row.id for c in cells))
+    row = row or rows[0]
+    if row not in rows:
+        raise UserError(f"{table} preset {preset} has no row '{row}'; rows: {', '.join(rows)}")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in row).strip("-").lower()
+    target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{slug}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths = draw(spec, cells, root, row, target, preset)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
     click.echo(" ".join(map(str, paths)))

@@ -94,6 +94,10 @@ def test_table2_smoke_preset_end_to_end(tmp_path):
     md = (tables / "table2-smoke.md").read_text()
     assert "CIFAR-10, JPEG copy" in md and md.count("(n=1) / 7.78 / ") == 2  # BP vs the authors' rerun, twice
     assert "missing" not in md
+    plotted = _cli("plot", "curves", "table2", "--preset", "smoke", "--out", str(out), "--plot-out",
+                   str(tmp_path / "curves"))
+    assert plotted.returncode == 0, plotted.stderr
+    assert all((tmp_path / f"curves.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
@@ -111,3 +115,18 @@ def test_wandb_logging_writes_local_run_files_offline_and_nothing_when_disabled(
     else:  # the offline log holds the config and the per-epoch metrics
         data = logs[0].read_bytes()
         assert b"tiny_resnet" in data and b"test_error" in data and b"train_loss" in data
+
+
+def test_full_preset_prints_its_estimate_first_and_a_sweep_skips_done_runs(tmp_path):
+    spec = tmp_path / "golden.toml"
+    shutil.copy(GOLDEN / "golden.toml", spec)
+    out = tmp_path / "runs"
+    first = _cli("sweep", str(spec), "--preset", "full", "--out", str(out), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[1].startswith("estimated total: ") and "for 6 runs on this machine" in lines[1]
+    assert first.stdout.count(": final test error") == 6
+    status = _cli("sweep", "status", str(spec), "--preset", "full", "--out", str(out))
+    assert "6 done, 0 running, 0 incomplete, 0 missing (of 6)" in status.stdout
+    again = _cli("sweep", str(spec), "--preset", "full", "--out", str(out))
+    assert again.stdout.count(": done (finished)") == 6 and "estimated total: 0.0 h for 0 runs" in again.stdout
