@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench-data bench-step bench-speedup clean reproduce-table2 reproduce-table3 reproduce-table4
+.PHONY: setup demo test test-slow bench-data bench-step bench-speedup clean reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table6
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ reproduce-table2 reproduce-table3 reproduce-table4: $(STAMP)
 	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET)
 	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET)
 	$(BIN)/fdgbench plot curves $(@:reproduce-%=%) --preset $(PRESET)
+
+## reproduce-table6: the time table (seconds per epoch, one worker per stage)
+reproduce-table6: $(STAMP)
+	$(BIN)/fdgbench sweep table6 --preset $(PRESET)
+	$(BIN)/fdgbench table table6 --preset $(PRESET)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

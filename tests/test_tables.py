@@ -130,3 +130,24 @@ def test_full_preset_prints_its_estimate_first_and_a_sweep_skips_done_runs(tmp_p
     assert "6 done, 0 running, 0 incomplete, 0 missing (of 6)" in status.stdout
     again = _cli("sweep", str(spec), "--preset", "full", "--out", str(out))
     assert again.stdout.count(": done (finished)") == 6 and "estimated total: 0.0 h for 0 runs" in again.stdout
+
+
+def test_time_table_shows_seconds_per_epoch_and_speedups_over_bp(tmp_path):
+    spec = load_spec("table6")
+    root = tmp_path / "table6-smoke"
+    rates = {"BP": 100.0, "FDG": 200.0, "DP": 160.0}  # images/s; the other cells stay missing
+    for cell in spec.cells("smoke"):
+        if cell.column.id in rates:
+            run = RunDirectory.for_config(root, cell.config.to_dict())
+            run.start(cell.config.to_dict(), {})
+            run.finish({"status": "finished", "images_per_s": rates[cell.column.id], "final_test_error": 50.0,
+                        "best_test_error": 50.0, "dataset": "CIFAR-10, JPEG copy"})
+    result = _cli("table", "table6", "--preset", "smoke", "--out", str(tmp_path), "--tables-dir", str(tmp_path / "t"))
+    assert result.returncode == 0, result.stderr
+    md = (tmp_path / "t" / "table6-smoke.md").read_text()
+    # 50,000 images at 100 img/s = 500 s per epoch; the paper's FDG 29.6 s against its BP 30.2 s = 1.02x.
+    assert "| 500.0 s (1.00x) (n=1) / 30.2 s (1.00x) |" in md
+    assert "| 250.0 s (2.00x) (n=1) / 29.6 s (1.02x) |" in md and "312.5 s (1.60x) (n=1) / 32.5 s (0.93x)" in md
+    assert md.count("missing / ") == 3
+    csv_rows = (tmp_path / "t" / "table6-smoke.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("table,preset,row,column") and len(csv_rows) == 7

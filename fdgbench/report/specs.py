@@ -25,6 +25,7 @@ class Column:
     options: dict[str, Any]
     paper: tuple[str, ...]  # published columns shown beside ours; ours is compared with the last
     beta_from_row: bool = False
+    run: dict[str, Any] = field(default_factory=dict)  # RunConfig fields of this column (e.g. engine)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class TableSpec:
     rows: list[Row]
     presets: dict[str, dict[str, Any]]
     footnotes: list[str] = field(default_factory=list)
-
+    measure: str = "error"  # error: test error (%); time: seconds per epoch
     def preset(self, name: str) -> dict[str, Any]:
         if name not in self.presets:
             raise UserError(f"{self.name} has no preset '{name}'; known: {', '.join(self.presets)}")
@@ -80,7 +81,8 @@ class TableSpec:
                     options["beta"] = row.best_beta
                 for seed in range(n):
                     cfg = RunConfig(method=column.method, method_options=options, model=row.model,
-                                    splits=row.splits, dataset=dataset or self.dataset, seed=seed, **budget)
+                                    splits=row.splits, dataset=dataset or self.dataset, seed=seed,
+                                    **{**budget, **column.run})
                     out.append(Cell(row, column, seed, cfg))
         return out
 
@@ -101,10 +103,13 @@ def load_spec(name: str) -> TableSpec:
     try:
         data = tomllib.loads(path.read_text())
         columns = [Column(c["id"], c["method"], dict(c.get("options", {})), tuple(c.get("paper", ())),
-                          bool(c.get("beta_from_row", False))) for c in data["columns"]]
+                          bool(c.get("beta_from_row", False)), dict(c.get("run", {}))) for c in data["columns"]]
         rows = [Row(r["id"], r["model"], int(r["splits"]), {k: float(v) for k, v in r.get("paper", {}).items()},
                     r.get("best_beta"), r.get("paper_params")) for r in data["rows"]]
+        measure = data.get("measure", "error")
+        if measure not in ("error", "time"):
+            raise ValueError(f"measure must be error or time, got {measure!r}")
         return TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows,
-                         dict(data.get("presets", {})), list(data.get("footnotes", [])))
+                         dict(data.get("presets", {})), list(data.get("footnotes", [])), measure)
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path} is not a valid table spec: {type(exc).__name__}: {exc}") from None
