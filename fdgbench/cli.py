@@ -651,6 +651,39 @@ def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str |
     click.echo(" ".join(map(str, paths)))
 
 
+def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
+    from .report import plots
+    from .report.specs import spec_path
+    from .report.tables import collect
+
+    spec, cells, root = _sweep_cells(table, preset, seeds, out)
+    target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{kind}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths = getattr(plots, f"plot_{kind}")(spec, collect(spec, cells, root), target, preset)
+    except ValueError as exc:
+        raise UserError(f"{table} ({preset}): {exc} under {root}") from None
+    except OSError as exc:
+        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
+    click.echo(" ".join(map(str, paths)))
+
+
+@plot.command("beta")
+@_sweep_options
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="output path without suffix")
+def plot_beta(table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
+    """FDG's final test error against beta (e.g. `fdgbench plot beta ablation_beta --preset quick`)."""
+    _plot_results("beta", table, preset, seeds, out, plot_out)
+
+
+@plot.command("bars")
+@_sweep_options
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="output path without suffix")
+def plot_bars(table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
+    """Every column's final test error by row (e.g. `fdgbench plot bars ablation_staleness`)."""
+    _plot_results("bars", table, preset, seeds, out, plot_out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one ``error:`` line and exit status 2; a
     diverged run exits 3."""

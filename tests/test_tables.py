@@ -151,3 +151,17 @@ def test_time_table_shows_seconds_per_epoch_and_speedups_over_bp(tmp_path):
     assert md.count("missing / ") == 3
     csv_rows = (tmp_path / "t" / "table6-smoke.csv").read_text().splitlines()
     assert csv_rows[0].startswith("table,preset,row,column") and len(csv_rows) == 7
+
+
+@pytest.mark.parametrize("kind,table", [("beta", "ablation_beta"), ("bars", "ablation_staleness")])
+def test_ablation_plots_from_run_directories(kind, table, tmp_path):
+    spec = load_spec(table)
+    for i, cell in enumerate(spec.cells("smoke")):
+        run = RunDirectory.for_config(tmp_path / f"{table}-smoke", cell.config.to_dict())
+        run.start(cell.config.to_dict(), {})
+        run.finish({"status": "finished", "final_test_error": 40.0 + i, "best_test_error": 39.0 + i, "dataset": "x"})
+    result = _cli("plot", kind, table, "--preset", "smoke", "--out", str(tmp_path), "--plot-out", str(tmp_path / "p"))
+    assert result.returncode == 0, result.stderr
+    assert all((tmp_path / f"p.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    empty = _cli("plot", kind, table, "--preset", "smoke", "--out", str(tmp_path / "none"))
+    assert empty.returncode == 2 and "no finished runs to plot" in empty.stderr

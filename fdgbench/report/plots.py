@@ -46,3 +46,78 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
         fig.savefig(p, dpi=150)
     plt.close(fig)
     return paths
+
+
+def _figure(out: Path, title: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+    def save() -> list[Path]:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
+        for p in paths:
+            fig.savefig(p, dpi=150)
+        plt.close(fig)
+        return paths
+
+    return ax, save
+
+
+def plot_beta(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
+    """Final test error against FDG's beta, one line per row; the paper's
+    numbers (its best beta and beta = 1) as crosses."""
+    import seaborn as sns
+
+    ax, save = _figure(out, f"{spec.title}, preset {preset}\nmedian over seeds of the final-epoch error; "
+                       "x: the paper's numbers", "test error (%)")
+    rows = list(dict.fromkeys(r.row.id for r in results))
+    colours = dict(zip(rows, sns.color_palette("tab10", len(rows))))
+    drawn = 0
+    for row in rows:
+        mine = sorted((r for r in results if r.row.id == row and "beta" in r.column.options),
+                      key=lambda r: r.column.options["beta"])
+        points = [(r.column.options["beta"], r.median("final_test_error")) for r in mine]
+        points = [(b, e) for b, e in points if e is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colours[row], label=f"{row} (ours)")
+            drawn += 1
+        paper = [(r.column.options["beta"], r.paper) for r in mine if r.paper is not None]
+        if paper:
+            ax.scatter(*zip(*paper), marker="x", color=colours[row], label=f"{row} (paper, 300 epochs)")
+    if not drawn:
+        raise ValueError("no finished runs to plot")
+    ax.set_xlabel("beta (gradient shrinking)")
+    return save()
+
+
+def plot_bars(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
+    """Final test error of every column, grouped by row (e.g. the staleness ablation)."""
+    ax, save = _figure(out, f"{spec.title}, preset {preset}\nmedian over seeds of the final-epoch error; "
+                       "hatched: the paper's number", "test error (%)")
+    rows = list(dict.fromkeys(r.row.id for r in results))
+    columns = list(dict.fromkeys(r.column.id for r in results))
+    width = 0.8 / len(columns)
+    drawn = 0
+    for j, column in enumerate(columns):
+        for i, row in enumerate(rows):
+            r = next(x for x in results if x.row.id == row and x.column.id == column)
+            x = i + (j - (len(columns) - 1) / 2) * width
+            value = r.median("final_test_error")
+            if value is not None:
+                ax.bar(x, value, width, color=f"C{j}", label=column if i == 0 else None)
+                drawn += 1
+            if r.paper is not None:
+                ax.bar(x, r.paper, width * 0.5, color="none", edgecolor="black", hatch="//",
+                       label="paper" if (i, j) == (0, 0) else None)
+    if not drawn:
+        raise ValueError("no finished runs to plot")
+    ax.set_xticks(range(len(rows)), rows)
+    return save()
