@@ -684,6 +684,43 @@ def plot_bars(table: str, preset: str, seeds: int | None, out: str, plot_out: Pa
     _plot_results("bars", table, preset, seeds, out, plot_out)
 
 
+@plot.command("speedup")
+@click.option("--model", default="resnet56", show_default=True)
+@click.option("--splits", default="2,3,4,8", show_default=True)
+@click.option("--methods", default="bp,ddg,fr,dgl,fdg,dp", show_default=True)
+@click.option("--preset", default="quick", show_default=True, help="the table6 preset whose runs are the measured points")
+@click.option("--out", default=DEFAULT_RESULTS, show_default=True, help="results root (table6 runs under OUT/table6-PRESET)")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="threads per worker in the block profile")
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="output path without suffix")
+def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, batch_size: int, device: str,
+                 threads: int, plot_out: Path | None) -> None:
+    """Speedup vs K per method: measured (Table 6 runs) and simulated (dashed)."""
+    from .bench import predicted_speedups
+    from .report.plots import plot_speedup as draw
+    from .report.specs import spec_path
+    from .report.tables import collect
+
+    ks, names = _positive_ints(splits, "--splits"), _method_names(methods)
+    predicted = predicted_speedups(model, ks, names, batch_size, device, threads)
+    spec, cells, root = _sweep_cells("table6", preset, None, out)
+    results = [r for r in collect(spec, cells, root) if r.row.model == model]
+    measured: dict[str, dict[int, float]] = {}
+    for r in results:
+        bp = next((x for x in results if x.row.id == r.row.id and x.column.method == "bp"), None)
+        if r.seconds and bp is not None and bp.seconds:
+            measured.setdefault(r.column.method, {})[r.row.splits] = bp.seconds / r.seconds
+    target = plot_out or spec_path("table6").parent / "results" / f"speedup-{model}"
+    note = (f"dashed: simulated from the block profile (batch {batch_size}, {device}, {threads} thread(s) per worker)\n"
+            f"dots: measured, table6 {preset} runs ({sum(map(len, measured.values()))} points)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        click.echo(" ".join(map(str, draw(model, ks, predicted, measured, target, note))))
+    except OSError as exc:
+        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one ``error:`` line and exit status 2; a
     diverged run exits 3."""

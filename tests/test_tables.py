@@ -165,3 +165,21 @@ def test_ablation_plots_from_run_directories(kind, table, tmp_path):
     assert all((tmp_path / f"p.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
     empty = _cli("plot", kind, table, "--preset", "smoke", "--out", str(tmp_path / "none"))
     assert empty.returncode == 2 and "no finished runs to plot" in empty.stderr
+
+
+def test_speedup_plot_draws_simulated_lines_and_measured_time_table_points(tmp_path):
+    spec = load_spec("table6")
+    rates = {"bp": 100.0, "fdg": 190.0}
+    for cell in spec.cells("smoke"):
+        if cell.column.method in rates:  # ResNet-56 K=2 runs, as a table6 sweep leaves them
+            run = RunDirectory.for_config(tmp_path / "runs" / "table6-smoke", cell.config.to_dict())
+            run.start(cell.config.to_dict(), {})
+            run.finish({"status": "finished", "images_per_s": rates[cell.column.method], "dataset": "x",
+                        "final_test_error": 50.0, "best_test_error": 50.0})
+    result = _cli("plot", "speedup", "--model", "resnet56", "--splits", "2,3", "--methods", "bp,fdg", "--preset",
+                  "smoke", "--out", str(tmp_path / "runs"), "--batch-size", "8", "--plot-out", str(tmp_path / "s"),
+                  cwd=tmp_path)  # the block profile is measured and saved under tmp_path/results/profiles
+    assert result.returncode == 0, result.stderr
+    assert all((tmp_path / f"s.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    assert (tmp_path / "results/profiles/resnet56-b8-cpu-t1.json").is_file()
+    assert "measured, table6 smoke runs (2 points)" in (tmp_path / "s.svg").read_text()

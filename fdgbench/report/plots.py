@@ -121,3 +121,22 @@ def plot_bars(spec: TableSpec, results: list, out: Path, preset: str) -> list[Pa
         raise ValueError("no finished runs to plot")
     ax.set_xticks(range(len(rows)), rows)
     return save()
+
+
+def plot_speedup(model: str, splits: list[int], predicted: dict[str, list[float | None]],
+                 measured: dict[str, dict[int, float]], out: Path, note: str) -> list[Path]:
+    """Speedup over BP on one worker against K: the simulator's prediction
+    dashed, measured runs as dots; the ideal K dotted."""
+    ax, save = _figure(out, f"{model}: speedup over BP on one worker\n{note}", "speedup over BP (one worker)")
+    ax.plot(splits, splits, color="grey", linestyle=":", label="K (ideal)")
+    for j, (method, values) in enumerate(predicted.items()):
+        points = [(k, v) for k, v in zip(splits, values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), linestyle="--", color=f"C{j}", label=f"{method} (simulated)")
+        if measured.get(method):
+            ks = sorted(measured[method])
+            ax.plot(ks, [measured[method][k] for k in ks], "o", color=f"C{j}", markersize=8,
+                    label=f"{method} (measured)")
+    ax.set_xlabel("K (workers)")
+    ax.set_xticks(splits)
+    return save()
