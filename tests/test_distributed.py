@@ -178,7 +178,9 @@ def test_simulate_benchmark_predicts_every_method_and_says_which_k_cannot_be(tmp
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["2"]]
     assert [r[1] for r in rows] == ["bp", "fdg", "dgl", "dp"]
     speedup = {r[1]: float(r[3].rstrip("x*")) for r in rows}  # * marks unprofiled auxiliary nets
-    assert speedup["bp"] <= 1.0 < speedup["fdg"] <= 2.0  # K=2 cannot beat 2x
+    # Split BP gains only what overlapping stage 1's update with stage 0's backward
+    # gives (a few % on this tiny net); FDG cannot beat 2x at K=2.
+    assert speedup["bp"] < 1.1 < speedup["fdg"] <= 2.0
     assert "tiny_resnet has 5 blocks, so K=8 is not possible" in result.stdout
     assert (tmp_path / "results/profiles/tiny_resnet-b16-cpu-t1.json").is_file()
 
