@@ -8,13 +8,16 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
+from .engines.distributed import DistributedEngine
+from .engines.launch import rank_device
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
@@ -129,8 +132,6 @@ def stage_devices(cfg: RunConfig) -> list[torch.device]:
 
 def _agree_on(partition):
     """Rank 0's partition, on every rank."""
-    import torch.distributed as dist
-
     box = [partition]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -163,8 +164,6 @@ class Trainer:
         self.num_stages = 1 if self.method.data_parallel else cfg.splits
         devices = stage_devices(cfg)
         if rank is not None:
-            from .engines.launch import rank_device
-
             devices = [rank_device(devices[0], rank if local_rank is None else local_rank)] * self.num_stages
         self.devices = devices
         data = dataset if dataset is not None else load_dataset(cfg.dataset, data_dir)
@@ -180,26 +179,15 @@ class Trainer:
         self.block_names = list(model.block_names)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         all_stages = build_stages(model, self.partition)
-        self.output_shapes = shapes = stage_output_shapes(all_stages, tuple(self.dataset.train_images.shape[1:]),
-                                    [self.devices[0]] * len(all_stages))
+        self.output_shapes = shapes = stage_output_shapes(
+            all_stages, tuple(self.dataset.train_images.shape[1:]), [self.devices[0]] * len(all_stages))
         # The stages this process trains: all of them, or the rank's own.
         self.stage_indices = list(range(self.num_stages)) if rank is None or self.num_stages == 1 else [rank]
-        self.stages = [all_stages[k].to(self.devices[k], memory_format=self.memory_format) for k in self.stage_indices]
+        self.stages = [all_stages[k].to(self.devices[k], memory_format=self.memory_format)
+                       for k in self.stage_indices]
         del all_stages, model
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
-        optim = SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-        replica = rank if self.method.data_parallel else None
-        self.workers = []
-        for k, stage in zip(self.stage_indices, self.stages):
-            module = stage
-            if self.method.data_parallel and rank is not None:
-                from torch.nn.parallel import DistributedDataParallel
-
-                module = DistributedDataParallel(stage, device_ids=[self.devices[k]] if self.devices[k].type == "cuda" else None)
-            ctx = StageContext(k, self.num_stages, module, self.devices[k], optim, amp_dtype=self.amp_dtype,
-                               output_shape=shapes[k], num_classes=self.dataset.num_classes, seed=cfg.seed,
-                               replicas=cfg.splits if self.method.data_parallel else 1, replica=replica)
-            self.workers.append(self.method.make_worker(ctx))
+        self.workers = [self._make_worker(k, stage, shapes[k]) for k, stage in zip(self.stage_indices, self.stages)]
         mean, std = self.dataset.channel_stats()
         self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
         self.stream = BatchStream(self.dataset.train_images.to(self.devices[0]),
@@ -211,8 +199,6 @@ class Trainer:
         if rank is None:
             self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages)
         else:
-            from .engines.distributed import DistributedEngine
-
             self.engine = DistributedEngine(self.method, self.workers[0], self.stages[0], self.stream, self.num_stages,
                                             tuple(self.dataset.train_images.shape[1:]), self.memory_format, tracer)
         self.steps_per_epoch = self.stream.steps_per_epoch
@@ -221,6 +207,18 @@ class Trainer:
         # Repeated on every metrics line, so a line read on its own says whose it is.
         self._identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
                           "splits": cfg.splits, "seed": cfg.seed}
+
+    def _make_worker(self, k: int, stage: nn.Module, output_shape: tuple[int, ...]):
+        cfg, replicated = self.cfg, self.method.data_parallel
+        module = stage
+        if replicated and self.rank is not None:  # this rank is one replica; DDP averages the gradients
+            device = self.devices[k]
+            module = DistributedDataParallel(stage, device_ids=[device] if device.type == "cuda" else None)
+        ctx = StageContext(k, self.num_stages, module, self.devices[k],
+                           SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov), amp_dtype=self.amp_dtype,
+                           output_shape=output_shape, num_classes=self.dataset.num_classes, seed=cfg.seed,
+                           replicas=cfg.splits if replicated else 1, replica=self.rank if replicated else None)
+        return self.method.make_worker(ctx)
 
     def describe(self) -> str:
         c = self.cfg
@@ -234,7 +232,6 @@ class Trainer:
         threads = torch.get_num_threads()
         if self.rank is None:
             return f"sequential engine, {threads} thread(s)"
-        import torch.distributed as dist
 
         role = "replicas" if self.method.data_parallel else "ranks, one per stage"
         return f"distributed engine ({dist.get_backend()}), {dist.get_world_size()} {role}, {threads} thread(s) each"
@@ -313,8 +310,6 @@ class Trainer:
     def _write_trace(self, run: RunDirectory) -> None:
         spans = self.tracer.spans
         if self.rank is not None:
-            import torch.distributed as dist
-
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, spans)
             spans = [s for part in gathered for s in part]
@@ -336,8 +331,6 @@ class Trainer:
 
     def _barrier(self) -> None:
         if self.rank is not None:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def _summary(self, history: list[dict[str, Any]], status: str, message: str | None,
@@ -379,8 +372,6 @@ def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress
     """One rank of a distributed run (the process group is up): load the data
     (rank 0 first, so a decoding cache is written once), build this rank's
     stage and train it."""
-    import torch.distributed as dist
-
     if rank == 0:
         dataset = load_dataset(cfg.dataset, data_dir)
     dist.barrier()

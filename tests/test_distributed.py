@@ -1,6 +1,5 @@
 """The distributed engine (gloo, CPU): parity with the sequential engine for
 every method at K = 2 and 3, the CLI (spawned and torchrun), faults, traces."""
-import json
 import os
 import shutil
 import subprocess

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from ..method import Method
-from ..schedule import COMPUTE, RECVS, SENDS, Mailbox, Op, execution_order, message_key
+from ..schedule import COMPUTE, SENDS, Mailbox, Op, execution_order, message_key
 from .trace import CATEGORIES, Span
 
 
