@@ -1,4 +1,4 @@
-"""fdgbench command line: run, compare, list, schedule, bench."""
+"""fdgbench command line: run, compare, sweep, table, plot, bench, schedule, list."""
 from __future__ import annotations
 
 import os
