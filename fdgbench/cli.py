@@ -436,13 +436,16 @@ def _sweep_options(f: Callable) -> Callable:
     return f
 
 
-def _sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str | None = None):
+def _sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR):
+    """The spec, its preset's cells and their results root. A preset with a
+    ``fallback_dataset`` uses it where the spec's dataset cannot be loaded
+    (sweep, status and table all decide the same way)."""
     from .report.specs import load_spec
 
     spec = load_spec(table)
     p = spec.preset(preset)
     dataset = spec.dataset
-    if data_dir is not None and p.get("fallback_dataset"):
+    if p.get("fallback_dataset"):
         try:
             load_dataset(spec.dataset, data_dir)
         except UserError as exc:  # e.g. no CIFAR-100 here: the preset allows labelled synthetic data
@@ -468,7 +471,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
               progress: bool | None, use_wandb: bool, wandb_project: str) -> None:
     """Train every run of TABLE's preset that is not done; a diverged run is
     recorded and the sweep goes on."""
-    spec, cells, root = _sweep_cells(table, preset, seeds, out, None if dry_run else data_dir)
+    spec, cells, root = _sweep_cells(table, preset, seeds, out, data_dir)
     cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
     for c in cells:
         check_config(c.config)

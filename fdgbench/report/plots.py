@@ -14,6 +14,7 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import seaborn as sns
 
     mine = [c for c in cells if c.row.id == row_id]
@@ -36,6 +37,7 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
     if not drawn:
         raise ValueError(f"no run of row '{row_id}' has finished an epoch under {root}")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("test error (%), median over seeds")
     ax.set_title(f"{spec.title}\n{row_id}, preset {preset}; dotted: the paper's final number (300 epochs)", fontsize=9)
     ax.legend(fontsize=8)
