@@ -618,10 +618,17 @@ def plot_gantt(run_dir: Path, first: int | None, iterations: int, out: Path | No
         raise UserError(f"{trace} is not a trace fdgbench wrote: {exc}") from None
     title = (f"{meta.get('method')} {meta.get('model')} K={meta.get('splits')}, {meta.get('engine')} engine, "
              f"{meta.get('threads')} thread(s) per process, batch {meta.get('batch_size')}")
+    _write_plot(lambda: draw_gantt(spans, out or run_dir / "gantt", title, first, iterations,
+                                   meta.get("steps_per_epoch")), f"{trace}")
+
+
+def _write_plot(draw: Callable[[], list[Path]], context: str) -> None:
+    """Run a plot function; its ValueError (nothing to draw) and OSError
+    (unwritable output) become one-line errors; print the files written."""
     try:
-        paths = draw_gantt(spans, out or run_dir / "gantt", title, first, iterations, meta.get("steps_per_epoch"))
+        paths = draw()
     except ValueError as exc:
-        raise UserError(f"{trace}: {exc}") from None
+        raise UserError(f"{context}: {exc}") from None
     except OSError as exc:
         raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
     click.echo(" ".join(map(str, paths)))
@@ -644,14 +651,12 @@ def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str |
         raise UserError(f"{table} preset {preset} has no row '{row}'; rows: {', '.join(rows)}")
     slug = "".join(ch if ch.isalnum() else "-" for ch in row).strip("-").lower()
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{slug}"
-    try:
+
+    def drawn() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
-        paths = draw(spec, cells, root, row, target, preset)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    except OSError as exc:
-        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
-    click.echo(" ".join(map(str, paths)))
+        return draw(spec, cells, root, row, target, preset)
+
+    _write_plot(drawn, f"{table} ({preset})")
 
 
 def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
@@ -661,14 +666,12 @@ def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: st
 
     spec, cells, root = _sweep_cells(table, preset, seeds, out)
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{kind}"
-    try:
+
+    def draw() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
-        paths = getattr(plots, f"plot_{kind}")(spec, collect(spec, cells, root), target, preset)
-    except ValueError as exc:
-        raise UserError(f"{table} ({preset}): {exc} under {root}") from None
-    except OSError as exc:
-        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
-    click.echo(" ".join(map(str, paths)))
+        return getattr(plots, f"plot_{kind}")(spec, collect(spec, cells, root), target, preset)
+
+    _write_plot(draw, f"{table} ({preset}), runs under {root}")
 
 
 @plot.command("beta")
@@ -717,11 +720,11 @@ def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, b
     target = plot_out or spec_path("table6").parent / "results" / f"speedup-{model}"
     note = (f"dashed: simulated from the block profile (batch {batch_size}, {device}, {threads} thread(s) per worker)\n"
             f"dots: measured, table6 {preset} runs ({sum(map(len, measured.values()))} points)")
-    try:
+    def drawn() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
-        click.echo(" ".join(map(str, draw(model, ks, predicted, measured, target, note))))
-    except OSError as exc:
-        raise UserError(f"cannot write the plot: {exc.strerror or exc}") from None
+        return draw(model, ks, predicted, measured, target, note)
+
+    _write_plot(drawn, f"plot speedup {model}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,17 +10,14 @@ from .specs import Cell, TableSpec
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
     import seaborn as sns
 
+    ax, save = _figure(out, f"{spec.title}\n{row_id}, preset {preset}; dotted: the paper's final number (300 epochs)",
+                       "test error (%), median over seeds")
     mine = [c for c in cells if c.row.id == row_id]
     columns = list(dict.fromkeys(c.column.id for c in mine))
     palette = dict(zip(columns, sns.color_palette("tab10", len(columns))))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for column in columns:
         runs = [RunDirectory.for_config(root, c.config.to_dict()).metrics() for c in mine if c.column.id == column]
@@ -38,16 +35,7 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
         raise ValueError(f"no run of row '{row_id}' has finished an epoch under {root}")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("test error (%), median over seeds")
-    ax.set_title(f"{spec.title}\n{row_id}, preset {preset}; dotted: the paper's final number (300 epochs)", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return save()
 
 
 def _figure(out: Path, title: str, ylabel: str):
