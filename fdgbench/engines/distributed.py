@@ -36,8 +36,9 @@ from torch import nn
 from ..data import EVAL_BATCH, BatchStream, Normalizer, eval_batches
 from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
-from ..schedule import RECVS, Action, Op
+from ..schedule import COMPUTE, RECVS, SENDS, Action, Op
 from ..stage import StageWorker
+from .compute import run_compute
 from .trace import Tracer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -119,25 +120,14 @@ class DistributedEngine:
         return buf, dist.irecv(buf, src, group=group, tag=_tag(action.op, action.batch))
 
     def _run(self, t: int, action: Action, posted: dict) -> None:
-        worker, b, op = self.worker, action.batch, action.op
-        if op is Op.FORWARD:
-            if self.k == 0:
-                x, labels = self.stream.batch(b)
-            else:
-                x, labels = self._inbox.pop((Op.RECV_ACT, b)), self.stream.labels(b)
-            out = worker.forward(b, x.to(worker.device), labels.to(worker.device))
-            if out is not None:
-                self._outbox[(Op.SEND_ACT, b)] = out
-        elif op in (Op.BACKWARD, Op.LOCAL):
-            if op is Op.BACKWARD:
-                x_grad = worker.backward(b, self._inbox.pop((Op.RECV_GRAD, b), None))
-            else:
-                x_grad = worker.local_backward(b)
-            if x_grad is not None:
-                self._outbox[(Op.SEND_GRAD, b)] = x_grad
-        elif op is Op.UPDATE:
-            worker.update()
-        elif op in (Op.SEND_ACT, Op.SEND_GRAD):
+        b, op = action.batch, action.op
+        if op in COMPUTE:
+            kinds = {"act": Op.RECV_ACT, "grad": Op.RECV_GRAD}
+            produced = run_compute(self.worker, self.k, action, self.stream,
+                                   lambda kind: self._inbox.pop((kinds[kind], b), None))
+            if produced is not None:
+                self._outbox[(produced[0], b)] = produced[1]
+        elif op in SENDS:
             tensor = self._outbox.pop((op, b)).contiguous()
             if op is Op.SEND_ACT:
                 dst, group = self.rank + 1, self._act_groups[self.k]

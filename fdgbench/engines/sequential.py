@@ -17,8 +17,9 @@ from torch import nn
 from ..data import BatchStream, Normalizer, eval_batches
 from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
-from ..schedule import Action, Mailbox, Op, execution_order, message_key
+from ..schedule import COMPUTE, SENDS, Action, Mailbox, Op, execution_order, message_key
 from ..stage import StageWorker
+from .compute import run_compute
 from .trace import Tracer
 
 Observer = Callable[[int, int, Action], None]  # (iteration, stage, action), after it ran
@@ -52,25 +53,14 @@ class SequentialEngine:
                 self.observer(t, k, action)
 
     def _run(self, k: int, action: Action) -> None:
-        worker, b, op = self.workers[k], action.batch, action.op
-        if op is Op.FORWARD:
-            if k == 0:
-                x, labels = self.stream.batch(b)
-            else:
-                x, labels = self._messages.pop(("act", k - 1, k, b)), self.stream.labels(b)
-            out = worker.forward(b, x.to(worker.device), labels.to(worker.device))
-            if out is not None:
-                self._outbox[(k, Op.SEND_ACT, b)] = out
-        elif op in (Op.BACKWARD, Op.LOCAL):
-            if op is Op.BACKWARD:
-                x_grad = worker.backward(b, self._messages.pop(("grad", k + 1, k, b), None))
-            else:
-                x_grad = worker.local_backward(b)
-            if x_grad is not None:
-                self._outbox[(k, Op.SEND_GRAD, b)] = x_grad
-        elif op is Op.UPDATE:
-            worker.update()
-        elif op in (Op.SEND_ACT, Op.SEND_GRAD):
+        b, op = action.batch, action.op
+        if op in COMPUTE:
+            peer = {"act": k - 1, "grad": k + 1}
+            produced = run_compute(self.workers[k], k, action, self.stream,
+                                   lambda kind: self._messages.pop((kind, peer[kind], k, b), None))
+            if produced is not None:
+                self._outbox[(k, produced[0], b)] = produced[1]
+        elif op in SENDS:
             key = message_key(k, action)
             self._messages[key] = self._outbox.pop((k, op, b)).to(self.workers[key[2]].device)
         # RECV_ACT / RECV_GRAD: nothing to move; the tensor waits in _messages.
