@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 
+from . import checkpoint
 from .data import load_dataset
 from .errors import DivergedError, UserError, WorkerFailedError
 from .method import all_methods, all_options, make_method
@@ -66,7 +67,8 @@ def training_options(f: Callable) -> Callable:
         click.option("--wandb", "use_wandb", is_flag=True,
                      help="also log config and per-epoch metrics to Weights & Biases (honours WANDB_MODE)"),
         click.option("--wandb-project", default="fdgbench", show_default=True),
-        click.option("--force", is_flag=True, help="rerun even if the run directory is done"),
+        click.option("--force", is_flag=True, help="start over even if the run directory is done or has a "
+                     "checkpoint (an unfinished run otherwise resumes from its last epoch's checkpoint)"),
         click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
     ]
     for name, option in sorted(all_options().items(), reverse=True):
@@ -102,9 +104,9 @@ def _config(method: str, kw: dict[str, Any]) -> RunConfig:
 
 
 def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
-    """Train one config unless its run directory is done; returns the summary,
-    the directory and whether it was cached. ``datasets`` caches loaded data
-    across calls (by spec)."""
+    """Train one config unless its run directory is done (resuming from its
+    checkpoint if it has one); returns the summary, the directory and whether
+    it was cached. ``datasets`` caches loaded data across calls (by spec)."""
     check_config(cfg)
     if cfg.engine == "distributed" and under_torchrun():
         return _run_torchrun_rank(cfg, kw)
@@ -112,18 +114,29 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
     if run.is_done and not kw["force"]:
         return run.read_json("summary.json"), run.path, True
     run.ensure_writable()
+    resume = _resume_point(run, kw)
     datasets = {} if datasets is None else datasets
     if cfg.dataset not in datasets:
         datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
     if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
         summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
                                 (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
-                                 _wandb_project(kw)))
+                                 _wandb_project(kw), resume))
         return summaries[0], run.path, False
     tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
-    trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None)
+    trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None, resume=resume)
     click.echo(trainer.describe(), err=True)
     return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
+
+
+def _resume_point(run: RunDirectory, kw: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint an unfinished run continues from (None: start afresh,
+    also under --force), announced on stderr."""
+    resume = None if kw["force"] else checkpoint.latest(run.path)
+    if resume is not None:
+        click.echo(f"resuming {run.path.name} from its checkpoint after epoch {resume['epoch']} "
+                   f"(--force starts over)", err=True)
+    return resume
 
 
 def _wandb_project(kw: dict[str, Any]) -> str | None:
@@ -141,15 +154,17 @@ def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, b
             raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "
                             f"use --nproc-per-node {cfg.splits} (times the nodes)")
         run = RunDirectory.for_config(kw["out"], cfg.to_dict())
-        decision = [None]
+        decision: list[Any] = [None, None]  # (done already, checkpoint to resume from)
         if dist.get_rank() == 0:
             run.ensure_writable()
             decision[0] = run.is_done and not kw["force"]
+            decision[1] = None if decision[0] else _resume_point(run, kw)
         dist.broadcast_object_list(decision, src=0)
         if decision[0]:
             return run.read_json("summary.json"), run.path, True
         summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
-                             local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw))
+                             local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
+                             resume=decision[1])
         return summary, run.path, False
     finally:
         dist.destroy_process_group()
@@ -498,7 +513,10 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
             click.echo(f"{label}: done ({run.read_json('summary.json')['status']})")
             continue
         if dry_run:
-            click.echo(f"{label}: {'incomplete' if run.path.exists() else 'missing'} -> {run.path.name}")
+            saved = checkpoint.latest(run.path)
+            state = (f"incomplete, resumes after epoch {saved['epoch']}" if saved else
+                     "incomplete, starts over (no checkpoint)" if run.path.exists() else "missing")
+            click.echo(f"{label}: {state} -> {run.path.name}")
             continue
         click.echo(f"{label}: training", err=True)
         try:
@@ -525,6 +543,7 @@ def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
 
     spec, cells, root = _sweep_cells(table, preset, seeds, out)
     counts = {"done": 0, "running": 0, "incomplete": 0, "missing": 0}
+    resumable = 0
     seconds: dict[str, list[float]] = {}
     remaining: list[tuple[str, int]] = []
     for cell in cells:
@@ -539,11 +558,12 @@ def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
         remaining.append((cell.config.model, max(0, planned - len(history))))
         if not run.path.exists():
             counts["missing"] += 1
-        else:  # running: written to in the last RUNNING_S seconds (an epoch's metrics, a trace, the start)
+        else:  # running: written to in the last RUNNING_S seconds (an epoch's metrics, a checkpoint, the start)
+            resumable += checkpoint.latest(run.path) is not None
             written = [f.stat().st_mtime for f in run.path.iterdir()]
             counts["running" if written and time_.time() - max(written) < RUNNING_S else "incomplete"] += 1
     click.echo(f"{spec.title}, preset {preset}, {root}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-               + f" (of {len(cells)})")
+               + f" (of {len(cells)})" + (f" ({resumable} can resume from a checkpoint)" if resumable else ""))
     unknown = sorted({m for m, e in remaining if e and m not in seconds})
     left = sum(statistics.median(seconds[m]) * e for m, e in remaining if m in seconds)
     if remaining and not seconds:
@@ -751,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo("interrupted (the same command resumes an unfinished run from its last epoch's checkpoint)",
+                   err=True)
         return 130
 
 

@@ -37,6 +37,13 @@ class StageOptimizer:
             for group in self.sgd.param_groups:
                 group["lr"] = lr
 
+    def state_dict(self) -> dict:
+        return self.sgd.state_dict() if self.sgd is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sgd is not None:
+            self.sgd.load_state_dict(state)
+
     def step(self) -> None:
         """One SGD step on the accumulated gradients, then clear them.
         Parameters without a gradient are left alone (no decay, no momentum)."""

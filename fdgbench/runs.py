@@ -1,7 +1,9 @@
 """One directory per run, named by a hash of its config (DomainBed style):
 config.json, env.json, metrics.jsonl (one self-describing line per epoch),
 summary.json (status finished or diverged) and ``done``, written last. A
-directory with ``done`` is the whole record that the run happened."""
+directory with ``done`` is the whole record that the run happened. While a
+run trains, ``checkpoint/`` holds its latest epoch's checkpoint
+(checkpoint.py); it is removed when the run ends."""
 from __future__ import annotations
 
 import getpass
@@ -61,6 +63,25 @@ class RunDirectory:
             self.write_json("env.json", env)
         except OSError as exc:
             raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
+
+    def resume(self, epochs: int, env: dict[str, Any]) -> list[dict[str, Any]]:
+        """Continue the run from its checkpoint after ``epochs`` epochs: records
+        of later epochs (written before the interruption, past the
+        checkpoint) are dropped, env.json gains an entry under "resumed".
+        Returns the kept records."""
+        history = self.metrics()[:epochs]
+        try:
+            tmp = self.path / ".metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in history))
+            tmp.replace(self.path / "metrics.jsonl")
+            for name in ("summary.json", "done", "trace.json"):
+                (self.path / name).unlink(missing_ok=True)
+            first = self.read_json("env.json")
+            first.setdefault("resumed", []).append({"after_epoch": epochs, **env})
+            self.write_json("env.json", first)
+        except OSError as exc:
+            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
+        return history
 
     def write_json(self, name: str, obj: Any) -> None:
         tmp = self.path / f".{name}.tmp"

@@ -235,3 +235,20 @@ def legend() -> str:
     return ("F<b> forward of batch b, B<b> backward of batch b, L<b> local backward (auxiliary loss or "
             "synthetic gradient), U update; sA/rA send/receive an activation, "
             "sG/rG a gradient; ' marks a message consumed in the next iteration")
+
+
+def hold_span(schedule: ScheduleFn, num_stages: int) -> int:
+    """The most iterations any stage keeps a batch: from the iteration of its
+    FORWARD to that of its last BACKWARD or LOCAL, over the pipeline's fill
+    and several iterations of its steady state. A batch forwarded more than
+    this many iterations before a checkpoint is gone by then."""
+    forwarded: dict[tuple[int, int | None], int] = {}
+    span = 0
+    for t in range(8 * num_stages + 16):
+        for k, actions in enumerate(schedule(num_stages, t)):
+            for action in actions:
+                if action.op is Op.FORWARD:
+                    forwarded[(k, action.batch)] = t
+                elif action.op in (Op.BACKWARD, Op.LOCAL) and (k, action.batch) in forwarded:
+                    span = max(span, t - forwarded[(k, action.batch)])
+    return span

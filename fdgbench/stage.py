@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import to_device
 from .optim import SGDConfig, StageOptimizer
 from .staleness import make_store
 
@@ -177,3 +178,26 @@ class StageWorker:
 
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_lr(lr * self.lr_scale)
+
+    # -- checkpoints: everything a stage carries from one iteration to the next ----------------------
+
+    def keep_forward_weights(self, armed: bool) -> None:
+        """Armed in the iterations before a checkpoint: each forward keeps a
+        copy of the weights it used, so a batch still in flight at the
+        checkpoint can have its graph rebuilt (staleness.py)."""
+        self.store.snapshot = armed
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This stage between two iterations. The epoch's training metrics and
+        meters have just been read out (so are empty) and are not included.
+        Methods with extra state (auxiliary nets, stored activations) add to it."""
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "grads": [None if p.grad is None else p.grad.detach() for p in self.module.parameters()],
+                "held": self.store.held_state()}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for p, grad in zip(self.module.parameters(), state["grads"]):
+            p.grad = None if grad is None else grad.to(p.device)
+        self.store.restore_held(to_device(state["held"], self.device))

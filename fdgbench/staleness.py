@@ -14,6 +14,15 @@ and its backward (``--staleness``).
 
 A stage whose backward immediately follows its forward (delay 0) keeps its
 graph whatever the mode: there is nothing stale to handle.
+
+Checkpoints: a graph cannot be saved, but it can be rebuilt. ``held_state``
+lists each batch in flight with its input and the weights its forward used
+(a stash copy, or for a kept graph a snapshot taken while ``snapshot`` is
+armed: the trainer arms it in the iterations before a checkpoint);
+``restore_held`` re-runs those forwards on those weights, then puts the live
+weights and buffers back. The rebuilt graph holds the same saved tensors as
+the lost one and, under ``legacy``, reads the live weights at its backward
+exactly as the lost one would have.
 """
 from __future__ import annotations
 
@@ -31,15 +40,25 @@ AutocastFactory = Callable[[], ContextManager]
 class KeptGraph:
     """Keeps (input, graph root) per batch: ``legacy``, and every delay-0 stage."""
 
+    snapshots_weights = True  # whether an armed forward copies the weights (a stash keeps its own copies)
+
     def __init__(self, module: nn.Module, autocast: AutocastFactory = contextlib.nullcontext):
         self.module = module
         self.autocast = autocast
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self.snapshot = False  # armed: copy the weights at each forward, for a checkpoint
+        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self._rooted: set[int] = set()
 
     def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
     def forward(self, batch: int, x: torch.Tensor) -> torch.Tensor:
+        if self.snapshot and self.snapshots_weights:
+            self._snapshots[batch] = [p.detach().clone() for p in self._params]
         with self.autocast():
             out = self._run(batch, x)
         self._held[batch] = (x, out)
@@ -48,25 +67,67 @@ class KeptGraph:
     def set_root(self, batch: int, root: torch.Tensor) -> None:
         """Back-propagate from ``root`` (the last stage's loss) instead of the output."""
         self._held[batch] = (self._held[batch][0], root)
+        self._rooted.add(batch)
 
     def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Accumulate parameter gradients; return the input's gradient (None
         for an input that needs none)."""
         x, root = self._held.pop(batch)
+        self._snapshots.pop(batch, None)
+        self._rooted.discard(batch)
         torch.autograd.backward(root, grad)
         return x.grad
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _forward_weights(self, batch: int) -> list[torch.Tensor] | None:
+        return self._snapshots.get(batch)
+
+    def held_state(self) -> list[dict]:
+        """Each batch in flight: its input and the weights its forward used."""
+        out = []
+        for batch, (x, _) in self._held.items():
+            if batch in self._rooted:  # a loss graph would need the labels and loss too; no method keeps one
+                raise RuntimeError(f"batch {batch}'s loss graph is still held between iterations; "
+                                   f"checkpoints cannot rebuild it")
+            weights = self._forward_weights(batch)
+            if weights is None:
+                raise RuntimeError(f"batch {batch} is in flight but its forward's weights were not kept "
+                                   f"(snapshot was not armed when it was forwarded)")
+            out.append({"batch": batch, "input": x.detach(), "input_grad": x.requires_grad,
+                        "weights": [w.detach() for w in weights]})
+        return out
+
+    def restore_held(self, held: list[dict]) -> None:
+        """Rebuild the held batches' graphs (the module holds the live state)."""
+        live = [p.detach().clone() for p in self._params]
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        for entry in held:
+            x = entry["input"].detach().requires_grad_(entry["input_grad"])
+            for p, w in zip(self._params, entry["weights"]):
+                p.data.copy_(w)  # .data: no version bump, so the rebuilt graph stays usable
+            was = self.snapshot
+            self.snapshot = True
+            self.forward(entry["batch"], x)
+            self.snapshot = was
+        # Put back what the rebuilding forwards changed: the weights and BN's
+        # running statistics (which BN's graph also refers to).
+        for tensor, saved in zip([*self._params, *self.module.buffers()], live + buffers):
+            tensor.data.copy_(saved)
 
 
 class StashedWeights(KeptGraph):
     """Forward through a copy of the parameters taken at forward time; the
     backward adds the copies' gradients to the live parameters' grads."""
 
+    snapshots_weights = False
+
     def __init__(self, module: nn.Module, autocast: AutocastFactory = contextlib.nullcontext):
         super().__init__(module, autocast)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self._names = [n for n, _ in named]
-        self._params = [p for _, p in named]
         self._copies: dict[int, list[torch.Tensor]] = {}
+
+    def _forward_weights(self, batch: int) -> list[torch.Tensor] | None:
+        return self._copies.get(batch)
 
     def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
         copies = [p.detach().clone().requires_grad_(True) for p in self._params]
@@ -91,6 +152,15 @@ class ReplayedForward(KeptGraph):
             out = self.module(x)
         self._held[batch] = (x.detach().requires_grad_(x.requires_grad), out)
         return out
+
+    def held_state(self) -> list[dict]:
+        """Only the inputs: the backward recomputes from the live weights."""
+        return [{"batch": batch, "input": x.detach(), "input_grad": x.requires_grad}
+                for batch, (x, _) in self._held.items()]
+
+    def restore_held(self, held: list[dict]) -> None:
+        for entry in held:
+            self._held[entry["batch"]] = (entry["input"].detach().requires_grad_(entry["input_grad"]), None)
 
     def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         x, _ = self._held.pop(batch)

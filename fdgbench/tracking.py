@@ -20,7 +20,11 @@ class WandbTracker:
         self.project = project
         self.run = None
 
-    def start(self, name: str, directory: Path, config: dict[str, Any]) -> None:
+    def start(self, name: str, directory: Path, config: dict[str, Any], resumed_from: int | None = None) -> None:
+        """A resumed run is a new wandb run named for where it picked up (its
+        epochs continue the numbering); the run directory has the whole history."""
+        if resumed_from:
+            name, config = f"{name}-resumed-e{resumed_from}", {**config, "resumed_after_epoch": resumed_from}
         self.run = self.wandb.init(project=self.project, name=name, dir=str(directory), config=config,
                                    reinit="finish_previous")
 

@@ -4,9 +4,12 @@ directory's records."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import checkpoint
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .engines.distributed import DistributedEngine
 from .engines.launch import rank_device
@@ -24,8 +28,9 @@ from .errors import DivergedError, UserError
 from .method import make_method
 from .models import build_model, count_parameters
 from .optim import SGDConfig
-from .partition import build_stages, make_partition, stage_output_shapes
+from .partition import Partition, build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, environment
+from .schedule import hold_span
 from .stage import StageContext, summarize_totals
 from .tracking import WandbTracker
 
@@ -33,6 +38,7 @@ from .tracking import WandbTracker
 LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
 ENGINES = ("sequential", "distributed")
 CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
+FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill" makes that rank fail there
 
 
 @dataclass(frozen=True)
@@ -148,14 +154,19 @@ class Trainer:
     With ``rank`` (a torch.distributed process group is up, one rank per
     stage) this process builds the same model and partition as every other
     rank but keeps and trains only its own stage, on the distributed engine;
-    otherwise all stages live here, on the sequential engine."""
+    otherwise all stages live here, on the sequential engine.
+
+    ``resume`` (a run directory's ``checkpoint.latest``) continues that run:
+    its recorded stage boundaries are used (a measured partition could come
+    out different) and ``fit`` restores the checkpoint before training on."""
 
     def __init__(self, cfg: RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None,
                  observer: Observer | None = None, rank: int | None = None, local_rank: int | None = None,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, resume: dict[str, Any] | None = None):
         check_config(cfg)
         self.cfg = cfg
         self.rank = rank
+        self.resume = resume
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -171,10 +182,14 @@ class Trainer:
         model = build_model(cfg.model, self.dataset.num_classes)
         self.num_parameters = count_parameters(model)
         sample = torch.zeros(8, *self.dataset.train_images.shape[1:], device=self.devices[0])
-        self.partition = make_partition(model.to(self.devices[0]), self.num_stages, cfg.partition,
-                                        list(cfg.split_at) if cfg.split_at else None, sample=sample)
-        if rank is not None and self.num_stages > 1:
-            self.partition = _agree_on(self.partition)  # measured (time) partitions differ between ranks
+        if resume is not None:
+            recorded = resume["partition"]
+            self.partition = Partition(tuple(recorded["starts"]), len(model), recorded["strategy"])
+        else:
+            self.partition = make_partition(model.to(self.devices[0]), self.num_stages, cfg.partition,
+                                            list(cfg.split_at) if cfg.split_at else None, sample=sample)
+            if rank is not None and self.num_stages > 1:
+                self.partition = _agree_on(self.partition)  # measured (time) partitions differ between ranks
         self.partition_text = self.partition.describe(model.block_names)
         self.block_names = list(model.block_names)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
@@ -204,6 +219,9 @@ class Trainer:
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
+        # Forwards this close to a checkpoint keep their weights (their batches may still be in flight there).
+        self.hold_span = hold_span(self.method.schedule, self.num_stages)
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV))
         # Repeated on every metrics line, so a line read on its own says whose it is.
         self._identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
                           "splits": cfg.splits, "seed": cfg.seed}
@@ -242,28 +260,40 @@ class Trainer:
         weights) and, with a tracker, logging to it."""
         primary = self.engine.is_primary
         tracker = tracker if primary else None
-        if primary:
-            run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
+        if self.resume is not None:
+            history = self._restore(run)
+        else:
+            history = []
+            self.steps_done = 0
+            if primary:
+                run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
+                checkpoint.remove(run.path)
         if tracker is not None:
-            tracker.start(run.path.name, run.path, self.cfg.to_dict())
-        history: list[dict[str, Any]] = []
+            tracker.start(run.path.name, run.path, self.cfg.to_dict(), resumed_from=len(history) or None)
         status, message = "finished", None
         bar = _progress_bar(self.total_steps, progress) if primary else None
-        train_seconds = 0.0
-        self.steps_done = 0
+        if bar is not None:
+            bar.update(self.steps_done)
+        train_seconds = sum(h["epoch_seconds"] for h in history)
+        self.checkpoint_seconds = 0.0
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         if self.tracer is not None:
             self._barrier()
             self.tracer.start()
         try:
-            for epoch in range(math.ceil(self.total_steps / self.steps_per_epoch)):
+            for epoch in range(len(history), epochs):
                 first = epoch * self.steps_per_epoch
                 last = min(first + self.steps_per_epoch, self.total_steps)
+                checkpointing = epoch + 1 < epochs  # the last epoch ends the run instead
                 self._sync()
                 t0 = time.perf_counter()
                 for t in range(first, last):
                     lr = lr_at(t, self.cfg.lr, self.planned_steps)
                     for w in self.workers:
                         w.set_lr(lr)
+                        w.keep_forward_weights(checkpointing and t >= last - self.hold_span)
+                    if self._fault and self._fault[:2] == (self.rank or 0, t):
+                        _inject(self._fault[2], t)
                     self.engine.run_iteration(t)
                     self.steps_done = t + 1
                     if (t + 1) % CHECK_EVERY == 0 or t + 1 == last:
@@ -284,9 +314,11 @@ class Trainer:
                           **meters}
                 history.append(record)
                 if primary:
-                    run.append_metrics(record)
+                    run.append_metrics(record)  # before the checkpoint: a resume drops records past it
                 if tracker is not None:
                     tracker.log(record)
+                if checkpointing:
+                    self._save_checkpoint(run, epoch + 1, last)
         except DivergedError as exc:  # every rank raises it at the same check (the totals are shared)
             status, message = "diverged", str(exc)
         finally:
@@ -301,11 +333,56 @@ class Trainer:
         summary = self._summary(history, status, message, train_seconds)
         if primary:
             run.finish(summary)
+            checkpoint.remove(run.path)
         if tracker is not None:
             tracker.finish(summary)
         if status == "diverged":
             raise DivergedError(f"{message}; recorded in {run.path}")
         return summary
+
+    def _save_checkpoint(self, run: RunDirectory, epochs_done: int, next_t: int) -> None:
+        """Every process writes its part, then rank 0 points latest.json at
+        them, then each removes its older parts (checkpoint.py)."""
+        start = time.perf_counter()
+        state = {"epoch": epochs_done, "iteration": next_t, "engine": self.engine.checkpoint_state(),
+                 "rng": checkpoint.rng_state(self.devices)}
+        checkpoint.save_part(run.path, epochs_done, self.rank or 0, state)
+        self._barrier()
+        if self.engine.is_primary:
+            checkpoint.publish(run.path, {
+                "epoch": epochs_done, "iteration": next_t,
+                "ranks": dist.get_world_size() if self.rank is not None else 1,
+                "partition": {"starts": list(self.partition.starts), "strategy": self.partition.strategy},
+                "written": datetime.now(timezone.utc).isoformat()})
+        self._barrier()
+        checkpoint.prune(run.path, epochs_done, self.rank or 0)
+        self.checkpoint_seconds += time.perf_counter() - start
+
+    def _restore(self, run: RunDirectory) -> list[dict[str, Any]]:
+        """Load this process's part of the checkpoint ``self.resume`` names;
+        returns the history of the epochs before it (rank 0's records)."""
+        info = self.resume
+        epochs_done, next_t = int(info["epoch"]), int(info["iteration"])
+        ranks = dist.get_world_size() if self.rank is not None else 1
+        if info["ranks"] != ranks:
+            raise UserError(f"the checkpoint in {run.path} was written by {info['ranks']} process(es), "
+                            f"this run has {ranks}; --force starts the run over")
+        if next_t != epochs_done * self.steps_per_epoch:
+            raise UserError(f"the checkpoint in {run.path} is at iteration {next_t}, not at the end of epoch "
+                            f"{epochs_done} of this run's data; --force starts the run over")
+        state = checkpoint.load_part(run.path, epochs_done, self.rank or 0)
+        self.engine.restore_state(state["engine"])
+        checkpoint.set_rng_state(state["rng"])
+        self.steps_done = next_t
+        history: list[Any] = [None]
+        if self.engine.is_primary:
+            history[0] = run.resume(epochs_done, environment(self.devices, self.cfg.seed))
+        if self.rank is not None:
+            dist.broadcast_object_list(history, src=0)
+        if len(history[0]) != epochs_done:
+            raise UserError(f"{run.path}/metrics.jsonl has {len(history[0])} epochs, the checkpoint "
+                            f"{epochs_done}; --force starts the run over")
+        return history[0]
 
     def _write_trace(self, run: RunDirectory) -> None:
         spans = self.tracer.spans
@@ -356,6 +433,7 @@ class Trainer:
             "best_epoch": history[best]["epoch"] if errors else None,
             "final_train_loss": history[-1]["train_loss"] if history else None,
             "train_seconds": train_seconds,
+            "checkpoint_seconds": self.checkpoint_seconds,
             # Over the completed epochs, whose time train_seconds sums.
             "images_per_s": (history[-1]["iteration"] * self.cfg.batch_size / train_seconds
                              if history and train_seconds else None),
@@ -368,20 +446,35 @@ class Trainer:
 
 
 def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress: bool | None, trace: bool,
-               local_rank: int | None = None, wandb_project: str | None = None) -> dict[str, Any]:
+               local_rank: int | None = None, wandb_project: str | None = None,
+               resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """One rank of a distributed run (the process group is up): load the data
     (rank 0 first, so a decoding cache is written once), build this rank's
-    stage and train it."""
+    stage and train it (from ``resume``, rank 0's checkpoint pointer, if given)."""
     if rank == 0:
         dataset = load_dataset(cfg.dataset, data_dir)
     dist.barrier()
     if rank != 0:
         dataset = load_dataset(cfg.dataset, data_dir)
-    trainer = Trainer(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None)
+    trainer = Trainer(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None,
+                      resume=resume)
     if rank == 0:
         print(trainer.describe(), file=sys.stderr, flush=True)
     tracker = WandbTracker(wandb_project) if wandb_project and rank == 0 else None
     return trainer.fit(RunDirectory(run_path), progress, tracker)
+
+
+def _parse_fault(text: str | None):
+    if not text:
+        return None
+    rank, iteration, mode = text.split(":")
+    return int(rank), int(iteration), mode
+
+
+def _inject(mode: str, t: int) -> None:
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {t}")
 
 
 def seed_everything(seed: int) -> None:

@@ -49,6 +49,15 @@ class LocalLossWorker(StageWorker):
         super().set_lr(lr)
         self.aux_optimizer.set_lr(lr)
 
+    def checkpoint_state(self):
+        return {**super().checkpoint_state(), "aux": self.aux.state_dict(),
+                "aux_optimizer": self.aux_optimizer.state_dict()}
+
+    def restore_state(self, state):
+        super().restore_state(state)
+        self.aux.load_state_dict(state["aux"])
+        self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+
 
 @register
 class DGL(Method):

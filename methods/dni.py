@@ -21,6 +21,7 @@ loss 4 -> 250 in ten epochs). The reported sg_loss is in these units.
 import torch
 
 from fdgbench.auxnets import SyntheticGradient
+from fdgbench.checkpoint import to_device
 from fdgbench.method import Method, MethodOption, positive, register
 from fdgbench.schedule import local_plan
 from fdgbench.stage import MeanMeter, StageWorker
@@ -65,6 +66,16 @@ class SyntheticGradientWorker(StageWorker):
         self.sg_optimizer.step()
         self.meters["sg_loss"].add(loss)
         return None
+
+    def checkpoint_state(self):
+        return {**super().checkpoint_state(), "sg": self.sg.state_dict(),
+                "sg_optimizer": self.sg_optimizer.state_dict(), "outputs": self._outputs}
+
+    def restore_state(self, state):
+        super().restore_state(state)
+        self.sg.load_state_dict(state["sg"])
+        self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        self._outputs = to_device(state["outputs"], self.device)
 
 
 @register

@@ -43,3 +43,19 @@ def engine_for(method, modules, stream, optim=SGDConfig(), loss_fn=F.cross_entro
     workers = [method.make_worker(StageContext(i, k, m, torch.device("cpu"), optim, loss_fn))
                for i, m in enumerate(modules)]
     return SequentialEngine(method, workers, stream, observer), workers
+
+
+def method_configs(k: int, **fields):
+    """A RunConfig for every registered method, once per value of its
+    staleness mode or (DGL, DNI) forward variant: every stage-state shape
+    the engines and checkpoints must handle."""
+    from fdgbench.method import all_methods
+    from fdgbench.train import RunConfig
+
+    out = []
+    for m in all_methods():
+        options = {o.name: o.choices for o in m.options if o.name in ("staleness", "variant")}
+        name, values = next(iter(options.items()), (None, (None,)))
+        for value in values:
+            out.append(RunConfig(method=m.name, method_options={name: value} if name else {}, splits=k, **fields))
+    return out

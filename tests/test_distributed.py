@@ -17,6 +17,8 @@ from fdgbench.method import all_methods
 from fdgbench.runs import RunDirectory
 from fdgbench.train import RunConfig, Trainer
 
+from .helpers import method_configs
+
 BATCH = 48  # divisible by 2 and 3, so dp's shards are equal
 STEPS = 6
 
@@ -27,14 +29,8 @@ def _data():
 
 
 def _configs(k):
-    """Every registered method, and each staleness mode of those that have one."""
-    out = []
-    for m in all_methods():
-        modes = next((o.choices for o in m.options if o.name == "staleness"), None)
-        for opts in ([{"staleness": s} for s in modes] if modes else [{}]):
-            out.append(RunConfig(method=m.name, method_options=opts, model="tiny_resnet", splits=k,
-                                 dataset="synthetic", batch_size=BATCH, epochs=STEPS, lr=0.05, threads=1))
-    return out
+    return method_configs(k, model="tiny_resnet", dataset="synthetic", batch_size=BATCH, epochs=STEPS, lr=0.05,
+                          threads=1)
 
 
 def _train_distributed(rank, configs, root):

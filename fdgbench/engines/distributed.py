@@ -24,8 +24,6 @@ pipelining it through the stages.
 """
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Any
 
@@ -36,13 +34,12 @@ from torch import nn
 from ..data import EVAL_BATCH, BatchStream, Normalizer, eval_batches
 from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
-from ..schedule import COMPUTE, RECVS, SENDS, Action, Op
+from ..schedule import COMPUTE, RECVS, SENDS, Action, Op, message_key
 from ..stage import StageWorker
 from .compute import run_compute
 from .trace import Tracer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill" makes that rank fail there
 
 
 class DistributedEngine:
@@ -70,7 +67,7 @@ class DistributedEngine:
         self._inbox: dict[tuple[Op, int], torch.Tensor] = {}
         self._outbox: dict[tuple[Op, int], torch.Tensor] = {}
         self._sends: list[tuple[int, Any, torch.Tensor]] = []  # (iteration, work, tensor kept alive)
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV))
+        self._in_flight: list[dict[str, Any]] = []  # this iteration's latency-1 sends, for a checkpoint
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -99,8 +96,7 @@ class DistributedEngine:
     # -- training --------------------------------------------------------------------------------
 
     def run_iteration(self, t: int) -> None:
-        if self._fault and self._fault[:2] == (self.rank, t):
-            _inject(self._fault[2], self.rank, t)
+        self._in_flight = []
         plan = self.method.schedule(self.num_stages, t)[self.k]
         posted = {(a.op, a.batch): self._post_recv(a) for a in plan if a.op in RECVS}
         for action in plan:
@@ -129,17 +125,23 @@ class DistributedEngine:
                 self._outbox[(produced[0], b)] = produced[1]
         elif op in SENDS:
             tensor = self._outbox.pop((op, b)).contiguous()
-            if op is Op.SEND_ACT:
-                dst, group = self.rank + 1, self._act_groups[self.k]
-            else:
-                dst, group = self.rank - 1, self._grad_groups[self.k - 1]
-            self._sends.append((t, dist.isend(tensor, dst, group=group, tag=_tag(op, b)), tensor))
+            self._send(t, op, b, tensor)
+            if action.latency:
+                self._in_flight.append({"key": message_key(self.k, action), "sent_at": t,
+                                        "latency": action.latency, "tensor": tensor})
         else:  # a receive: wait for the buffer posted at the start of the iteration
             buf, work = posted[(op, b)]
             work.wait()
             if op is Op.RECV_ACT and buf.dim() == 4:
                 buf = buf.contiguous(memory_format=self.memory_format)
             self._inbox[(op, b)] = buf
+
+    def _send(self, t: int, op: Op, b: int, tensor: torch.Tensor) -> None:
+        if op is Op.SEND_ACT:
+            dst, group = self.rank + 1, self._act_groups[self.k]
+        else:
+            dst, group = self.rank - 1, self._grad_groups[self.k - 1]
+        self._sends.append((t, dist.isend(tensor, dst, group=group, tag=_tag(op, b)), tensor))
 
     def _reap_sends(self, t: int) -> None:
         """Forget finished sends; wait for any older than one iteration, which
@@ -215,6 +217,27 @@ class DistributedEngine:
         dist.barrier()
 
 
+    # -- checkpoints (between iterations; checkpoint.py) ----------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This rank's stage and the messages it sent that are still in flight
+        (the sender keeps them: the receiver has not taken them yet)."""
+        return {"stages": [self.worker.checkpoint_state()], "messages": self._in_flight}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Restore the stage and send the in-flight messages again; the
+        receivers post their receives for them in the next iteration, as in
+        the interrupted run."""
+        (stage_state,) = state["stages"]
+        self.worker.restore_state(stage_state)
+        self._in_flight = []
+        for m in state["messages"]:
+            kind, _, _, batch = m["key"]
+            tensor = m["tensor"].to(self.device)
+            self._send(m["sent_at"], Op.SEND_ACT if kind == "act" else Op.SEND_GRAD, batch, tensor)
+            self._in_flight.append({**m, "tensor": tensor})
+
+
 def _tag(op: Op, batch: int) -> int:
     return 2 * batch + (op in (Op.SEND_GRAD, Op.RECV_GRAD))
 
@@ -230,16 +253,3 @@ def _encode_spec(spec, device: torch.device) -> torch.Tensor:
 def _decode_spec(buf: torch.Tensor):
     values = buf.tolist()
     return tuple(values[1:1 + values[0]]), DTYPES[values[7]]
-
-
-def _parse_fault(text: str | None):
-    if not text:
-        return None
-    rank, iteration, mode = text.split(":")
-    return int(rank), int(iteration), mode
-
-
-def _inject(mode: str, rank: int, t: int) -> None:
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {t}")

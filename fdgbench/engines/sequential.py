@@ -88,3 +88,20 @@ class SequentialEngine:
 
     def finish(self, next_t: int) -> None:
         """Messages still in flight are dropped with the engine."""
+
+    # Checkpoints (between iterations; checkpoint.py)
+    def checkpoint_state(self) -> dict:
+        """Every stage's state and the messages in flight (sent, not yet received)."""
+        if self._outbox:
+            raise RuntimeError("checkpoint taken in the middle of an iteration")
+        messages = [{"key": key, "sent_at": sent_at, "latency": latency, "tensor": self._messages[key]}
+                    for key, (sent_at, latency) in self._mailbox.pending.items()]
+        return {"stages": [w.checkpoint_state() for w in self.workers], "messages": messages}
+
+    def restore_state(self, state: dict) -> None:
+        for worker, stage_state in zip(self.workers, state["stages"], strict=True):
+            worker.restore_state(stage_state)
+        for m in state["messages"]:
+            key = tuple(m["key"])
+            self._mailbox.pending[key] = (m["sent_at"], m["latency"])
+            self._messages[key] = m["tensor"].to(self.workers[key[2]].device)

@@ -1,0 +1,138 @@
+"""Checkpoints of a run in progress: written at the end of every epoch but
+the last, so an interrupted run resumes where it stopped and continues
+exactly as if it had not (tests/test_checkpoint.py checks that bit for bit).
+
+A decoupled pipeline is never drained, so "where it stopped" includes the
+batches in flight: each stage's held graphs (rebuilt on resume from their
+inputs and forward-time weights, staleness.py), the messages sent and not
+yet received, and whatever a method carries over (auxiliary nets, stored
+activations, accumulating gradients). Engines and workers say what that is
+(``checkpoint_state`` / ``restore_state``); this module only stores it.
+
+Layout, under the run directory::
+
+    checkpoint/epoch<E>/rank<r>.pt   one per process (the sequential engine is rank 0
+                                     and holds every stage): stages, messages, RNG
+    checkpoint/latest.json           {"epoch": E, "iteration": T, "ranks": R, "partition": ...}
+
+Every file is written under a temporary name and renamed (atomic on POSIX).
+``latest.json`` moves to epoch E only once every rank's file for E is in
+place, and epoch E-1's files are removed only after that, so a crash at any
+moment leaves one complete checkpoint that the pointer names.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+FOLDER = "checkpoint"
+POINTER = "latest.json"
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (nested dicts, lists and tuples of tensors) with every tensor on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def rng_state(devices: list[torch.device]) -> dict[str, Any]:
+    """Every generator a run might draw from (training itself draws from
+    none: batches and augmentation are seeded per iteration, data.py)."""
+    import numpy
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": numpy.random.get_state()}
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    if cuda:
+        state["cuda"] = {i: torch.cuda.get_rng_state(i) for i in cuda}
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    for index, cuda_state in state.get("cuda", {}).items():
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+def _folder(run_path: Path) -> Path:
+    return Path(run_path) / FOLDER
+
+
+def _part(run_path: Path, epoch: int, rank: int) -> Path:
+    return _folder(run_path) / f"epoch{epoch}" / f"rank{rank}.pt"
+
+
+def save_part(run_path: Path, epoch: int, rank: int, state: dict[str, Any]) -> None:
+    """This process's state after ``epoch`` epochs."""
+    path = _part(run_path, epoch, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def publish(run_path: Path, info: dict[str, Any]) -> None:
+    """Point ``latest.json`` at a checkpoint whose every part is written."""
+    tmp = _folder(run_path) / f".{POINTER}.tmp"
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(_folder(run_path) / POINTER)
+
+
+def prune(run_path: Path, keep_epoch: int, rank: int) -> None:
+    """Remove this rank's parts of checkpoints older than ``keep_epoch``
+    (each rank its own: on several nodes each may write to its own disk)."""
+    for folder in _folder(run_path).glob("epoch*"):
+        if folder.name[5:].isdigit() and int(folder.name[5:]) < keep_epoch:
+            (folder / f"rank{rank}.pt").unlink(missing_ok=True)
+            try:
+                folder.rmdir()  # once every rank has removed its part
+            except OSError:
+                pass
+
+
+def remove(run_path: Path) -> None:
+    """Drop every checkpoint (the run finished, or starts over)."""
+    shutil.rmtree(_folder(run_path), ignore_errors=True)
+
+
+def latest(run_path: Path) -> dict[str, Any] | None:
+    """The checkpoint a resume starts from, or None if there is none."""
+    path = _folder(run_path) / POINTER
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        int(info["epoch"]), int(info["iteration"]), int(info["ranks"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"the checkpoint pointer {path} is unreadable ({exc}); --force starts the run over") from None
+    return info
+
+
+def load_part(run_path: Path, epoch: int, rank: int) -> dict[str, Any]:
+    path = _part(run_path, epoch, rank)
+    if not path.is_file():
+        raise UserError(f"checkpoint part {path} is missing (was the run directory moved between machines?); "
+                        f"--force starts the run over")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise UserError(f"checkpoint part {path} is unreadable ({str(exc).splitlines()[0]}); "
+                        f"--force starts the run over") from None
