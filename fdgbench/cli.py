@@ -47,6 +47,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--max-steps", type=int, help="stop after this many iterations (smoke runs)"),
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option("--lr", type=float, default=0.1, show_default=True),
+        click.option("--warmup-epochs", type=int, default=0, show_default=True,
+                     help="train the first N epochs at lr/10, then at --lr (the FDG authors' code has a 3-epoch "
+                          "--warm-up, off by default; the paper states none)"),
         click.option("--momentum", type=float, default=0.9, show_default=True),
         click.option("--weight-decay", type=float, default=5e-4, show_default=True),
         click.option("--nesterov/--no-nesterov", default=False, show_default=True),
@@ -98,6 +101,7 @@ def _config(method: str, kw: dict[str, Any]) -> RunConfig:
                      partition=kw["partition"], split_at=_csv(kw["split_at"]), dataset=kw["dataset"],
                      train_subset=kw["train_subset"], test_subset=kw["test_subset"], epochs=kw["epochs"],
                      max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"], momentum=kw["momentum"],
+                     warmup_epochs=kw["warmup_epochs"],
                      weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], seed=kw["seed"],
                      device=kw["device"], stage_devices=_csv(kw["stage_devices"]), amp=kw["amp"],
                      channels_last=kw["channels_last"], threads=kw["threads"], engine=kw["engine"])

@@ -68,12 +68,22 @@ class RunConfig:
     channels_last: bool = False
     threads: int | None = None  # intra-op threads of each process (each rank, on the distributed engine)
     engine: str = "sequential"
+    warmup_epochs: int = 0  # the first N epochs at lr / 10 (the FDG authors' code's --warm-up: 3)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("split_at", "stage_devices"):
             d[key] = list(d[key]) if d[key] is not None else None
+        # Fields added after runs were recorded are left out at their defaults,
+        # so the config (and the run directory's hash-based name) of every
+        # earlier run is unchanged.
+        for key, default in ADDED_LATER.items():
+            if d[key] == default:
+                del d[key]
         return d
+
+
+ADDED_LATER = {"warmup_epochs": 0}
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -83,6 +93,8 @@ def check_config(cfg: RunConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if cfg.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be at least 0, got {cfg.warmup_epochs}")
     if not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
@@ -143,9 +155,11 @@ def _agree_on(partition):
     return box[0]
 
 
-def lr_at(t: int, base_lr: float, planned_steps: int) -> float:
+def lr_at(t: int, base_lr: float, planned_steps: int, warmup_steps: int = 0) -> float:
+    """The paper's step schedule; during a warm-up, a tenth of it (as the FDG
+    authors' code and He et al.'s ResNet-110 warm up)."""
     drops = sum(t >= round(f * planned_steps) for f in LR_MILESTONES)
-    return base_lr * 0.1 ** drops
+    return base_lr * 0.1 ** drops * (0.1 if t < warmup_steps else 1.0)
 
 
 class Trainer:
@@ -219,6 +233,7 @@ class Trainer:
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
+        self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
         # Forwards this close to a checkpoint keep their weights (their batches may still be in flight there).
         self.hold_span = hold_span(self.method.schedule, self.num_stages)
         self._fault = _parse_fault(os.environ.get(FAULT_ENV))
@@ -288,7 +303,7 @@ class Trainer:
                 self._sync()
                 t0 = time.perf_counter()
                 for t in range(first, last):
-                    lr = lr_at(t, self.cfg.lr, self.planned_steps)
+                    lr = lr_at(t, self.cfg.lr, self.planned_steps, self.warmup_steps)
                     for w in self.workers:
                         w.set_lr(lr)
                         w.keep_forward_weights(checkpointing and t >= last - self.hold_span)

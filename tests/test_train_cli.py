@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fdgbench.runs import RunDirectory, config_hash
-from fdgbench.train import LR_MILESTONES, lr_at
+from fdgbench.train import LR_MILESTONES, RunConfig, lr_at
 
 from .conftest import ROOT, needs_offline_cifar10
 
@@ -78,6 +78,22 @@ def test_lr_schedule_drops_at_the_paper_milestones():
     assert [lr_at(e * 390, 0.1, planned) for e in (0, 149, 150, 224, 225, 274, 275, 299)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
     assert LR_MILESTONES[-1] * 300 == pytest.approx(275)
+    # A 3-epoch warm-up: lr / 10 for epochs 0-2, then the schedule.
+    assert [lr_at(e * 390, 0.1, planned, 3 * 390) for e in (0, 2, 3, 150)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
+
+
+def test_a_warm_up_is_recorded_and_leaves_earlier_run_names_alone(cli, tmp_path):
+    # Run directories recorded before --warmup-epochs existed keep their names (the option is
+    # left out of the config, and of its hash, at its default 0).
+    assert RunDirectory.for_config("r", RunConfig().to_dict()).path.name == "fdg-resnet56-K2-ec02328be9"
+    assert "warmup_epochs" not in RunConfig().to_dict()
+    # 12 planned epochs (the first lr drop at epoch 6), 3 trained.
+    status, _, err = cli("run", "--method", "bp", *TINY, "--epochs", "12", "--max-steps", "24", "--warmup-epochs", "1",
+                         "--out", tmp_path)
+    assert status == 0, err
+    run = _only_run(tmp_path)
+    assert [m["lr"] for m in run.metrics()] == pytest.approx([0.01, 0.1, 0.1])
+    assert run.read_json("config.json")["warmup_epochs"] == 1
 
 
 @pytest.mark.parametrize("args,message", [
@@ -90,6 +106,7 @@ def test_lr_schedule_drops_at_the_paper_milestones():
     (["run", "--method", "bp", "--beta", "0.5"], "--beta is an option of fdg, adl, not bp"),
     (["run", "--staleness", "old"], "Invalid value for '--staleness'"),
     (["run", "--epochs", "0"], "--epochs must be at least 1"),
+    (["run", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
     (["run", "--epochs", "many"], "'many' is not a valid integer"),
     (["run", "--device", "cuda:7"], "cuda:7"),
     (["run", "--device", "tpu"], "device"),

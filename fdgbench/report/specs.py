@@ -15,7 +15,8 @@ from ..train import RunConfig
 
 SPEC_DIR = PROJECT_ROOT / "paper_tables"
 PRESETS = ("full", "quick", "smoke")
-RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads")
+RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads",
+              "warmup_epochs")
 
 
 @dataclass(frozen=True)
