@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .runs import write_atomically
 
 FOLDER = "checkpoint"
 POINTER = "latest.json"
@@ -84,16 +85,13 @@ def save_part(run_path: Path, epoch: int, rank: int, state: dict[str, Any]) -> N
     """This process's state after ``epoch`` epochs."""
     path = _part(run_path, epoch, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def publish(run_path: Path, info: dict[str, Any]) -> None:
     """Point ``latest.json`` at a checkpoint whose every part is written."""
-    tmp = _folder(run_path) / f".{POINTER}.tmp"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    tmp.replace(_folder(run_path) / POINTER)
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    write_atomically(_folder(run_path) / POINTER, lambda tmp: tmp.write_text(text))
 
 
 def prune(run_path: Path, keep_epoch: int, rank: int) -> None:

@@ -6,6 +6,7 @@ run trains, ``checkpoint/`` holds its latest epoch's checkpoint
 (checkpoint.py); it is removed when the run ends."""
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -16,13 +17,24 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# What a finished (or diverged) run leaves beside its records; cleared when it starts over or resumes.
+OUTCOME_FILES = ("summary.json", "done", "trace.json")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(temporary path)`` and a rename (atomic
+    on POSIX): a reader, or a run resumed after a crash, sees the old file or
+    the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -43,26 +55,30 @@ class RunDirectory:
     def is_done(self) -> bool:
         return (self.path / "done").is_file()
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OS error while writing the directory is one user-facing line."""
+        try:
+            yield
+        except OSError as exc:
+            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
+
     def ensure_writable(self) -> None:
         """Fail before any work if the directory cannot be created or written."""
-        try:
+        with self._writing():
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
             probe.write_text("")
             probe.unlink()
-        except OSError as exc:
-            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
 
     def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
         """Create (or reset) the directory for a fresh run."""
-        try:
+        with self._writing():
             self.path.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "summary.json", "done", "trace.json"):
+            for name in ("metrics.jsonl", *OUTCOME_FILES):
                 (self.path / name).unlink(missing_ok=True)
             self.write_json("config.json", config)
             self.write_json("env.json", env)
-        except OSError as exc:
-            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
 
     def resume(self, epochs: int, env: dict[str, Any]) -> list[dict[str, Any]]:
         """Continue the run from its checkpoint after ``epochs`` epochs: records
@@ -70,30 +86,26 @@ class RunDirectory:
         checkpoint) are dropped, env.json gains an entry under "resumed".
         Returns the kept records."""
         history = self.metrics()[:epochs]
-        try:
-            tmp = self.path / ".metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in history))
-            tmp.replace(self.path / "metrics.jsonl")
-            for name in ("summary.json", "done", "trace.json"):
+        with self._writing():
+            text = "".join(_metrics_line(record) for record in history)
+            write_atomically(self.path / "metrics.jsonl", lambda tmp: tmp.write_text(text))
+            for name in OUTCOME_FILES:
                 (self.path / name).unlink(missing_ok=True)
             first = self.read_json("env.json")
             first.setdefault("resumed", []).append({"after_epoch": epochs, **env})
             self.write_json("env.json", first)
-        except OSError as exc:
-            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
         return history
 
     def write_json(self, name: str, obj: Any) -> None:
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(self.path / name)
+        text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+        write_atomically(self.path / name, lambda tmp: tmp.write_text(text))
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(_metrics_line(record))
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
@@ -103,9 +115,7 @@ class RunDirectory:
         """Stage k's final weights and buffers (each rank saves its own)."""
         folder = self.path / "stages"
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".stage{k}.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / f"stage{k}.pt")
+        write_atomically(folder / f"stage{k}.pt", lambda tmp: torch.save(state, tmp))
 
     def load_stage(self, k: int) -> dict[str, torch.Tensor]:
         return torch.load(self.path / "stages" / f"stage{k}.pt", map_location="cpu")
@@ -113,6 +123,10 @@ class RunDirectory:
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)
         (self.path / "done").write_text(datetime.now(timezone.utc).isoformat() + "\n")
+
+
+def _metrics_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
 
 
 def git_revision() -> dict[str, Any]:

@@ -102,14 +102,13 @@ class KeptGraph:
         """Rebuild the held batches' graphs (the module holds the live state)."""
         live = [p.detach().clone() for p in self._params]
         buffers = [b.detach().clone() for b in self.module.buffers()]
+        armed, self.snapshot = self.snapshot, True  # rebuilt batches keep their weights for the next checkpoint
         for entry in held:
             x = entry["input"].detach().requires_grad_(entry["input_grad"])
             for p, w in zip(self._params, entry["weights"]):
                 p.data.copy_(w)  # .data: no version bump, so the rebuilt graph stays usable
-            was = self.snapshot
-            self.snapshot = True
             self.forward(entry["batch"], x)
-            self.snapshot = was
+        self.snapshot = armed
         # Put back what the rebuilding forwards changed: the weights and BN's
         # running statistics (which BN's graph also refers to).
         for tensor, saved in zip([*self._params, *self.module.buffers()], live + buffers):

@@ -148,9 +148,9 @@ def stage_devices(cfg: RunConfig) -> list[torch.device]:
     return [parse_device(cfg.device)] * cfg.splits
 
 
-def _agree_on(partition):
-    """Rank 0's partition, on every rank."""
-    box = [partition]
+def _from_rank0(value):
+    """Rank 0's ``value`` (any picklable object), on every rank."""
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -180,6 +180,8 @@ class Trainer:
         check_config(cfg)
         self.cfg = cfg
         self.rank = rank
+        # This process among the run's processes (the sequential engine is one).
+        self.process, self.processes = (0, 1) if rank is None else (rank, dist.get_world_size())
         self.resume = resume
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -203,7 +205,7 @@ class Trainer:
             self.partition = make_partition(model.to(self.devices[0]), self.num_stages, cfg.partition,
                                             list(cfg.split_at) if cfg.split_at else None, sample=sample)
             if rank is not None and self.num_stages > 1:
-                self.partition = _agree_on(self.partition)  # measured (time) partitions differ between ranks
+                self.partition = _from_rank0(self.partition)  # measured (time) partitions differ between ranks
         self.partition_text = self.partition.describe(model.block_names)
         self.block_names = list(model.block_names)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
@@ -265,9 +267,8 @@ class Trainer:
         threads = torch.get_num_threads()
         if self.rank is None:
             return f"sequential engine, {threads} thread(s)"
-
         role = "replicas" if self.method.data_parallel else "ranks, one per stage"
-        return f"distributed engine ({dist.get_backend()}), {dist.get_world_size()} {role}, {threads} thread(s) each"
+        return f"distributed engine ({dist.get_backend()}), {self.processes} {role}, {threads} thread(s) each"
 
     def fit(self, run: RunDirectory, progress: bool | None = None, tracker: WandbTracker | None = None) -> dict[str, Any]:
         """Train to the end (or divergence), writing the run directory (rank 0
@@ -307,7 +308,7 @@ class Trainer:
                     for w in self.workers:
                         w.set_lr(lr)
                         w.keep_forward_weights(checkpointing and t >= last - self.hold_span)
-                    if self._fault and self._fault[:2] == (self.rank or 0, t):
+                    if self._fault and self._fault[:2] == (self.process, t):
                         _inject(self._fault[2], t)
                     self.engine.run_iteration(t)
                     self.steps_done = t + 1
@@ -361,16 +362,16 @@ class Trainer:
         start = time.perf_counter()
         state = {"epoch": epochs_done, "iteration": next_t, "engine": self.engine.checkpoint_state(),
                  "rng": checkpoint.rng_state(self.devices)}
-        checkpoint.save_part(run.path, epochs_done, self.rank or 0, state)
+        checkpoint.save_part(run.path, epochs_done, self.process, state)
         self._barrier()
         if self.engine.is_primary:
             checkpoint.publish(run.path, {
                 "epoch": epochs_done, "iteration": next_t,
-                "ranks": dist.get_world_size() if self.rank is not None else 1,
+                "ranks": self.processes,
                 "partition": {"starts": list(self.partition.starts), "strategy": self.partition.strategy},
                 "written": datetime.now(timezone.utc).isoformat()})
         self._barrier()
-        checkpoint.prune(run.path, epochs_done, self.rank or 0)
+        checkpoint.prune(run.path, epochs_done, self.process)
         self.checkpoint_seconds += time.perf_counter() - start
 
     def _restore(self, run: RunDirectory) -> list[dict[str, Any]]:
@@ -378,26 +379,25 @@ class Trainer:
         returns the history of the epochs before it (rank 0's records)."""
         info = self.resume
         epochs_done, next_t = int(info["epoch"]), int(info["iteration"])
-        ranks = dist.get_world_size() if self.rank is not None else 1
-        if info["ranks"] != ranks:
+        if info["ranks"] != self.processes:
             raise UserError(f"the checkpoint in {run.path} was written by {info['ranks']} process(es), "
-                            f"this run has {ranks}; --force starts the run over")
+                            f"this run has {self.processes}; --force starts the run over")
         if next_t != epochs_done * self.steps_per_epoch:
             raise UserError(f"the checkpoint in {run.path} is at iteration {next_t}, not at the end of epoch "
                             f"{epochs_done} of this run's data; --force starts the run over")
-        state = checkpoint.load_part(run.path, epochs_done, self.rank or 0)
+        state = checkpoint.load_part(run.path, epochs_done, self.process)
         self.engine.restore_state(state["engine"])
         checkpoint.set_rng_state(state["rng"])
         self.steps_done = next_t
-        history: list[Any] = [None]
+        history = None
         if self.engine.is_primary:
-            history[0] = run.resume(epochs_done, environment(self.devices, self.cfg.seed))
+            history = run.resume(epochs_done, environment(self.devices, self.cfg.seed))
         if self.rank is not None:
-            dist.broadcast_object_list(history, src=0)
-        if len(history[0]) != epochs_done:
-            raise UserError(f"{run.path}/metrics.jsonl has {len(history[0])} epochs, the checkpoint "
+            history = _from_rank0(history)
+        if len(history) != epochs_done:
+            raise UserError(f"{run.path}/metrics.jsonl has {len(history)} epochs, the checkpoint "
                             f"{epochs_done}; --force starts the run over")
-        return history[0]
+        return history
 
     def _write_trace(self, run: RunDirectory) -> None:
         spans = self.tracer.spans
