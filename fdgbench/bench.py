@@ -85,12 +85,12 @@ def bench_step(model: str, splits: list[int], batch_size: int, iterations: int, 
 
     def timed(i: int, n: int) -> float:
         tr = trainers[i]
-        tr._sync()
+        tr.sync_compute()
         t0 = time.perf_counter()
         for _ in range(n):
             tr.engine.run_iteration(next_t[i])
             next_t[i] += 1
-        tr._sync()
+        tr.sync_compute()
         return (time.perf_counter() - t0) / n
 
     for i, (_, k, _) in enumerate(configs):
@@ -135,10 +135,10 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
         trainer = Trainer(cfg, dataset=data, tracer=tracer)
         for t in range(2 + iterations):
             if t == 2:
-                trainer._sync()
+                trainer.sync_compute()
                 tracer.start()
             trainer.engine.run_iteration(t)
-        trainer._sync()
+        trainer.sync_compute()
     finally:
         torch.set_num_threads(saved_threads)
     med = summarize_spans(tracer.spans)
@@ -212,13 +212,13 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
                       tracer=tracer)
     for t in range(warmup):
         trainer.engine.run_iteration(t)
-    trainer._sync()
+    trainer.sync_compute()
     dist.barrier()
     tracer.start()
     t0 = time.perf_counter()
     for t in range(warmup, warmup + iterations):
         trainer.engine.run_iteration(t)
-    trainer._sync()
+    trainer.sync_compute()
     trainer.engine.finish(warmup + iterations)
     elapsed = time.perf_counter() - t0
     busy = sum(s.duration for s in tracer.spans if s.category in ("forward", "backward", "local", "update"))
@@ -232,11 +232,11 @@ def _timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: 
         trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size))
         for t in range(warmup):
             trainer.engine.run_iteration(t)
-        trainer._sync()
+        trainer.sync_compute()
         t0 = time.perf_counter()
         for t in range(warmup, warmup + iterations):
             trainer.engine.run_iteration(t)
-        trainer._sync()
+        trainer.sync_compute()
         return time.perf_counter() - t0
     finally:
         torch.set_num_threads(saved)

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import torch
 
 from . import checkpoint
 from .data import load_dataset
 from .errors import DivergedError, UserError, WorkerFailedError
 from .method import all_methods, all_options, make_method
 from .partition import STRATEGIES
-from .engines.launch import init_process_group, spawn_ranks, under_torchrun
+from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
 from .engines.trace import Tracer
 from .runs import RunDirectory
 from .tracking import WandbTracker
@@ -58,6 +59,9 @@ def training_options(f: Callable) -> Callable:
         click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
         click.option("--amp", default="off", show_default=True, help="off or bf16 (autocast, fp32 weights)"),
         click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
+        click.option("--deterministic", is_flag=True,
+                     help="bit-reproducible numerics: cuDNN deterministic, no TF32, data-parallel gradients summed "
+                          "in rank order (for parity and resume checks on GPUs; slower)"),
         click.option("--engine", default="sequential", show_default=True, type=click.Choice(ENGINES),
                      help="sequential: every stage in this process; distributed: one torch.distributed rank per "
                           "stage (under torchrun, or spawned here)"),
@@ -104,7 +108,8 @@ def _config(method: str, kw: dict[str, Any]) -> RunConfig:
                      warmup_epochs=kw["warmup_epochs"],
                      weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], seed=kw["seed"],
                      device=kw["device"], stage_devices=_csv(kw["stage_devices"]), amp=kw["amp"],
-                     channels_last=kw["channels_last"], threads=kw["threads"], engine=kw["engine"])
+                     channels_last=kw["channels_last"], threads=kw["threads"], engine=kw["engine"],
+                     deterministic=kw["deterministic"])
 
 
 def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
@@ -152,7 +157,10 @@ def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, b
     flags). Rank 0 decides whether the run is already done."""
     import torch.distributed as dist
 
-    init_process_group(parse_device(cfg.device))
+    device = parse_device(cfg.device)
+    check_ranks_fit(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                    torch.cuda.device_count() if device.type == "cuda" else 0)
+    init_process_group(device, int(os.environ["LOCAL_RANK"]))
     try:
         if dist.get_world_size() != cfg.splits:
             raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "

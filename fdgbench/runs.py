@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .numerics import numerics_settings
+
 from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +164,7 @@ def environment(devices: list[torch.device], seed: int) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "devices": [str(d) for d in devices],
         "git": git_revision(),
+        "numerics": numerics_settings(),
     }
     if any(d.type == "cuda" for d in devices):
         env["cuda"] = torch.version.cuda

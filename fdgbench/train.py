@@ -27,7 +27,9 @@ from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
 from .method import make_method
 from .models import build_model, count_parameters
+from .numerics import configure_numerics
 from .optim import SGDConfig
+from .replicas import ordered_mean_hook
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, environment
 from .schedule import hold_span
@@ -38,7 +40,7 @@ from .tracking import WandbTracker
 LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
 ENGINES = ("sequential", "distributed")
 CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
-FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill" makes that rank fail there
+FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill|stop" makes that rank fail there
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class RunConfig:
     threads: int | None = None  # intra-op threads of each process (each rank, on the distributed engine)
     engine: str = "sequential"
     warmup_epochs: int = 0  # the first N epochs at lr / 10 (the FDG authors' code's --warm-up: 3)
+    # Bit-reproducible numerics where a faster kernel or reduction would not be
+    # (numerics.py): cuDNN deterministic, no TF32, replicas' gradients summed in order.
+    deterministic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,7 +88,7 @@ class RunConfig:
         return d
 
 
-ADDED_LATER = {"warmup_epochs": 0}
+ADDED_LATER = {"warmup_epochs": 0, "deterministic": False}
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -185,6 +190,7 @@ class Trainer:
         self.resume = resume
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        configure_numerics(cfg.deterministic)
         seed_everything(cfg.seed)
         self.method = make_method(cfg.method, **cfg.method_options)
         # A data-parallel method keeps the model whole and replicates it K times.
@@ -249,6 +255,8 @@ class Trainer:
         if replicated and self.rank is not None:  # this rank is one replica; DDP averages the gradients
             device = self.devices[k]
             module = DistributedDataParallel(stage, device_ids=[device] if device.type == "cuda" else None)
+            if cfg.deterministic:  # sum the replicas' gradients in rank order, as the sequential replay does
+                module.register_comm_hook(None, ordered_mean_hook)
         ctx = StageContext(k, self.num_stages, module, self.devices[k],
                            SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov), amp_dtype=self.amp_dtype,
                            output_shape=output_shape, num_classes=self.dataset.num_classes, seed=cfg.seed,
@@ -301,7 +309,7 @@ class Trainer:
                 first = epoch * self.steps_per_epoch
                 last = min(first + self.steps_per_epoch, self.total_steps)
                 checkpointing = epoch + 1 < epochs  # the last epoch ends the run instead
-                self._sync()
+                self.sync_compute()
                 t0 = time.perf_counter()
                 for t in range(first, last):
                     lr = lr_at(t, self.cfg.lr, self.planned_steps, self.warmup_steps)
@@ -314,7 +322,7 @@ class Trainer:
                     self.steps_done = t + 1
                     if (t + 1) % CHECK_EVERY == 0 or t + 1 == last:
                         self._check_progress(t, bar, t0, first)
-                self._sync()
+                self.sync_compute()
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
                 train = summarize_totals(self.engine.train_totals())
@@ -454,10 +462,19 @@ class Trainer:
                              if history and train_seconds else None),
         }
 
-    def _sync(self) -> None:
+    def sync_compute(self) -> None:
+        """Wait until this process's computation has finished on its devices
+        (for timing, and before an epoch's clock starts and stops).
+
+        Only the compute stream is waited for, never the whole device:
+        torch.cuda.synchronize(device) also waits for NCCL's streams, and a
+        send of the last iteration whose message exceeds NCCL's internal
+        buffering (4 MiB for ResNet-56 at batch 128) completes only when the
+        peer posts the matching receive at the start of its next iteration;
+        both ranks would block here until the watchdog killed the run."""
         for d in dict.fromkeys(self.devices):
             if d.type == "cuda":
-                torch.cuda.synchronize(d)
+                torch.cuda.current_stream(d).synchronize()
 
 
 def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress: bool | None, trace: bool,
@@ -487,8 +504,9 @@ def _parse_fault(text: str | None):
 
 
 def _inject(mode: str, t: int) -> None:
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if mode in ("kill", "stop"):  # stop: the process hangs (SIGSTOP) without dying
+        os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+        return
     raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {t}")
 
 

@@ -6,46 +6,47 @@ BN normalises each shard with its own statistics.
 
 On the distributed engine each rank is a replica and DistributedDataParallel
 averages the gradients (its all-reduce overlaps the backward). On the
-sequential engine the K shards run one after another through one model and
-the mean of their losses is back-propagated: the same gradient, summed in a
-different order. BN running statistics (used only for evaluation) differ:
-DDP keeps rank 0's, updated by its shard once per step; the sequential
-replay updates them with every shard.
+sequential engine the K shards run one after another through one model,
+each with its own forward, loss and backward, and their gradients are
+averaged in shard order (fdgbench/replicas.py: the one definition of the
+mean both engines compute). BN running statistics (used only for
+evaluation) differ: DDP keeps rank 0's, updated by its shard once per step;
+the sequential replay updates them with every shard.
 """
-from dataclasses import replace
-
-import torch
-from torch import nn
 
 from fdgbench.method import register
+from fdgbench.replicas import ordered_mean
 from fdgbench.stage import StageWorker
 
 from .bp import BP
 
 
-class ShardedForward(nn.Module):
-    """All K replicas in one process: each shard goes through the model on
-    its own (its own BN batch statistics), the outputs are concatenated."""
-
-    def __init__(self, module: nn.Module, shards: int):
-        super().__init__()
-        self.module, self.shards = module, shards
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.module(part) for part in x.chunk(self.shards)])
-
-
 class ReplicaWorker(StageWorker):
-    def __init__(self, ctx):
-        if ctx.replica is None:
-            ctx = replace(ctx, module=ShardedForward(ctx.module, ctx.replicas))
-        super().__init__(ctx)
+    """One replica (``ctx.replica`` set: this process trains its own shard),
+    or all of them in turn (``ctx.replica`` None: the sequential engine)."""
 
     def forward(self, batch, x, labels):
+        shards = zip(x.chunk(self.ctx.replicas), labels.chunk(self.ctx.replicas))
         if self.ctx.replica is not None:  # this process is one replica: its own shard only
-            x = x.chunk(self.ctx.replicas)[self.ctx.replica]
-            labels = labels.chunk(self.ctx.replicas)[self.ctx.replica]
-        return super().forward(batch, x, labels)
+            x, labels = list(shards)[self.ctx.replica]
+            return super().forward(batch, x, labels)
+        for r, (xr, yr) in enumerate(shards):  # each shard's graph is held under (batch, shard)
+            super().forward((batch, r), xr, yr)
+        return None
+
+    def backward(self, batch, grad):
+        if self.ctx.replica is not None:
+            return super().backward(batch, grad)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        per_shard = []
+        for r in range(self.ctx.replicas):
+            for p in params:
+                p.grad = None
+            super().backward((batch, r), grad)
+            per_shard.append([p.grad for p in params])
+        for p, grads in zip(params, zip(*per_shard)):
+            p.grad = ordered_mean(grads)
+        return None
 
 
 @register

@@ -9,6 +9,22 @@ boundary has two process groups, one per direction: activations and
 gradients never share a stream (on NCCL, a receive queued behind a send on
 one stream can deadlock against the neighbour's mirror image).
 
+Every process group is created and used once up front, in one fixed order
+on every rank (``_warm_up_groups``): NCCL builds a communicator lazily at a
+group's first use, which blocks until both ranks reach it; first uses in
+mid-training (iteration 1 or 2, the first evaluation) while other groups'
+kernels run can deadlock.
+
+Messages travel in one wire layout on both ends (``_to_wire``/``_from_wire``):
+default-contiguous, so gloo accepts them, and for ``--channels-last`` the
+NHWC tensor's own bytes viewed as an (N, H, W, C) array, so no copy is made
+and NCCL cannot deliver NHWC bytes into an NCHW buffer.
+
+Receives are waited with the run's timeout (``FDGBENCH_DIST_TIMEOUT``) on gloo,
+whose waits are otherwise unbounded: a rank that stops (SIGSTOP, a hang)
+makes its neighbours fail instead of waiting forever. On NCCL the watchdog
+enforces the same timeout (the process group's) and tears the group down.
+
 Message shapes are exchanged once up front: rank k receives its input's
 (shape, dtype) from rank k-1, runs its stage once on zeros (eval mode, no
 gradient) to learn its output's, and passes that on. Gradients have the
@@ -37,6 +53,7 @@ from ..method import Method
 from ..schedule import COMPUTE, RECVS, SENDS, Action, Op, message_key
 from ..stage import StageWorker
 from .compute import run_compute
+from .launch import dist_timeout
 from .trace import Tracer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,6 +80,9 @@ class DistributedEngine:
         self._grad_groups = [dist.new_group([b, b + 1]) for b in boundaries]
         # Evaluation has its own groups: training activations may still be in flight when it starts.
         self._eval_groups = [dist.new_group([b, b + 1]) for b in boundaries]
+        self._warm_up_groups()
+        # gloo's waits are unbounded unless given a timeout; NCCL's watchdog has the group's (see above).
+        self._wait_timeout = dist_timeout() if dist.get_backend() == "gloo" else None
         self._in_spec, self._out_spec = self._exchange_specs(stream.batch_size, input_shape)
         self._inbox: dict[tuple[Op, int], torch.Tensor] = {}
         self._outbox: dict[tuple[Op, int], torch.Tensor] = {}
@@ -71,12 +91,52 @@ class DistributedEngine:
 
     # -- set-up ----------------------------------------------------------------------------------
 
+    def _warm_up_groups(self) -> None:
+        """Use every group this rank belongs to once, boundary by boundary in
+        the same order on every rank (no cycle: rank k waits for boundary k-1
+        before it reaches boundary k), so every communicator exists before
+        training starts."""
+        one = torch.ones(1, device=self.device)
+        for b in range(self.num_stages - 1):
+            if self.rank in (b, b + 1):
+                for groups in (self._act_groups, self._grad_groups, self._eval_groups):
+                    dist.all_reduce(one, group=groups[b])
+
+    def _wait(self, work) -> None:
+        if self._wait_timeout is None:
+            work.wait()
+        else:
+            work.wait(self._wait_timeout)
+
+    def _recv(self, buf: torch.Tensor, src: int, group) -> None:
+        self._wait(dist.irecv(buf, src, group=group))
+
+    def _wire_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised receive buffer in the wire layout of ``shape``."""
+        if len(shape) == 4 and self.memory_format == torch.channels_last:
+            n, c, h, w = shape
+            return torch.empty((n, h, w, c), dtype=dtype, device=self.device)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _from_wire(self, buf: torch.Tensor) -> torch.Tensor:
+        """The received tensor in the stage's layout (a view, no copy)."""
+        if buf.dim() == 4 and self.memory_format == torch.channels_last:
+            return buf.permute(0, 3, 1, 2)  # NHWC bytes as an NCHW-shaped channels-last tensor
+        return buf
+
+    def _to_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as default-contiguous bytes in the wire layout (no copy
+        when it is already in the stage's layout)."""
+        if tensor.dim() == 4 and self.memory_format == torch.channels_last:
+            return tensor.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return tensor.contiguous()
+
     def _exchange_specs(self, batch_size: int, input_shape: tuple[int, ...]):
         k, last = self.k, self.num_stages - 1
         in_spec = ((batch_size, *input_shape), torch.float32)
         if k > 0:
             buf = torch.zeros(8, dtype=torch.int64, device=self.device)
-            dist.recv(buf, self.rank - 1, group=self._act_groups[k - 1])
+            self._recv(buf, self.rank - 1, self._act_groups[k - 1])
             in_spec = _decode_spec(buf)
         out_spec = None
         if k < last:
@@ -86,10 +146,8 @@ class DistributedEngine:
             dist.send(_encode_spec(out_spec, self.device), self.rank + 1, group=self._act_groups[k])
         return in_spec, out_spec
 
-    def _zeros(self, spec, batch: int | None = None) -> torch.Tensor:
+    def _zeros(self, spec) -> torch.Tensor:
         shape, dtype = spec
-        if batch is not None:
-            shape = (batch, *shape[1:])
         x = torch.zeros(shape, dtype=dtype, device=self.device)
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
@@ -108,11 +166,10 @@ class DistributedEngine:
 
     def _post_recv(self, action: Action):
         if action.op is Op.RECV_ACT:
-            buf, src, group = torch.empty(self._in_spec[0], dtype=self._in_spec[1], device=self.device), \
-                self.rank - 1, self._act_groups[self.k - 1]
-        else:
-            buf, src, group = torch.empty(self._out_spec[0], dtype=self._out_spec[1], device=self.device), \
-                self.rank + 1, self._grad_groups[self.k]
+            spec, src, group = self._in_spec, self.rank - 1, self._act_groups[self.k - 1]
+        else:  # a gradient has the shape of the activation it belongs to
+            spec, src, group = self._out_spec, self.rank + 1, self._grad_groups[self.k]
+        buf = self._wire_buffer(*spec)
         return buf, dist.irecv(buf, src, group=group, tag=_tag(action.op, action.batch))
 
     def _run(self, t: int, action: Action, posted: dict) -> None:
@@ -124,17 +181,15 @@ class DistributedEngine:
             if produced is not None:
                 self._outbox[(produced[0], b)] = produced[1]
         elif op in SENDS:
-            tensor = self._outbox.pop((op, b)).contiguous()
-            self._send(t, op, b, tensor)
-            if action.latency:
+            tensor = self._outbox.pop((op, b))
+            self._send(t, op, b, self._to_wire(tensor))
+            if action.latency:  # kept in the stage's layout: a checkpoint restores it through _to_wire again
                 self._in_flight.append({"key": message_key(self.k, action), "sent_at": t,
                                         "latency": action.latency, "tensor": tensor})
         else:  # a receive: wait for the buffer posted at the start of the iteration
             buf, work = posted[(op, b)]
-            work.wait()
-            if op is Op.RECV_ACT and buf.dim() == 4:
-                buf = buf.contiguous(memory_format=self.memory_format)
-            self._inbox[(op, b)] = buf
+            self._wait(work)
+            self._inbox[(op, b)] = self._from_wire(buf)
 
     def _send(self, t: int, op: Op, b: int, tensor: torch.Tensor) -> None:
         if op is Op.SEND_ACT:
@@ -149,7 +204,7 @@ class DistributedEngine:
         kept = []
         for sent_at, work, tensor in self._sends:
             if sent_at < t:
-                work.wait()
+                self._wait(work)
             elif not work.is_completed():
                 kept.append((sent_at, work, tensor))
         self._sends = kept
@@ -191,16 +246,17 @@ class DistributedEngine:
                 if batches is not None:
                     x, _ = next(batches)
                 else:
-                    x = self._zeros(self._in_spec, n)
-                    dist.recv(x, self.rank - 1, group=self._eval_groups[self.k - 1])
+                    buf = self._wire_buffer((n, *self._in_spec[0][1:]), self._in_spec[1])
+                    self._recv(buf, self.rank - 1, self._eval_groups[self.k - 1])
+                    x = self._from_wire(buf)
                 y = eval_forward(self.stage, x, self.device, self.amp_dtype)
                 if last:
                     score.add(y, labels[start:start + n])
                 else:
-                    y = y.contiguous()
+                    y = self._to_wire(y)
                     sends.append((dist.isend(y, self.rank + 1, group=self._eval_groups[self.k]), y))
         for work, _ in sends:
-            work.wait()
+            self._wait(work)
         return score.result() if last else None
 
     def finish(self, next_t: int) -> None:
@@ -210,9 +266,9 @@ class DistributedEngine:
         plan = self.method.schedule(self.num_stages, next_t)[self.k]
         for action in plan:
             if action.op in RECVS and action.latency:
-                self._post_recv(action)[1].wait()
+                self._wait(self._post_recv(action)[1])
         for _, work, _ in self._sends:
-            work.wait()
+            self._wait(work)
         self._sends.clear()
         dist.barrier()
 
@@ -234,7 +290,7 @@ class DistributedEngine:
         for m in state["messages"]:
             kind, _, _, batch = m["key"]
             tensor = m["tensor"].to(self.device)
-            self._send(m["sent_at"], Op.SEND_ACT if kind == "act" else Op.SEND_GRAD, batch, tensor)
+            self._send(m["sent_at"], Op.SEND_ACT if kind == "act" else Op.SEND_GRAD, batch, self._to_wire(tensor))
             self._in_flight.append({**m, "tensor": tensor})
 
 

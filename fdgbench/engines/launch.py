@@ -36,25 +36,52 @@ def under_torchrun() -> bool:
 
 
 def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    """gloo on CPUs. On GPUs, NCCL for CUDA tensors and gloo beside it for CPU
+    tensors: the object collectives (``broadcast_object_list``,
+    ``all_gather_object``: rank 0's decisions, gathered meters and traces)
+    then run on the CPU instead of staging pickles through GPU memory on a
+    device NCCL would have to guess."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def check_ranks_fit(device: torch.device, ranks_on_node: int, gpus_on_node: int) -> None:
+    """NCCL cannot run two ranks on one GPU: refuse before starting, instead
+    of failing at the first collective with a misleading lost-contact error."""
+    if device.type == "cuda" and ranks_on_node > gpus_on_node:
+        raise UserError(f"the distributed engine needs one GPU per rank: {ranks_on_node} ranks on this node, "
+                        f"{gpus_on_node} GPU(s); use fewer stages (-K), a node with more GPUs, or the sequential "
+                        f"engine with --stage-devices (e.g. {','.join(['cuda:0'] * ranks_on_node)})")
 
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
-    """Rank r's device: the requested CPU, or GPU number (local rank mod GPUs)."""
+    """Rank r's device: the requested CPU, or GPU number ``local_rank``
+    (check_ranks_fit has made sure there is one), made the current device."""
     if device.type != "cuda":
         return device
-    index = local_rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
-def init_process_group(device: torch.device, rank: int | None = None, world_size: int | None = None,
-                       init_file: str | None = None) -> None:
-    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
-    kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": timeout}
+def dist_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+
+
+def init_process_group(device: torch.device, local_rank: int, rank: int | None = None,
+                       world_size: int | None = None, init_file: str | None = None) -> torch.device:
+    """Join the run's process group; returns this rank's device.
+
+    On GPUs the rank's device is made current *before* the group exists and
+    is bound to it (``device_id``): NCCL's collectives use the current device,
+    so a group created first would put every local rank on cuda:0 ("Duplicate
+    GPU detected")."""
+    device = rank_device(device, local_rank)
+    kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": dist_timeout()}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
     if init_file is not None:
         kwargs.update(init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     dist.init_process_group(**kwargs)
+    return device
 
 
 def is_communication_error(exc: BaseException) -> bool:
@@ -69,6 +96,7 @@ def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any
     form one process group; returns each rank's return value. A failure in any
     rank stops them all and raises UserError / DivergedError (when that is
     what the rank raised) or WorkerFailedError."""
+    check_ranks_fit(device, world_size, torch.cuda.device_count() if device.type == "cuda" else 0)
     ctx = torch.multiprocessing.get_context("spawn")
     reports = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fdgbench-rdzv-") as tmp:
@@ -78,19 +106,19 @@ def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any
         for p in procs:
             p.start()
         try:
-            results, errors = _watch(procs, reports)
+            results, errors, hung = _watch(procs, reports)
         except BaseException:
             _stop(procs)
             raise
     if errors or any(p.exitcode != 0 for p in procs):
-        raise _failure(procs, errors)
+        raise _failure(procs, errors, hung)
     return [results[r] for r in range(world_size)]
 
 
 def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports, target, args) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
     try:
-        init_process_group(torch.device(device), rank, world_size, init_file)
+        init_process_group(torch.device(device), rank, rank, world_size, init_file)
         result = target(rank, *args)
         reports.put((rank, "ok", result))
     except BaseException as exc:  # reported to the parent as one line; the traceback only on request
@@ -104,9 +132,13 @@ def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports
             dist.destroy_process_group()
 
 
-def _watch(procs, reports) -> tuple[dict[int, Any], dict[int, tuple]]:
+def _watch(procs, reports) -> tuple[dict[int, Any], dict[int, tuple], list[int]]:
+    """Wait for every rank; after the first failure give the others GRACE_S
+    seconds, then stop them. Returns the results, the errors and the ranks
+    still running when the grace period ended (hung, or stopped by a signal)."""
     results: dict[int, Any] = {}
     errors: dict[int, tuple] = {}
+    hung: list[int] = []
     failed_at = None
     while True:
         _drain(reports, results, errors)
@@ -115,12 +147,13 @@ def _watch(procs, reports) -> tuple[dict[int, Any], dict[int, tuple]]:
         if failed_at is None and (errors or any(p.exitcode not in (None, 0) for p in procs)):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
+            hung = [r for r, p in enumerate(procs) if p.exitcode is None]
             _stop(procs)
             break
         multiprocessing.connection.wait([p.sentinel for p in procs], timeout=0.2)
     time.sleep(0.1)  # the last reports may still be in the queue's pipe
     _drain(reports, results, errors)
-    return results, errors
+    return results, errors, hung
 
 
 def _drain(reports, results: dict[int, Any], errors: dict[int, tuple]) -> None:
@@ -144,9 +177,10 @@ def _stop(procs) -> None:
             p.join()
 
 
-def _failure(procs, errors: dict[int, tuple]) -> Exception:
+def _failure(procs, errors: dict[int, tuple], hung: list[int]) -> Exception:
     """The root cause: an error a rank raised itself, else a rank that died
-    without a word, else the first lost-contact report."""
+    without a word, else a rank that hung while its peers timed out waiting
+    for it, else the first lost-contact report."""
     own = {r: e for r, e in errors.items() if not e[2]}
     if own:
         rank = min(own)
@@ -158,11 +192,17 @@ def _failure(procs, errors: dict[int, tuple]) -> Exception:
         if name == "DivergedError":
             return DivergedError(message)
         return WorkerFailedError(f"rank {rank} raised {name}: {message}")
-    silent = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (0, None) and r not in errors]
+    silent = [(r, p.exitcode) for r, p in enumerate(procs)
+              if p.exitcode not in (0, None) and r not in errors and r not in hung]
     if silent:
         rank, code = silent[0]
         cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         return WorkerFailedError(f"rank {rank} died ({cause}); the other ranks were stopped")
+    silent_hung = [r for r in hung if r not in errors]
+    if silent_hung:
+        waited = os.environ.get(TIMEOUT_ENV, "600")
+        return WorkerFailedError(f"rank {silent_hung[0]} stopped responding (its peers waited {waited} s, "
+                                 f"{TIMEOUT_ENV}); every rank was stopped")
     if errors:
         rank = min(errors)
         name, message, _, _ = errors[rank]
