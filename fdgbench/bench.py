@@ -136,7 +136,7 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
         for t in range(2 + iterations):
             if t == 2:
                 trainer.sync_compute()
-                tracer.start()
+                tracer.start(trainer.devices)
             trainer.engine.run_iteration(t)
         trainer.sync_compute()
     finally:
@@ -171,6 +171,10 @@ def load_or_profile(model: str, batch_size: int, device: str, threads: int, refr
 def _pingpong(rank: int, sizes: list[int], repeats: int, device: str) -> list[float]:
     import torch.distributed as dist
 
+    # On GPUs the rank's device is current (launch.init_process_group) and NCCL's
+    # send/recv return before the transfer is done: the clock stops after the
+    # compute stream, which waits for the receive, has caught up.
+    on_gpu = torch.device(device).type == "cuda"
     out = []
     for nbytes in sizes:
         buf = torch.zeros(max(1, nbytes // 4), device=device)
@@ -184,6 +188,8 @@ def _pingpong(rank: int, sizes: list[int], repeats: int, device: str) -> list[fl
             else:
                 dist.recv(buf, 0)
                 dist.send(buf, 0)
+            if on_gpu:
+                torch.cuda.current_stream().synchronize()
             times.append((time.perf_counter() - t0) / 2)
         out.append(statistics.median(times[2:]))
     return out
@@ -214,7 +220,7 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
         trainer.engine.run_iteration(t)
     trainer.sync_compute()
     dist.barrier()
-    tracer.start()
+    tracer.start(trainer.devices)
     t0 = time.perf_counter()
     for t in range(warmup, warmup + iterations):
         trainer.engine.run_iteration(t)

@@ -303,7 +303,7 @@ class Trainer:
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         if self.tracer is not None:
             self._barrier()
-            self.tracer.start()
+            self.tracer.start(self.devices)
         try:
             for epoch in range(len(history), epochs):
                 first = epoch * self.steps_per_epoch

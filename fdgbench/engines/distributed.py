@@ -40,7 +40,6 @@ pipelining it through the stages.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -158,10 +157,10 @@ class DistributedEngine:
         plan = self.method.schedule(self.num_stages, t)[self.k]
         posted = {(a.op, a.batch): self._post_recv(a) for a in plan if a.op in RECVS}
         for action in plan:
-            start = time.perf_counter()
+            start = self.tracer.mark(self.device) if self.tracer is not None else None
             self._run(t, action, posted)
             if self.tracer is not None:
-                self.tracer.record(self.k, t, action, start, time.perf_counter())
+                self.tracer.record(self.k, t, action, start, self.tracer.mark(self.device))
         self._reap_sends(t)
 
     def _post_recv(self, action: Action):

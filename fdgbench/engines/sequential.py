@@ -8,7 +8,6 @@ Stages may sit on different devices.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -45,10 +44,11 @@ class SequentialEngine:
     def run_iteration(self, t: int) -> None:
         plan = self.method.schedule(self.num_stages, t)
         for k, action in execution_order(plan, t, self._mailbox):
-            start = time.perf_counter()
+            device = self.workers[k].device
+            start = self.tracer.mark(device) if self.tracer is not None else None
             self._run(k, action)
             if self.tracer is not None:
-                self.tracer.record(k, t, action, start, time.perf_counter())
+                self.tracer.record(k, t, action, start, self.tracer.mark(device))
             if self.observer is not None:
                 self.observer(t, k, action)
 

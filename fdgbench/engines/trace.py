@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+
 from ..schedule import Action, Op
 
 CATEGORIES = {Op.FORWARD: "forward", Op.BACKWARD: "backward", Op.LOCAL: "local", Op.UPDATE: "update",
@@ -34,19 +36,63 @@ class Span:
 
 class Tracer:
     """Collects spans. ``start`` sets the origin: engines call it right after
-    a barrier, so every rank's clock starts at (nearly) the same moment."""
+    a barrier, so every rank's clock starts at (nearly) the same moment.
+
+    Engines bracket each action with ``mark(device)``. On a CPU a mark is the
+    host clock. On a GPU the host clock would time only the kernel launches
+    (the work runs later, asynchronously), so a mark is a CUDA event recorded
+    on the device's current (compute) stream, and a span's times are the
+    events' distances from an origin event recorded at ``start``; the events
+    are resolved when ``spans`` is read (after the traced iterations), so
+    tracing adds no host-device synchronisation while it runs. Waiting for a
+    message then shows as the time the compute stream waits for NCCL."""
 
     def __init__(self) -> None:
-        self.spans: list[Span] = []
+        self._spans: list[Span] = []
+        self._pending: list[tuple[int, int, Action, Any, Any]] = []  # spans bracketed by CUDA events
+        self._origin_events: dict[torch.device, torch.cuda.Event] = {}
         self.origin = time.perf_counter()
 
-    def start(self) -> None:
+    def start(self, devices: Iterable[torch.device] = ()) -> None:
+        """Start the clock now (the devices' work so far is finished: the caller synchronised)."""
+        self._spans.clear()
+        self._pending.clear()
+        self._origin_events = {}
+        for d in dict.fromkeys(devices):
+            if d.type == "cuda":
+                self._origin_events[d] = _event(d)
         self.origin = time.perf_counter()
-        self.spans.clear()
 
-    def record(self, stage: int, iteration: int, action: Action, start: float, end: float) -> None:
-        self.spans.append(Span(stage, iteration, str(action), CATEGORIES[action.op], start - self.origin,
-                               end - start))
+    def mark(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            if device not in self._origin_events:  # a device start() was not told of
+                self._origin_events[device] = _event(device)
+            return device, _event(device)  # the device names the origin event it is measured from
+        return time.perf_counter()
+
+    def record(self, stage: int, iteration: int, action: Action, start: Any, end: Any) -> None:
+        if isinstance(start, float):
+            self._spans.append(Span(stage, iteration, str(action), CATEGORIES[action.op], start - self.origin,
+                                    end - start))
+        else:
+            self._pending.append((stage, iteration, action, start, end))
+
+    @property
+    def spans(self) -> list[Span]:
+        """Every span so far (resolving CUDA events waits for the last one)."""
+        for stage, iteration, action, (device, start), (_, end) in self._pending:
+            end.synchronize()
+            begin = self._origin_events[device].elapsed_time(start) / 1e3
+            self._spans.append(Span(stage, iteration, str(action), CATEGORIES[action.op], begin,
+                                    start.elapsed_time(end) / 1e3))
+        self._pending.clear()
+        return self._spans
+
+
+def _event(device: torch.device) -> "torch.cuda.Event":
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def write_trace(path: str | Path, spans: Iterable[Span], metadata: dict[str, Any]) -> None:
