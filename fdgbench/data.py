@@ -262,21 +262,35 @@ class Normalizer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def crop_flip(padded: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Per image, a random crop of the already zero-padded images back to the
-    unpadded size, mirrored left-right with probability 1/2: torchvision's
+def crop_flip_draw(generator: torch.Generator, b: int, pad: int = 4) -> torch.Tensor:
+    """The random part of crop_flip for b images: (3, b) int64 rows of
+    vertical offset, horizontal offset and mirror (0/1), drawn on the CPU."""
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.stack([dy, dx, flip.long()])
+
+
+def crop_flip_at(padded: torch.Tensor, draw: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Per image, the crop of the already zero-padded images back to the
+    unpadded size at the drawn offsets, mirrored where drawn: torchvision's
     RandomCrop(size, padding=pad) + RandomHorizontalFlip on uint8, as one
-    gather over flattened pixels (the index is per image, shared by channels)."""
+    gather over flattened pixels (the index is per image, shared by channels).
+    The index is built on ``draw``'s device: with ``draw`` on the images'
+    device, no host-device transfer or synchronisation happens here."""
     b, c, hp, wp = padded.shape
     h, w = hp - 2 * pad, wp - 2 * pad
-    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=generator)
-    flip = torch.rand(b, 1, 1, generator=generator) < 0.5
-    rows = dy + torch.arange(h).view(1, h, 1)
-    cols = dx + torch.arange(w).view(1, 1, w)
-    cols = torch.where(flip, 2 * dx + w - 1 - cols, cols)  # mirrored within the crop window
-    index = (rows * wp + cols).view(b, 1, h * w).to(padded.device).expand(b, c, h * w)
+    dy, dx, flip = (row.view(b, 1, 1) for row in draw)
+    rows = dy + torch.arange(h, device=draw.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=draw.device).view(1, 1, w)
+    cols = torch.where(flip.bool(), 2 * dx + w - 1 - cols, cols)  # mirrored within the crop window
+    index = (rows * wp + cols).view(b, 1, h * w).expand(b, c, h * w)
     return padded.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
+
+
+def crop_flip(padded: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """A random crop (padding ``pad``) and horizontal flip per image."""
+    return crop_flip_at(padded, crop_flip_draw(generator, len(padded), pad).to(padded.device), pad)
 
 
 class BatchStream:
@@ -298,6 +312,23 @@ class BatchStream:
         self.normalizer, self.augment = normalizer, augment
         self.steps_per_epoch = len(labels) // batch_size
         self._perms: dict[int, torch.Tensor] = {}
+        self._draws: dict[int, torch.Tensor] = {}
+
+    def _epoch_draws(self, epoch: int) -> torch.Tensor:
+        """The crop/flip draws of every batch of ``epoch``, on the images'
+        device: drawn per batch from batch t's own generator (so batch t still
+        depends only on (seed, t)) but copied to the device once per epoch, not
+        once per batch (a host-device synchronisation every iteration on GPUs)."""
+        draws = self._draws.get(epoch)
+        if draws is None:
+            first = epoch * self.steps_per_epoch
+            draws = torch.stack([
+                crop_flip_draw(torch.Generator().manual_seed(_seed_for(self.seed, "augment", t)), self.batch_size, PAD)
+                for t in range(first, first + self.steps_per_epoch)]).to(self.images.device)
+            # Pipelines straddle at most one epoch boundary: keep two.
+            self._draws = {e: d for e, d in self._draws.items() if e >= epoch - 1}
+            self._draws[epoch] = draws
+        return draws
 
     def _indices(self, t: int) -> torch.Tensor:
         epoch, i = divmod(t, self.steps_per_epoch)
@@ -317,7 +348,8 @@ class BatchStream:
         idx = self._indices(t)
         images = self.images.index_select(0, idx)  # far faster than images[idx] on CPU
         if self.augment:
-            images = crop_flip(images, torch.Generator().manual_seed(_seed_for(self.seed, "augment", t)), PAD)
+            epoch, i = divmod(t, self.steps_per_epoch)
+            images = crop_flip_at(images, self._epoch_draws(epoch)[i], PAD)
         return self.normalizer(images), self.labels_all.index_select(0, idx)
 
 

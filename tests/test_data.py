@@ -44,6 +44,17 @@ def test_stream_batches_depend_only_on_seed_and_index(tiny_data):
     assert not torch.equal(c.batch(0)[0], xs[0][0])
 
 
+def test_epoch_draws_give_each_batch_its_own_generators_crops(tiny_data):
+    # The stream draws a whole epoch's crops and flips at once (one copy to the
+    # device per epoch); batch t must still be crop_flip with batch t's own
+    # generator, bit for bit, in any epoch and in any order.
+    s, plain = _stream(tiny_data), _stream(tiny_data, augment=False)
+    for t in (9, 0, 3, 8, 17):
+        raw = data_mod.F.pad(tiny_data.train_images.index_select(0, s._indices(t)), (data_mod.PAD,) * 4)
+        expected = crop_flip(raw, torch.Generator().manual_seed(data_mod._seed_for(0, "augment", t)), data_mod.PAD)
+        assert torch.equal(s.batch(t)[0], plain.normalizer(expected)), t
+
+
 def test_each_epoch_is_a_permutation_without_repeats(tiny_data):
     s = _stream(tiny_data, batch=32, augment=False)
     assert s.steps_per_epoch == 256 // 32
