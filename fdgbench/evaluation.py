@@ -30,21 +30,27 @@ def eval_forward(stage: nn.Module, x: torch.Tensor, device: torch.device, amp_dt
 
 
 class EvalScore:
-    """Summed test loss and correct count of the logits seen so far."""
+    """Summed test loss and correct count of the logits seen so far, kept on
+    the logits' device and read once by ``result`` (an ``.item()`` per batch
+    would make the host wait for the device after every batch)."""
 
     def __init__(self) -> None:
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.correct: torch.Tensor | int = 0
+        self.count = 0
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         labels = labels.to(logits.device)
-        self.loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        # float64 sums: the same numbers as the Python floats they replace.
+        self.loss_sum = self.loss_sum + F.cross_entropy(logits.float(), labels, reduction="sum").double()
         # Non-finite logits (e.g. BN running statistics not yet trained in a
         # very deep net) count as wrong; the loss shows them as NaN/inf.
-        self.correct += ((logits.argmax(1) == labels) & torch.isfinite(logits).all(1)).sum().item()
+        self.correct = self.correct + ((logits.argmax(1) == labels) & torch.isfinite(logits).all(1)).sum()
         self.count += len(labels)
 
     def result(self) -> dict[str, float]:
         """Test loss and error (%). Divergence is judged on the training loss
         only: a non-finite test loss is recorded, not raised."""
-        return {"loss": self.loss_sum / self.count, "error": 100.0 * (1 - self.correct / self.count)}
+        loss_sum, correct = float(self.loss_sum), int(self.correct)
+        return {"loss": loss_sum / self.count, "error": 100.0 * (1 - correct / self.count)}

@@ -35,6 +35,10 @@ class StageContext:
     # this process is (None: all of them run here, one after another).
     replicas: int = 1
     replica: int | None = None
+    # The stage's activation layout; a method's own nets (auxiliary
+    # classifiers, synthetic-gradient nets) take the same, so their convs run
+    # on the layout they receive instead of converting it.
+    memory_format: torch.memory_format = torch.preserve_format
 
     @property
     def is_first(self) -> bool:

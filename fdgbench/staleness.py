@@ -37,6 +37,32 @@ STALENESS_MODES = ("legacy", "stash", "replay")
 AutocastFactory = Callable[[], ContextManager]
 
 
+class WeightCopies:
+    """Copies of a stage's parameters in reusable buffers: a stash needs one
+    per batch in flight and a snapshot one per armed forward, every
+    iteration, so the buffers of a finished batch are filled again (one
+    fused ``_foreach_copy_``) instead of allocating a clone per parameter."""
+
+    def __init__(self, params: list[torch.Tensor], leaves: bool):
+        self.params = params
+        self.leaves = leaves  # copies that autograd differentiates (a stash's)
+        self._free: list[list[torch.Tensor]] = []
+
+    def take(self) -> list[torch.Tensor]:
+        copies = self._free.pop() if self._free else [torch.empty_like(p, requires_grad=self.leaves)
+                                                      for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(copies, [p.detach() for p in self.params])
+        return copies
+
+    def give(self, copies: list[torch.Tensor] | None) -> None:
+        """Return copies whose batch is done (their graph is gone)."""
+        if copies is not None:
+            for c in copies:
+                c.grad = None
+            self._free.append(copies)
+
+
 class KeptGraph:
     """Keeps (input, graph root) per batch: ``legacy``, and every delay-0 stage."""
 
@@ -51,6 +77,7 @@ class KeptGraph:
         self._params = [p for _, p in named]
         self.snapshot = False  # armed: copy the weights at each forward, for a checkpoint
         self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self._snapshot_copies = WeightCopies(self._params, leaves=False)
         self._rooted: set[int] = set()
 
     def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +85,7 @@ class KeptGraph:
 
     def forward(self, batch: int, x: torch.Tensor) -> torch.Tensor:
         if self.snapshot and self.snapshots_weights:
-            self._snapshots[batch] = [p.detach().clone() for p in self._params]
+            self._snapshots[batch] = self._snapshot_copies.take()
         with self.autocast():
             out = self._run(batch, x)
         self._held[batch] = (x, out)
@@ -73,7 +100,7 @@ class KeptGraph:
         """Accumulate parameter gradients; return the input's gradient (None
         for an input that needs none)."""
         x, root = self._held.pop(batch)
-        self._snapshots.pop(batch, None)
+        self._snapshot_copies.give(self._snapshots.pop(batch, None))
         self._rooted.discard(batch)
         torch.autograd.backward(root, grad)
         return x.grad
@@ -124,21 +151,24 @@ class StashedWeights(KeptGraph):
     def __init__(self, module: nn.Module, autocast: AutocastFactory = contextlib.nullcontext):
         super().__init__(module, autocast)
         self._copies: dict[int, list[torch.Tensor]] = {}
+        self._stash_copies = WeightCopies(self._params, leaves=True)
 
     def _forward_weights(self, batch: int) -> list[torch.Tensor] | None:
         return self._copies.get(batch)
 
     def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
-        copies = [p.detach().clone().requires_grad_(True) for p in self._params]
+        copies = self._stash_copies.take()
         self._copies[batch] = copies
         # Buffers (BN running statistics) are the module's own, updated in place.
         return functional_call(self.module, dict(zip(self._names, copies)), (x,), strict=False)
 
     def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         x_grad = super().backward(batch, grad)
-        for p, copy in zip(self._params, self._copies.pop(batch)):
+        copies = self._copies.pop(batch)
+        for p, copy in zip(self._params, copies):
             if copy.grad is not None:
                 p.grad = copy.grad if p.grad is None else p.grad + copy.grad
+        self._stash_copies.give(copies)
         return x_grad
 
 

@@ -116,6 +116,7 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError("--stage-devices is for the sequential engine; distributed ranks take one device each")
     stage_devices(cfg)
     method = make_method(cfg.method, **cfg.method_options)
+    _check_precision(cfg, method)
     if cfg.splits < 1:
         raise UserError(f"--splits must be at least 1, got {cfg.splits}")
     if method.data_parallel and cfg.batch_size % cfg.splits:
@@ -128,6 +129,20 @@ def check_config(cfg: RunConfig) -> None:
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
     make_partition(model, 1 if method.data_parallel else cfg.splits, cheap, list(cfg.split_at) if cfg.split_at else None,
                    sample=torch.zeros(1, 3, 32, 32, device="meta"))
+
+
+def _check_precision(cfg: RunConfig, method) -> None:
+    """``--amp bf16`` cannot keep ``legacy`` staleness's meaning. Legacy means
+    a delayed backward reads the *current* weights through the graph its
+    forward stored (optim.py's write through ``.data``). Under autocast the
+    forward casts each conv and linear weight to a bf16 copy, and the graph
+    stores that copy: the delayed backward would use forward-time weights in
+    convs and linears and current ones in BN, a mix neither the authors' code
+    nor any other mode computes. Refused rather than silently relabelled."""
+    if cfg.amp == "bf16" and cfg.splits > 1 and method.option_values().get("staleness") == "legacy":
+        raise UserError(f"--amp bf16 cannot keep {cfg.method}'s --staleness legacy semantics (autocast stores "
+                        f"forward-time bf16 copies of conv/linear weights, so the delayed backward would not read "
+                        f"the current weights); use --staleness stash or replay with --amp bf16, or --amp off")
 
 
 def parse_device(text: str) -> torch.device:
@@ -260,7 +275,8 @@ class Trainer:
         ctx = StageContext(k, self.num_stages, module, self.devices[k],
                            SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov), amp_dtype=self.amp_dtype,
                            output_shape=output_shape, num_classes=self.dataset.num_classes, seed=cfg.seed,
-                           replicas=cfg.splits if replicated else 1, replica=self.rank if replicated else None)
+                           replicas=cfg.splits if replicated else 1, replica=self.rank if replicated else None,
+                           memory_format=self.memory_format)
         return self.method.make_worker(ctx)
 
     def describe(self) -> str:

@@ -23,7 +23,7 @@ class LocalLossWorker(StageWorker):
     def __init__(self, ctx):
         super().__init__(ctx, input_grad=False)
         with ctx.seeded():
-            self.aux = aux_classifier(ctx.output_shape, ctx.num_classes).to(ctx.device)
+            self.aux = aux_classifier(ctx.output_shape, ctx.num_classes).to(ctx.device, memory_format=ctx.memory_format)
         self.aux_optimizer = StageOptimizer(list(self.aux.parameters()), ctx.optim)
         self.meters = {"aux_loss": MeanMeter(), "aux_error": MeanMeter()}
 

@@ -38,7 +38,8 @@ class SyntheticGradientWorker(StageWorker):
     def __init__(self, ctx, conditioned: bool, sg_lr: float, kernel: int):
         super().__init__(ctx)
         with ctx.seeded():
-            self.sg = SyntheticGradient(ctx.output_shape, ctx.num_classes, conditioned, kernel).to(ctx.device)
+            self.sg = SyntheticGradient(ctx.output_shape, ctx.num_classes, conditioned, kernel).to(
+                ctx.device, memory_format=ctx.memory_format)
         self.sg_optimizer = torch.optim.Adam(self.sg.parameters(), lr=sg_lr)
         self.meters = {"sg_loss": MeanMeter()}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

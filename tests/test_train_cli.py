@@ -111,6 +111,8 @@ def test_a_warm_up_is_recorded_and_leaves_earlier_run_names_alone(cli, tmp_path)
     (["run", "--device", "cuda:7"], "cuda:7"),
     (["run", "--device", "tpu"], "device"),
     (["run", "--amp", "fp8"], "--amp must be off or bf16"),
+    (["run", "--amp", "bf16"], "--amp bf16 cannot keep fdg's --staleness legacy semantics"),
+    (["run", "--method", "ddg", "--amp", "bf16"], "--amp bf16 cannot keep ddg's --staleness legacy semantics"),
     (["run", "--dataset", "imagenet", "--model", "tiny_resnet"], "unknown dataset 'imagenet'"),
     (["run", "--dataset", "folder:/no/such/dir", "--model", "tiny_resnet"], "does not exist"),
     (["run", *TINY, "--out", "/proc/no-such-dir"], "cannot write the run directory"),
