@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench-data bench-step bench-speedup clean reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table6
+.PHONY: setup demo test test-slow gpu-check bench-data bench-step bench-speedup clean reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table6
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## gpu-check: the CUDA/NCCL paths on this machine's GPU(s), one table in a few minutes; one line without a GPU
+gpu-check: $(STAMP)
+	$(BIN)/fdgbench gpu-check
 
 bench-data: $(STAMP)
 	$(BIN)/fdgbench bench data

@@ -759,6 +759,16 @@ def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, b
     _write_plot(drawn, f"plot speedup {model}")
 
 
+@cli.command("gpu-check")
+@click.option("--iterations", type=int, default=30, show_default=True, help="timed iterations per row")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+def gpu_check_cmd(iterations: int, batch_size: int) -> int:
+    """The GPU paths on this machine's GPU(s): speed, memory, host syncs, resume, NCCL (one line without a GPU)."""
+    from .gpucheck import gpu_check
+
+    return gpu_check(iterations, batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one ``error:`` line and exit status 2; a
     diverged run exits 3."""
