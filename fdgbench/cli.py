@@ -550,7 +550,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
         label = f"[{i}/{len(cells)}] {cell.row.id} / {cell.column.id} / seed {cell.seed}"
         if run.is_done:
             counts["done before"] += 1
-            click.echo(f"{label}: done ({run.read_json('summary.json')['status']})")
+            click.echo(f"{label}: done ({_done_summary(run)['status']})")
             continue
         if dry_run:
             saved = checkpoint.latest(run.path)
