@@ -15,6 +15,10 @@ Layout, under the run directory::
                                      and holds every stage): stages, messages, RNG
     checkpoint/latest.json           {"epoch": E, "iteration": T, "ranks": R, "partition": ...}
 
+Each part and the pointer carry the run's config hash (the one in the run
+directory's name), checked on resume: a part or a whole checkpoint copied
+from another run (another seed, another method) is refused, not resumed.
+
 Every file is written under a temporary name and renamed (atomic on POSIX).
 ``latest.json`` moves to epoch E only once every rank's file for E is in
 place, and epoch E-1's files are removed only after that, so a crash at any
@@ -33,10 +37,11 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .runs import write_atomically
+from .runs import save_tensors, write_atomically
 
 FOLDER = "checkpoint"
 POINTER = "latest.json"
+HASH = "config_hash"  # the key, in a part and in the pointer, of the run's config hash
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -84,8 +89,11 @@ def _part(run_path: Path, epoch: int, rank: int) -> Path:
 def save_part(run_path: Path, epoch: int, rank: int, state: dict[str, Any]) -> None:
     """This process's state after ``epoch`` epochs."""
     path = _part(run_path, epoch, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {path.parent}: {exc.strerror or exc}") from None
+    save_tensors(path, state)
 
 
 def publish(run_path: Path, info: dict[str, Any]) -> None:
@@ -111,26 +119,54 @@ def remove(run_path: Path) -> None:
     shutil.rmtree(_folder(run_path), ignore_errors=True)
 
 
-def latest(run_path: Path) -> dict[str, Any] | None:
-    """The checkpoint a resume starts from, or None if there is none."""
+def latest(run_path: Path, config_hash: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint a resume starts from, or None if there is none; with
+    ``config_hash``, one written by the run of that config only."""
     path = _folder(run_path) / POINTER
     if not path.is_file():
         return None
     try:
         info = json.loads(path.read_text())
         int(info["epoch"]), int(info["iteration"]), int(info["ranks"])
+        starts = info["partition"]["starts"]
+        if not (starts and starts[0] == 0 and all(isinstance(s, int) for s in starts)
+                and all(a < b for a, b in zip(starts, starts[1:]))):
+            raise ValueError(f"stage starts {starts}")
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"the checkpoint pointer {path} is unreadable ({exc}); --force starts the run over") from None
+    if config_hash is not None:
+        check_owner(path, info, config_hash)
     return info
 
 
-def load_part(run_path: Path, epoch: int, rank: int) -> dict[str, Any]:
+def check_owner(path: Path, record: dict[str, Any], config_hash: str) -> None:
+    """``record`` (a part or the pointer, read from ``path``) belongs to the run of ``config_hash``."""
+    theirs = record.get(HASH)
+    if theirs != config_hash:
+        whose = f"config hash {theirs}" if theirs else "no config hash"
+        raise UserError(f"{path} belongs to another run ({whose}, this run's is {config_hash}); "
+                        f"--force starts the run over")
+
+
+def load_part(run_path: Path, epoch: int, rank: int, config_hash: str) -> dict[str, Any]:
     path = _part(run_path, epoch, rank)
     if not path.is_file():
         raise UserError(f"checkpoint part {path} is missing (was the run directory moved between machines?); "
                         f"--force starts the run over")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise UserError(f"checkpoint part {path} is unreadable ({str(exc).splitlines()[0]}); "
                         f"--force starts the run over") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint part {path} is not a checkpoint; --force starts the run over")
+    check_owner(path, state, config_hash)
+    return state
+
+
+def damaged_part(run_path: Path, epoch: int, rank: int, exc: Exception) -> UserError:
+    """The one-line error for a part that loaded but does not fit this run
+    (another partition, edited content): restoring it failed with ``exc``."""
+    cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return UserError(f"checkpoint part {_part(run_path, epoch, rank)} does not fit this run ({cause}); "
+                     f"--force starts the run over")

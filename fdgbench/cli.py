@@ -1,8 +1,11 @@
 """fdgbench command line: run, compare, sweep, table, plot, bench, schedule, list."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +20,7 @@ from .method import all_methods, all_options, make_method
 from .partition import STRATEGIES
 from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
 from .engines.trace import Tracer
-from .runs import RunDirectory
+from .runs import RunDirectory, config_hash
 from .tracking import WandbTracker
 from .train import ENGINES, RunConfig, Trainer, check_config, parse_device, train_rank
 
@@ -115,33 +118,55 @@ def _config(method: str, kw: dict[str, Any]) -> RunConfig:
 def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
     """Train one config unless its run directory is done (resuming from its
     checkpoint if it has one); returns the summary, the directory and whether
-    it was cached. ``datasets`` caches loaded data across calls (by spec)."""
+    it was cached. ``datasets`` caches loaded data across calls (by spec).
+    A run recorded as diverged raises DivergedError, cached or not."""
     check_config(cfg)
     if cfg.engine == "distributed" and under_torchrun():
         return _run_torchrun_rank(cfg, kw)
     run = RunDirectory.for_config(kw["out"], cfg.to_dict())
     if run.is_done and not kw["force"]:
-        return run.read_json("summary.json"), run.path, True
+        return _cached(run, _done_summary(run))
     run.ensure_writable()
-    resume = _resume_point(run, kw)
-    datasets = {} if datasets is None else datasets
-    if cfg.dataset not in datasets:
-        datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
-    if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
-        summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
-                                (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
-                                 _wandb_project(kw), resume))
-        return summaries[0], run.path, False
-    tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
-    trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None, resume=resume)
-    click.echo(trainer.describe(), err=True)
-    return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
+    with run.lock():  # held until the run ends: its ranks (spawned below) write under this process's lock
+        if run.is_done and not kw["force"]:  # finished by another process since the check above
+            return _cached(run, _done_summary(run))
+        resume = _resume_point(run, cfg, kw)
+        datasets = {} if datasets is None else datasets
+        if cfg.dataset not in datasets:
+            datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
+        if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
+            summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
+                                    (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
+                                     _wandb_project(kw), resume))
+            return summaries[0], run.path, False
+        tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
+        trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None, resume=resume)
+        click.echo(trainer.describe(), err=True)
+        return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
 
 
-def _resume_point(run: RunDirectory, kw: dict[str, Any]) -> dict[str, Any] | None:
+def _done_summary(run: RunDirectory) -> dict[str, Any]:
+    """A done run's summary. A checkpoint left beside a done run (killed
+    after ``done`` was written, before the checkpoint was removed) is removed
+    here, under the run's lock."""
+    if (run.path / checkpoint.FOLDER).exists():
+        with run.lock():
+            checkpoint.remove(run.path)
+    return run.read_json("summary.json")
+
+
+def _cached(run: RunDirectory, summary: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
+    """``_run_one``'s answer for a done run; one recorded as diverged raises
+    the error (and so gets the exit status) it raised when it ran."""
+    if summary.get("status") == "diverged":
+        raise DivergedError(f"{summary.get('message')}; recorded in {run.path}")
+    return summary, run.path, True
+
+
+def _resume_point(run: RunDirectory, cfg, kw: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint an unfinished run continues from (None: start afresh,
-    also under --force), announced on stderr."""
-    resume = None if kw["force"] else checkpoint.latest(run.path)
+    also under --force), announced on stderr; one another run wrote is refused."""
+    resume = None if kw["force"] else checkpoint.latest(run.path, config_hash(cfg.to_dict()))
     if resume is not None:
         click.echo(f"resuming {run.path.name} from its checkpoint after epoch {resume['epoch']} "
                    f"(--force starts over)", err=True)
@@ -166,18 +191,29 @@ def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, b
             raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "
                             f"use --nproc-per-node {cfg.splits} (times the nodes)")
         run = RunDirectory.for_config(kw["out"], cfg.to_dict())
-        decision: list[Any] = [None, None]  # (done already, checkpoint to resume from)
-        if dist.get_rank() == 0:
-            run.ensure_writable()
-            decision[0] = run.is_done and not kw["force"]
-            decision[1] = None if decision[0] else _resume_point(run, kw)
-        dist.broadcast_object_list(decision, src=0)
-        if decision[0]:
-            return run.read_json("summary.json"), run.path, True
-        summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
-                             local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
-                             resume=decision[1])
-        return summary, run.path, False
+        with contextlib.ExitStack() as held:
+            # (summary if done already, checkpoint to resume from, rank 0's error): every rank must
+            # learn of the error, or the others would wait for rank 0 until the collective times out.
+            decision: list[Any] = [None, None, None]
+            if dist.get_rank() == 0:
+                try:
+                    run.ensure_writable()
+                    held.enter_context(run.lock())  # rank 0 owns the directory for the whole run
+                    if run.is_done and not kw["force"]:
+                        decision[0] = _done_summary(run)
+                    else:
+                        decision[1] = _resume_point(run, cfg, kw)
+                except UserError as exc:
+                    decision[2] = str(exc)
+            dist.broadcast_object_list(decision, src=0)
+            if decision[2] is not None:
+                raise UserError(decision[2])
+            if decision[0] is not None:
+                return _cached(run, decision[0])
+            summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
+                                 local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
+                                 resume=decision[1])
+            return summary, run.path, False
     finally:
         dist.destroy_process_group()
 
@@ -522,7 +558,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
         label = f"[{i}/{len(cells)}] {cell.row.id} / {cell.column.id} / seed {cell.seed}"
         if run.is_done:
             counts["done before"] += 1
-            click.echo(f"{label}: done ({run.read_json('summary.json')['status']})")
+            click.echo(f"{label}: done ({_done_summary(run)['status']})")
             continue
         if dry_run:
             saved = checkpoint.latest(run.path)
@@ -769,15 +805,40 @@ def gpu_check_cmd(iterations: int, batch_size: int) -> int:
     return gpu_check(iterations, batch_size)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, ``kill``), raised in the main thread
+    so that it unwinds like Ctrl-C: spawned ranks are stopped, the checkpoint
+    is kept, and the same command resumes."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one ``error:`` line and exit status 2; a
-    diverged run exits 3."""
+    diverged run exits 3; Ctrl-C exits 130 and SIGTERM 143 (128 + signal)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         result = cli.main(args=argv, prog_name="fdgbench", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and Terminated) into Abort
+            return _interrupted(exc.__cause__)
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as exc:
@@ -792,10 +853,14 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailedError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
-    except KeyboardInterrupt:
-        click.echo("interrupted (the same command resumes an unfinished run from its last epoch's checkpoint)",
-                   err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    click.echo("interrupted (the same command resumes an unfinished run from its last epoch's checkpoint)",
+               err=True)
+    return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 def _rank_prefix() -> str:

@@ -3,10 +3,13 @@ config.json, env.json, metrics.jsonl (one self-describing line per epoch),
 summary.json (status finished or diverged) and ``done``, written last. A
 directory with ``done`` is the whole record that the run happened. While a
 run trains, ``checkpoint/`` holds its latest epoch's checkpoint
-(checkpoint.py); it is removed when the run ends."""
+(checkpoint.py); it is removed when the run ends. ``lock`` (a file
+holding the owner's pid, locked with flock) keeps a second process out while
+a run trains."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
 import hashlib
 import json
@@ -28,15 +31,36 @@ from .errors import UserError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What a finished (or diverged) run leaves beside its records; cleared when it starts over or resumes.
 OUTCOME_FILES = ("summary.json", "done", "trace.json")
+LOCK = "lock"  # held (flock) by the process that owns a run directory while the run trains
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through ``write(temporary path)`` and a rename (atomic
     on POSIX): a reader, or a run resumed after a crash, sees the old file or
-    the whole new one, never half of it."""
+    the whole new one, never half of it. On any failure the temporary file is
+    removed (a full disk must not leave debris that fills it further), and an
+    OS error (e.g. No space left on device) is one line naming ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def save_tensors(path: Path, obj: Any) -> None:
+    """``torch.save`` through write_atomically. Saved into a file object: given
+    a path, torch reports a full disk as an opaque RuntimeError, while a
+    Python file raises OSError (ENOSPC) as write_atomically expects."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+
+    write_atomically(path, write)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -45,6 +69,8 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 class RunDirectory:
+    _locked: set[Path] = set()  # directories this process holds the lock of (lock() is re-entrant)
+
     def __init__(self, path: Path):
         self.path = Path(path)
 
@@ -63,15 +89,50 @@ class RunDirectory:
         try:
             yield
         except OSError as exc:
-            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}") from None
+            inside = f" ({exc.filename})" if exc.filename and Path(exc.filename) != self.path else ""
+            raise UserError(f"cannot write the run directory {self.path}{inside}: {exc.strerror or exc}") from None
 
     def ensure_writable(self) -> None:
         """Fail before any work if the directory cannot be created or written."""
         with self._writing():
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            try:
+                probe.write_text("")
+            finally:
+                probe.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Own the directory while a run trains: a second process (the same
+        command started twice) is refused with the owner's pid instead of
+        writing every record twice. flock, so the OS releases the lock when
+        its holder dies, however it dies: a stale lock file is taken over."""
+        key = self.path.resolve()
+        if key in RunDirectory._locked:  # this process holds it already (a re-check under the lock)
+            yield
+            return
+        with self._writing():
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise UserError(f"run directory {self.path} in use by pid {holder}") from None
+            with self._writing():
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            RunDirectory._locked.add(key)
+            try:
+                yield
+            finally:
+                RunDirectory._locked.discard(key)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # no pid left behind to mislead a reader of the file
+        finally:
+            os.close(fd)  # releases the lock
 
     def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
         """Create (or reset) the directory for a fresh run."""
@@ -87,13 +148,13 @@ class RunDirectory:
         of later epochs (written before the interruption, past the
         checkpoint) are dropped, env.json gains an entry under "resumed".
         Returns the kept records."""
-        history = self.metrics()[:epochs]
+        history = self.metrics(epochs)
+        first = self.read_json("env.json")
         with self._writing():
             text = "".join(_metrics_line(record) for record in history)
             write_atomically(self.path / "metrics.jsonl", lambda tmp: tmp.write_text(text))
             for name in OUTCOME_FILES:
                 (self.path / name).unlink(missing_ok=True)
-            first = self.read_json("env.json")
             first.setdefault("resumed", []).append({"after_epoch": epochs, **env})
             self.write_json("env.json", first)
         return history
@@ -102,29 +163,59 @@ class RunDirectory:
         text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
         write_atomically(self.path / name, lambda tmp: tmp.write_text(text))
 
-    def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+    def read_json(self, name: str) -> dict[str, Any]:
+        """One of the run's JSON records (each an object); a damaged one is one line naming it."""
+        path = self.path / name
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path} is unreadable ({getattr(exc, 'strerror', None) or exc}); "
+                            f"--force starts the run over") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} is not a JSON object; --force starts the run over")
+        return obj
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(_metrics_line(record))
-
-    def metrics(self) -> list[dict[str, Any]]:
+        """Add an epoch's record. The file is rewritten whole (a few hundred
+        lines at most) through write_atomically, so a full disk or a kill never
+        leaves a torn last line."""
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        with self._writing():
+            text = (path.read_text() if path.is_file() else "") + _metrics_line(record)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
+
+    def metrics(self, epochs: int | None = None) -> list[dict[str, Any]]:
+        """The epochs' records (the first ``epochs`` of them; what lies past
+        them is not read, so a resume drops a damaged record past its
+        checkpoint like any other); a damaged one is one line naming the file."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        records = []
+        for number, line in enumerate(path.read_text().splitlines()[:epochs], 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                records.append(None)
+            if not isinstance(records[-1], dict):
+                raise UserError(f"{path} line {number} is not a metrics record (torn or edited); "
+                                f"--force starts the run over")
+        return records
 
     def save_stage(self, k: int, state: dict[str, torch.Tensor]) -> None:
         """Stage k's final weights and buffers (each rank saves its own)."""
         folder = self.path / "stages"
-        folder.mkdir(exist_ok=True)
-        write_atomically(folder / f"stage{k}.pt", lambda tmp: torch.save(state, tmp))
+        with self._writing():
+            folder.mkdir(exist_ok=True)
+        save_tensors(folder / f"stage{k}.pt", state)
 
     def load_stage(self, k: int) -> dict[str, torch.Tensor]:
         return torch.load(self.path / "stages" / f"stage{k}.pt", map_location="cpu")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)
-        (self.path / "done").write_text(datetime.now(timezone.utc).isoformat() + "\n")
+        stamp = datetime.now(timezone.utc).isoformat() + "\n"
+        write_atomically(self.path / "done", lambda tmp: tmp.write_text(stamp))
 
 
 def _metrics_line(record: dict[str, Any]) -> str:

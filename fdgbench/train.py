@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .engines.distributed import DistributedEngine
-from .engines.launch import rank_device
+from .engines.launch import is_communication_error, rank_device
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
@@ -31,7 +31,7 @@ from .numerics import configure_numerics
 from .optim import SGDConfig
 from .replicas import ordered_mean_hook
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
-from .runs import RunDirectory, environment
+from .runs import RunDirectory, config_hash, environment, write_atomically
 from .schedule import hold_span
 from .stage import StageContext, summarize_totals
 from .tracking import WandbTracker
@@ -221,7 +221,10 @@ class Trainer:
         sample = torch.zeros(8, *self.dataset.train_images.shape[1:], device=self.devices[0])
         if resume is not None:
             recorded = resume["partition"]
-            self.partition = Partition(tuple(recorded["starts"]), len(model), recorded["strategy"])
+            if len(recorded["starts"]) != self.num_stages or recorded["starts"][-1] >= len(model):
+                raise UserError(f"the checkpoint pointer's stages {recorded['starts']} do not fit {self.num_stages} "
+                                f"stage(s) of {cfg.model} ({len(model)} blocks); --force starts the run over")
+            self.partition = Partition(tuple(recorded["starts"]), len(model), recorded.get("strategy", "recorded"))
         else:
             self.partition = make_partition(model.to(self.devices[0]), self.num_stages, cfg.partition,
                                             list(cfg.split_at) if cfg.split_at else None, sample=sample)
@@ -385,13 +388,13 @@ class Trainer:
         them, then each removes its older parts (checkpoint.py)."""
         start = time.perf_counter()
         state = {"epoch": epochs_done, "iteration": next_t, "engine": self.engine.checkpoint_state(),
-                 "rng": checkpoint.rng_state(self.devices)}
+                 "rng": checkpoint.rng_state(self.devices), checkpoint.HASH: config_hash(self.cfg.to_dict())}
         checkpoint.save_part(run.path, epochs_done, self.process, state)
         self._barrier()
         if self.engine.is_primary:
             checkpoint.publish(run.path, {
                 "epoch": epochs_done, "iteration": next_t,
-                "ranks": self.processes,
+                "ranks": self.processes, checkpoint.HASH: config_hash(self.cfg.to_dict()),
                 "partition": {"starts": list(self.partition.starts), "strategy": self.partition.strategy},
                 "written": datetime.now(timezone.utc).isoformat()})
         self._barrier()
@@ -409,9 +412,14 @@ class Trainer:
         if next_t != epochs_done * self.steps_per_epoch:
             raise UserError(f"the checkpoint in {run.path} is at iteration {next_t}, not at the end of epoch "
                             f"{epochs_done} of this run's data; --force starts the run over")
-        state = checkpoint.load_part(run.path, epochs_done, self.process)
-        self.engine.restore_state(state["engine"])
-        checkpoint.set_rng_state(state["rng"])
+        state = checkpoint.load_part(run.path, epochs_done, self.process, config_hash(self.cfg.to_dict()))
+        try:
+            self.engine.restore_state(state["engine"])
+            checkpoint.set_rng_state(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            if is_communication_error(exc):  # a peer went away: not this part's fault
+                raise
+            raise checkpoint.damaged_part(run.path, epochs_done, self.process, exc) from None
         self.steps_done = next_t
         history = None
         if self.engine.is_primary:
@@ -430,11 +438,11 @@ class Trainer:
             dist.all_gather_object(gathered, spans)
             spans = [s for part in gathered for s in part]
         if self.engine.is_primary:
-            write_trace(run.path / "trace.json", spans,
-                        {"method": self.cfg.method, "model": self.cfg.model, "splits": self.cfg.splits,
-                         "engine": self.cfg.engine, "threads": torch.get_num_threads(),
-                         "batch_size": self.cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
-                         "partition": self.partition_text})
+            meta = {"method": self.cfg.method, "model": self.cfg.model, "splits": self.cfg.splits,
+                    "engine": self.cfg.engine, "threads": torch.get_num_threads(),
+                    "batch_size": self.cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                    "partition": self.partition_text}
+            write_atomically(run.path / "trace.json", lambda tmp: write_trace(tmp, spans, meta))
 
     def _check_progress(self, t: int, bar, t0: float, first: int) -> None:
         m = summarize_totals(self.engine.train_totals())

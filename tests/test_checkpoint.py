@@ -17,7 +17,7 @@ from fdgbench import checkpoint
 from fdgbench.data import synthetic_dataset
 from fdgbench.engines.launch import spawn_ranks
 from fdgbench.method import make_method
-from fdgbench.runs import RunDirectory
+from fdgbench.runs import RunDirectory, config_hash
 from fdgbench.schedule import hold_span
 from fdgbench.train import Trainer
 
@@ -140,7 +140,7 @@ def test_the_checkpoint_holds_batches_in_flight_with_the_weights_of_their_forwar
     _interrupt(trainer, STOP_AT)
     with pytest.raises(Interrupted):
         trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
-    state = checkpoint.load_part(tmp_path / "run", 2, 0)["engine"]
+    state = checkpoint.load_part(tmp_path / "run", 2, 0, config_hash(cfg.to_dict()))["engine"]
     stage0 = state["stages"][0]
     assert [h["batch"] for h in stage0["held"]] == [2, 3, 4, 5]  # FDG: stage 0 back-propagates batch t-4
     live = [v for n, v in stage0["module"].items() if "running" not in n and "num_batches" not in n]

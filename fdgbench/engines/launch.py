@@ -7,15 +7,20 @@ one process per rank on this machine, rendezvous through a temporary file.
 In the spawned case this process watches the ranks: when one dies or raises,
 the others get ``GRACE_S`` seconds to notice (a peer's closed socket makes
 their pending receives fail) and are then terminated, and the failure comes
-back as one line naming the rank and the cause.
+back as one line naming the rank and the cause. The ranks also die with
+this process however it dies (``_die_with_parent``): orphaned ranks would
+train on and collide with a rerun.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing.connection
 import os
 import queue
 import signal
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -29,6 +34,8 @@ from ..errors import DivergedError, UserError, WorkerFailedError
 GRACE_S = 10.0  # after the first failure, how long the other ranks get to exit on their own
 TIMEOUT_ENV = "FDGBENCH_DIST_TIMEOUT"  # seconds a collective or receive may wait (default 600)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PARENT_POLL_S = 1.0  # how often a spawned rank checks that its parent is alive
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def under_torchrun() -> bool:
@@ -101,8 +108,9 @@ def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any
     reports = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fdgbench-rdzv-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_rank_entry, args=(r, world_size, str(device), init_file, reports, target, args),
-                             name=f"fdgbench-rank{r}") for r in range(world_size)]
+        procs = [ctx.Process(target=_rank_entry, args=(r, world_size, str(device), init_file, reports, target, args,
+                                                       os.getpid()), name=f"fdgbench-rank{r}")
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         try:
@@ -115,8 +123,10 @@ def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any
     return [results[r] for r in range(world_size)]
 
 
-def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports, target, args) -> None:
+def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports, target, args,
+                parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
+    _die_with_parent(parent_pid)
     try:
         init_process_group(torch.device(device), rank, rank, world_size, init_file)
         result = target(rank, *args)
@@ -130,6 +140,30 @@ def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this rank when the process that spawned it dies. A parent that
+    exits normally or by a signal it can handle stops its ranks itself
+    (``_stop``); one killed by SIGKILL cannot. On Linux the kernel then sends
+    this process SIGKILL (prctl PR_SET_PDEATHSIG; it fires when the spawning
+    thread ends, and spawn_ranks' thread lives until the ranks end); elsewhere,
+    and as a backstop, a thread polls the parent pid, which changes (to the
+    reaper's) once the parent is gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # no usable libc: the watchdog below does the job
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # no teardown: the peers and the parent are gone or going
+
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=watch, name="fdgbench-parent-watch", daemon=True).start()
 
 
 def _watch(procs, reports) -> tuple[dict[int, Any], dict[int, tuple], list[int]]:
