@@ -154,6 +154,10 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
 
 
 def load_or_profile(model: str, batch_size: int, device: str, threads: int, refresh: bool = False) -> dict[str, Any]:
+    from .models import build_model
+
+    with torch.device("meta"):
+        build_model(model)  # an unknown name fails here, before "profiling ..." is announced
     path = profile_path(model, batch_size, device, threads)
     if path.is_file() and not refresh:
         return json.loads(path.read_text())

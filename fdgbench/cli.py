@@ -1,11 +1,12 @@
 """fdgbench command line: run, compare, sweep, table, plot, bench, schedule, list."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -118,19 +119,34 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
     if run.is_done and not kw["force"]:
         return run.read_json("summary.json"), run.path, True
     run.ensure_writable()
-    resume = _resume_point(run, kw)
-    datasets = {} if datasets is None else datasets
-    if cfg.dataset not in datasets:
-        datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
-    if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
-        summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
-                                (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
-                                 _wandb_project(kw), resume))
-        return summaries[0], run.path, False
-    tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
-    trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None, resume=resume)
-    click.echo(trainer.describe(), err=True)
-    return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
+    with _removed_if_left_empty(run.path):
+        resume = _resume_point(run, kw)
+        datasets = {} if datasets is None else datasets
+        if cfg.dataset not in datasets:
+            datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
+        if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
+            summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
+                                    (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
+                                     _wandb_project(kw), resume))
+            return summaries[0], run.path, False
+        tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
+        trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None,
+                          resume=resume)
+        click.echo(trainer.describe(), err=True)
+        return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(path: Path) -> Iterator[None]:
+    """A run that fails before it writes anything (bad data, a budget the data
+    makes too short, Ctrl-C while decoding) leaves no empty directory behind,
+    which `sweep status` would count as an incomplete run."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only an empty directory goes; a started run's records stay
+        raise
 
 
 def _resume_point(run: RunDirectory, kw: dict[str, Any]) -> dict[str, Any] | None:
@@ -166,9 +182,10 @@ def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, b
         dist.broadcast_object_list(decision, src=0)
         if decision[0]:
             return run.read_json("summary.json"), run.path, True
-        summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
-                             local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
-                             resume=decision[1])
+        with _removed_if_left_empty(run.path):
+            summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
+                                 local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
+                                 resume=decision[1])
         return summary, run.path, False
     finally:
         dist.destroy_process_group()
@@ -493,7 +510,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     spec, cells, root = _sweep_cells(table, preset, seeds, out, data_dir)
     cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
     for c in cells:
-        check_config(c.config)
+        spec.check(preset, c)  # an error names the spec file and key that set the bad value
     p = spec.preset(preset)
     click.echo(f"{spec.title}, preset {preset}: {len(cells)} runs -> {root}"
                + (f" ({p['description']})" if p.get("description") else ""))
@@ -733,8 +750,8 @@ def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, b
     from .report.tables import collect
 
     ks, names = _positive_ints(splits, "--splits"), _method_names(methods)
+    spec, cells, root = _sweep_cells("table6", preset, None, out)  # a bad --preset fails before any profiling
     predicted = predicted_speedups(model, ks, names, batch_size, device, threads)
-    spec, cells, root = _sweep_cells("table6", preset, None, out)
     results = [r for r in collect(spec, cells, root) if r.row.model == model]
     measured: dict[str, dict[int, float]] = {}
     for r in results:
