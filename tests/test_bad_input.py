@@ -99,6 +99,8 @@ def _spec(tmp_path, old, new):
      "[presets.smoke] has unknown key(s) epoch; known: description, rows, columns, seeds, fallback_dataset, epochs"),
     ('id = "FR"\n', 'id = "FR"\nbeta_form_row = true\n', "column 'FR' has unknown key(s) beta_form_row"),
     ('id = "ResNet-20"\n', 'id = "ResNet-20"\nsplit = 3\n', "row 'ResNet-20' has unknown key(s) split"),
+    ('options = { staleness = "legacy" }', 'options = { stalenes = "legacy" }',
+     "column 'DDG' options: --stalenes is an option of no method"),
     ('rows = ["ResNet-20"]', 'rows = ["ResNet-2O"]', "rows lists unknown 'ResNet-2O'"),
     ("[presets.smoke]\n", "[presets.smoke]\nwarmup_epochs = \"3\"\n", "warmup_epochs must be an integer, got '3'"),
 ])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..method import make_method
 from ..runs import PROJECT_ROOT
 from ..train import RunConfig, check_config, flag_name
 
@@ -139,6 +140,10 @@ def load_spec(name: str) -> TableSpec:
             _check_keys(path, where, c, COLUMN_KEYS)
             _check_keys(path, f"{where} run", c.get("run", {}), RUN_FIELDS)
             _check_run_values(path, f"{where} run", c.get("run", {}))
+            try:  # a misspelt option would otherwise be found only when the sweep reaches the column
+                make_method(c["method"], **c.get("options", {}))
+            except UserError as exc:
+                raise UserError(f"{path}: {where} options: {exc}") from None
         for i, r in enumerate(data["rows"], 1):
             _check_keys(path, f"row '{r.get('id', i)}'", r, ROW_KEYS)
         columns = [Column(c["id"], c["method"], dict(c.get("options", {})), tuple(c.get("paper", ())),
