@@ -164,7 +164,7 @@ def test_bench_step_prints_ratios(cli):
 @pytest.mark.slow
 def test_fdg_resnet1202_k4_smoke_on_cpu(cli, tmp_path):
     """The issue's example command, at batch 32 so that the 7 iterations FDG K=4 needs before its
-    first stage updates fit a 2-core CPU's memory."""
+    first stage updates fit a 2-core CPU's memory (~2 min, ~15 GB peak RSS measured)."""
     status, out, err = cli("run", "--method", "fdg", "--model", "resnet1202", "--splits", "4", "--dataset",
                            "synthetic", "--batch-size", "32", "--max-steps", "7", "--out", tmp_path)
     assert status == 0, err
