@@ -154,6 +154,10 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
 
 
 def load_or_profile(model: str, batch_size: int, device: str, threads: int, refresh: bool = False) -> dict[str, Any]:
+    from .models import build_model
+
+    with torch.device("meta"):
+        build_model(model)  # an unknown name fails here, before "profiling ..." is announced
     path = profile_path(model, batch_size, device, threads)
     if path.is_file() and not refresh:
         return json.loads(path.read_text())
@@ -290,8 +294,8 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
         if ALIASES.get(partition, partition) == "time" and k <= len(blocks):
             split_at = tuple(str(i) for i in balanced_starts(costs, k)[1:])
         for name in methods:
-            whole = make_method(name).data_parallel  # replicas: nothing to cut
-            cfg = RunConfig(method=name, splits=k, partition=partition, split_at=None if whole else split_at,
+            cuts = None if make_method(name).data_parallel else split_at  # replicas: nothing to cut
+            cfg = RunConfig(method=name, splits=k, partition="explicit" if cuts else partition, split_at=cuts,
                             threads=threads_per_stage, engine="distributed", **base)
             check_config(cfg)
             results = spawn_ranks(k, torch.device(device), _timed_rank, (cfg, train_size, 2 * k + warm, iterations))

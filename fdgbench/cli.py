@@ -8,7 +8,7 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 import torch
@@ -127,7 +127,7 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
     if run.is_done and not kw["force"]:
         return _cached(run, _done_summary(run))
     run.ensure_writable()
-    with run.lock():  # held until the run ends: its ranks (spawned below) write under this process's lock
+    with run.lock(), _removed_if_left_empty(run):  # the lock is held until the run ends: its ranks write under it
         if run.is_done and not kw["force"]:  # finished by another process since the check above
             return _cached(run, _done_summary(run))
         resume = _resume_point(run, cfg, kw)
@@ -143,6 +143,20 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
         trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None, resume=resume)
         click.echo(trainer.describe(), err=True)
         return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
+    """A run that fails before it writes anything (bad data, a budget the data
+    makes too short, Ctrl-C while decoding) leaves no directory behind, which
+    `sweep status` would count as an incomplete run. Used inside the run's
+    lock: its lock file is all such a directory holds, and no other process
+    is waiting for it (a second one is refused at once, not queued)."""
+    try:
+        yield
+    except BaseException:
+        run.remove_if_only_lock()
+        raise
 
 
 def _done_summary(run: RunDirectory) -> dict[str, Any]:
@@ -210,6 +224,8 @@ def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, b
                 raise UserError(decision[2])
             if decision[0] is not None:
                 return _cached(run, decision[0])
+            if dist.get_rank() == 0:  # the directory's owner removes it if nothing was written
+                held.enter_context(_removed_if_left_empty(run))
             summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
                                  local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
                                  resume=decision[1])
@@ -537,7 +553,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     spec, cells, root = _sweep_cells(table, preset, seeds, out, data_dir)
     cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
     for c in cells:
-        check_config(c.config)
+        spec.check(preset, c)  # an error names the spec file and key that set the bad value
     p = spec.preset(preset)
     click.echo(f"{spec.title}, preset {preset}: {len(cells)} runs -> {root}"
                + (f" ({p['description']})" if p.get("description") else ""))
@@ -777,8 +793,8 @@ def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, b
     from .report.tables import collect
 
     ks, names = _positive_ints(splits, "--splits"), _method_names(methods)
+    spec, cells, root = _sweep_cells("table6", preset, None, out)  # a bad --preset fails before any profiling
     predicted = predicted_speedups(model, ks, names, batch_size, device, threads)
-    spec, cells, root = _sweep_cells("table6", preset, None, out)
     results = [r for r in collect(spec, cells, root) if r.row.model == model]
     measured: dict[str, dict[int, float]] = {}
     for r in results:

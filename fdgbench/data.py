@@ -92,7 +92,10 @@ def load_dataset(spec: str, data_dir: str | os.PathLike = "data", download: bool
     if spec in ("cifar10", "cifar100"):
         return _load_torchvision_cifar(spec, Path(data_dir), download)
     if spec.startswith("folder:"):
-        return load_image_folder(Path(spec[len("folder:"):]).expanduser(), Path(data_dir))
+        folder = spec[len("folder:"):]
+        if not folder.strip():  # Path("") is the current directory
+            raise UserError("folder:PATH needs a path, e.g. folder:~/data/my-images or folder:images.tar.gz")
+        return load_image_folder(Path(folder).expanduser(), Path(data_dir))
     if spec == "synthetic" or spec.startswith("synthetic:"):
         classes = spec.partition(":")[2] or "10"
         if not classes.isdigit() or int(classes) < 2:
@@ -141,11 +144,11 @@ def _first_line(exc: BaseException) -> str:
 
 def load_image_folder(path: Path, cache_dir: Path) -> ImageDataset:
     """Decode a ``train/``+``test/`` image tree (or .tar.gz of one) once and
-    cache the uint8 tensors under ``cache_dir``, keyed by path, size and mtime."""
+    cache the uint8 tensors under ``cache_dir``, keyed by the source's content
+    as the file system describes it (``_source_key``)."""
     if not path.exists():
         raise UserError(f"dataset path {path} does not exist")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = _source_key(path)
     cache = cache_dir / "decoded" / f"{path.name.split('.')[0]}-{key}.pt"
     if cache.is_file():
         try:
@@ -167,6 +170,21 @@ def load_image_folder(path: Path, cache_dir: Path) -> ImageDataset:
     return ds
 
 
+def _source_key(path: Path) -> str:
+    """The path, and the size and mtime of the archive or the name, size and
+    mtime of every image file in the tree: adding, removing or replacing an
+    image gives a new key (the top directory's own mtime misses changes inside
+    class folders). An archive's key is the one earlier versions used, so
+    their caches stay valid."""
+    if path.is_file():
+        stat = path.stat()
+        text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    else:
+        text = str(path.resolve()) + "".join(f"|{f.relative_to(path)}|{s.st_size}|{s.st_mtime_ns}"
+                                             for f, s in ((f, f.stat()) for f in _tree_images(path)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _tar_members(path: Path) -> dict[str, bytes]:
     files = {}
     try:
@@ -181,9 +199,12 @@ def _tar_members(path: Path) -> dict[str, bytes]:
     return files
 
 
+def _tree_images(path: Path) -> list[Path]:
+    return [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def _tree_members(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    return {str(p.relative_to(path)): p.read_bytes() for p in _tree_images(path)}
 
 
 def _decode_folder(path: Path, files: dict[str, bytes]) -> ImageDataset:
@@ -201,6 +222,8 @@ def _decode_folder(path: Path, files: dict[str, bytes]) -> ImageDataset:
     if not splits["train"] or not splits["test"]:
         raise UserError(f"{path} is not an image folder: expected train/<class>/*.jpg and test/<class>/*.jpg")
     classes = sorted(splits["train"])
+    if len(classes) < 2:  # one class trains to 0% error and means nothing (synthetic:1 is refused too)
+        raise UserError(f"{path}: train/ has {len(classes)} class folder ({classes[0]}); a classifier needs at least 2")
     if sorted(splits["test"]) != classes:
         raise UserError(f"{path}: train/ and test/ have different class folders")
     tensors = []

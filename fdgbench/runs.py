@@ -102,6 +102,14 @@ class RunDirectory:
             finally:
                 probe.unlink(missing_ok=True)
 
+    def remove_if_only_lock(self) -> None:
+        """Remove the directory if its lock file is all it holds (a run that
+        failed before writing anything). Call it while holding the lock."""
+        with contextlib.suppress(OSError):
+            if {p.name for p in self.path.iterdir()} <= {LOCK}:
+                (self.path / LOCK).unlink(missing_ok=True)
+                self.path.rmdir()
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Own the directory while a run trains: a second process (the same

@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -25,14 +25,14 @@ from .engines.launch import is_communication_error, rank_device
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
-from .method import make_method
+from .method import Method, make_method
 from .models import build_model, count_parameters
 from .numerics import configure_numerics
 from .optim import SGDConfig
 from .replicas import ordered_mean_hook
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, config_hash, environment, write_atomically
-from .schedule import hold_span
+from .schedule import Op, hold_span
 from .stage import StageContext, summarize_totals
 from .tracking import WandbTracker
 
@@ -91,44 +91,94 @@ class RunConfig:
 ADDED_LATER = {"warmup_epochs": 0, "deterministic": False}
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Reject bad values before anything is loaded."""
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+def flag_name(field_name: str) -> str:
+    """How the command line spells a RunConfig field (``max_steps`` -> ``--max-steps``)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None:
+    """Reject bad values before anything is loaded. ``name`` says how the user
+    wrote each field (a flag by default; a table spec passes its own keys)."""
+    for key in ("epochs", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+        raise UserError(f"{name('max_steps')} must be at least 1, got {cfg.max_steps}")
     if cfg.warmup_epochs < 0:
-        raise UserError(f"--warmup-epochs must be at least 0, got {cfg.warmup_epochs}")
-    if not cfg.lr > 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
+        raise UserError(f"{name('warmup_epochs')} must be at least 0, got {cfg.warmup_epochs}")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        raise UserError(f"{name('warmup_epochs')} {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the run "
+                        f"would never train at {name('lr')}; use fewer warm-up epochs")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UserError(f"{name('lr')} must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.weight_decay < 0:
-        raise UserError(f"--weight-decay must be non-negative, got {cfg.weight_decay}")
+        raise UserError(f"{name('momentum')} must be in [0, 1), got {cfg.momentum}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise UserError(f"{name('weight_decay')} must be a non-negative finite number, got {cfg.weight_decay}")
     if cfg.amp not in ("off", "bf16"):
-        raise UserError(f"--amp must be off or bf16, got '{cfg.amp}'")
+        raise UserError(f"{name('amp')} must be off or bf16, got '{cfg.amp}'")
     if cfg.threads is not None and cfg.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {cfg.threads}")
+        raise UserError(f"{name('threads')} must be at least 1, got {cfg.threads}")
     if cfg.engine not in ENGINES:
-        raise UserError(f"unknown engine '{cfg.engine}'; known: {', '.join(ENGINES)}")
+        raise UserError(f"unknown engine '{cfg.engine}' ({name('engine')}); known: {', '.join(ENGINES)}")
     if cfg.engine == "distributed" and cfg.stage_devices:
         raise UserError("--stage-devices is for the sequential engine; distributed ranks take one device each")
+    if cfg.split_at and cfg.partition not in ("auto", "explicit"):
+        # The cut points decide the stages; the strategy would be ignored yet recorded (and hashed).
+        raise UserError(f"--split-at gives the stages itself; --partition {cfg.partition} would be ignored: "
+                        f"drop one of the two")
     stage_devices(cfg)
     method = make_method(cfg.method, **cfg.method_options)
     _check_precision(cfg, method)
     if cfg.splits < 1:
-        raise UserError(f"--splits must be at least 1, got {cfg.splits}")
+        raise UserError(f"{name('splits')} must be at least 1, got {cfg.splits}")
     if method.data_parallel and cfg.batch_size % cfg.splits:
-        raise UserError(f"{cfg.method} splits each batch across {cfg.splits} replicas: --batch-size "
+        raise UserError(f"{cfg.method} splits each batch across {cfg.splits} replicas: {name('batch_size')} "
                         f"{cfg.batch_size} must be a multiple of {cfg.splits}")
     # Model name, K and split points are checked on a weightless (meta) model:
     # instant even for ResNet-1202, and before any data is loaded.
     with torch.device("meta"):
         model = build_model(cfg.model)
+    num_stages = 1 if method.data_parallel else cfg.splits
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
-    make_partition(model, 1 if method.data_parallel else cfg.splits, cheap, list(cfg.split_at) if cfg.split_at else None,
+    make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
                    sample=torch.zeros(1, 3, 32, 32, device="meta"))
+    if cfg.max_steps is not None:
+        check_pipeline_depth(cfg, method, num_stages, cfg.max_steps, f"{name('max_steps')} is {cfg.max_steps}")
+
+
+def steps_until_every_stage_updates(method: Method, num_stages: int) -> int:
+    """Iterations a run needs before each of its stages has stepped once: one
+    past the latest first UPDATE in the method's schedule (a pipeline fills
+    before its first stages get a gradient; FDG's stage 0 waits 2(K-1))."""
+    first: dict[int, int] = {}
+    for t in range(8 * num_stages + 16):  # hold_span's horizon: well past any pipeline's fill
+        for k, actions in enumerate(method.schedule(num_stages, t)):
+            if k not in first and any(a.op is Op.UPDATE for a in actions):
+                first[k] = t
+        if len(first) == num_stages:
+            break
+    return max(first.values(), default=-1) + 1
+
+
+def check_pipeline_depth(cfg: RunConfig, method: Method, num_stages: int, total_steps: int, budget: str) -> None:
+    """Refuse a run that ends before some stage has ever updated: it would
+    "finish" with that stage's weights as initialised."""
+    needed = steps_until_every_stage_updates(method, num_stages)
+    if total_steps < needed:
+        raise UserError(f"{cfg.method} with K={num_stages} updates every stage only from iteration {needed - 1} "
+                        f"on, so the run needs at least {needed} iterations; {budget}")
+
+
+def check_budget(cfg: RunConfig, method: Method, num_stages: int, steps_per_epoch: int, total_steps: int) -> None:
+    """The checks that need the data's iterations per epoch (once it is loaded)."""
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if cfg.warmup_epochs and warmup_steps >= total_steps:
+        raise UserError(f"--warmup-epochs {cfg.warmup_epochs} ({warmup_steps} iterations) covers all {total_steps} "
+                        f"iterations of the run: it would never train at --lr; use fewer warm-up epochs")
+    # (--max-steps alone was checked before the data loaded; here the epochs are short.)
+    check_pipeline_depth(cfg, method, num_stages, total_steps, f"--epochs {cfg.epochs} of {steps_per_epoch} "
+                                                               f"iteration(s) each give {total_steps}")
 
 
 def _check_precision(cfg: RunConfig, method) -> None:
@@ -260,6 +310,7 @@ class Trainer:
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
         self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
+        check_budget(cfg, self.method, self.num_stages, self.steps_per_epoch, self.total_steps)
         # Forwards this close to a checkpoint keep their weights (their batches may still be in flight there).
         self.hold_span = hold_span(self.method.schedule, self.num_stages)
         self._fault = _parse_fault(os.environ.get(FAULT_ENV))
@@ -447,7 +498,10 @@ class Trainer:
     def _check_progress(self, t: int, bar, t0: float, first: int) -> None:
         m = summarize_totals(self.engine.train_totals())
         if m["images"] and not math.isfinite(m["loss"]):
-            raise DivergedError(f"training loss is {m['loss']} at iteration {t}")
+            # The epoch's summed loss was finite at the previous check, so it turned in between.
+            since = max(first, t // CHECK_EVERY * CHECK_EVERY)
+            raise DivergedError(f"training loss is {m['loss']} by iteration {t} (first non-finite in iterations "
+                                f"{since}-{t}; the loss is checked every {CHECK_EVERY} iterations)")
         if bar is not None:
             bar.update(t + 1 - bar.n)
             rate = (t + 1 - first) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)

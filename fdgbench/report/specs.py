@@ -4,19 +4,30 @@ paper's numbers and best beta), columns (method and its options), presets
 ``expand`` turns a spec and a preset into the runs that fill its cells."""
 from __future__ import annotations
 
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..method import make_method
 from ..runs import PROJECT_ROOT
-from ..train import RunConfig
+from ..train import RunConfig, check_config, flag_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library (a dependency on Python 3.10)
+    import tomli as tomllib
 
 SPEC_DIR = PROJECT_ROOT / "paper_tables"
 PRESETS = ("full", "quick", "smoke")
 RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads",
               "warmup_epochs")
+# The keys each part of a spec may have: anything else is a typo that would be silently ignored.
+SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure")
+COLUMN_KEYS = ("id", "method", "options", "paper", "beta_from_row", "run")
+ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
+PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", *RUN_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,8 @@ class TableSpec:
     presets: dict[str, dict[str, Any]]
     footnotes: list[str] = field(default_factory=list)
     measure: str = "error"  # error: test error (%); time: seconds per epoch
+    path: Path | None = None  # the spec file, named in errors about its values
+
     def preset(self, name: str) -> dict[str, Any]:
         if name not in self.presets:
             raise UserError(f"{self.name} has no preset '{name}'; known: {', '.join(self.presets)}")
@@ -72,7 +85,8 @@ class TableSpec:
         columns = [c for c in self.columns if c.id in p.get("columns", [c.id for c in self.columns])]
         n = seeds if seeds is not None else p.get("seeds", 1)
         if n < 1:
-            raise UserError(f"--seeds must be at least 1, got {n}")
+            where = "--seeds" if seeds is not None else f"{self.path}: [presets.{preset}] seeds"
+            raise UserError(f"{where} must be at least 1, got {n}")
         budget = {k: p[k] for k in RUN_FIELDS if k in p}
         out = []
         for row in rows:
@@ -86,6 +100,23 @@ class TableSpec:
                                     **{**budget, **column.run})
                     out.append(Cell(row, column, seed, cfg))
         return out
+
+    def check(self, preset: str, cell: Cell) -> None:
+        """check_config on a cell, with its errors naming this spec file and
+        the key that set the bad value (not a command-line flag); fields the
+        spec cannot set (e.g. a sweep's --device) keep their flags."""
+        spec_keys = {*RUN_FIELDS, "method", "model", "splits"}
+
+        def name(key: str) -> str:
+            if key in cell.column.run:
+                return f"run.{key}"
+            return key if key in spec_keys else flag_name(key)
+
+        try:
+            check_config(cell.config, name)
+        except UserError as exc:
+            raise UserError(f"{self.path}, preset '{preset}', row '{cell.row.id}', column '{cell.column.id}': "
+                            f"{exc}") from None
 
 
 def spec_path(name: str) -> Path:
@@ -103,14 +134,54 @@ def load_spec(name: str) -> TableSpec:
         raise UserError(f"no table spec '{name}' ({path} not found); known: {known}")
     try:
         data = tomllib.loads(path.read_text())
+        _check_keys(path, "the top level", data, SPEC_KEYS)
+        for i, c in enumerate(data["columns"], 1):
+            where = f"column '{c.get('id', i)}'"
+            _check_keys(path, where, c, COLUMN_KEYS)
+            _check_keys(path, f"{where} run", c.get("run", {}), RUN_FIELDS)
+            _check_run_values(path, f"{where} run", c.get("run", {}))
+            try:  # a misspelt option would otherwise be found only when the sweep reaches the column
+                make_method(c["method"], **c.get("options", {}))
+            except UserError as exc:
+                raise UserError(f"{path}: {where} options: {exc}") from None
+        for i, r in enumerate(data["rows"], 1):
+            _check_keys(path, f"row '{r.get('id', i)}'", r, ROW_KEYS)
         columns = [Column(c["id"], c["method"], dict(c.get("options", {})), tuple(c.get("paper", ())),
                           bool(c.get("beta_from_row", False)), dict(c.get("run", {}))) for c in data["columns"]]
         rows = [Row(r["id"], r["model"], int(r["splits"]), {k: float(v) for k, v in r.get("paper", {}).items()},
                     r.get("best_beta"), r.get("paper_params")) for r in data["rows"]]
+        for preset, values in data.get("presets", {}).items():
+            where = f"[presets.{preset}]"
+            _check_keys(path, where, values, PRESET_KEYS)
+            _check_run_values(path, where, values)
+            for key, ids in (("rows", [r.id for r in rows]), ("columns", [c.id for c in columns])):
+                unknown = [i for i in values.get(key, []) if i not in ids]
+                if unknown:
+                    raise UserError(f"{path}: {where} {key} lists unknown {', '.join(map(repr, unknown))}; "
+                                    f"known: {', '.join(map(repr, ids))}")
         measure = data.get("measure", "error")
         if measure not in ("error", "time"):
             raise ValueError(f"measure must be error or time, got {measure!r}")
         return TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows,
-                         dict(data.get("presets", {})), list(data.get("footnotes", [])), measure)
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+                         dict(data.get("presets", {})), list(data.get("footnotes", [])), measure, path)
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path} is not a valid table spec: {type(exc).__name__}: {exc}") from None
+
+
+def _check_keys(path: Path, where: str, table: dict[str, Any], known: tuple[str, ...]) -> None:
+    """A key the loader does not know (a typo such as ``epoch``) is an error, not silently ignored."""
+    unknown = [k for k in table if k not in known]
+    if unknown:
+        raise UserError(f"{path}: {where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def _check_run_values(path: Path, where: str, values: dict[str, Any]) -> None:
+    """RunConfig fields of the right type (their ranges are check_config's, at sweep time)."""
+    for key in (*RUN_FIELDS, "seeds"):
+        if key not in values:
+            continue
+        want = str if key == "engine" else int
+        value = values[key]
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise UserError(f"{path}: {where} {key} must be {'a string' if want is str else 'an integer'}, "
+                            f"got {value!r}")

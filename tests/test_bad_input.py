@@ -1,0 +1,133 @@
+"""Input that used to be accepted and then misbehaved: each is refused with one
+``error:`` line and exit 2 (or handled correctly), and leaves nothing behind."""
+import pytest
+import torch
+
+from fdgbench.data import load_image_folder
+from fdgbench.method import make_method
+from fdgbench.train import RunConfig, check_config, steps_until_every_stage_updates
+
+from .conftest import ROOT
+from .test_data import _make_tree, _write_png
+
+TINY = ["--model", "tiny_resnet", "--dataset", "synthetic", "--batch-size", "32", "--train-subset", "256",
+        "--test-subset", "64", "--epochs", "2", "--threads", "1", "--no-progress"]
+
+
+def _one_error(status, err, message):
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_adding_an_image_to_a_folder_dataset_invalidates_its_cache(tmp_path):
+    tree = _make_tree(tmp_path / "imgs")
+    before = load_image_folder(tree, tmp_path / "cache")
+    # Inside a class folder: the top directory's size and mtime do not change.
+    _write_png(tree / "train" / "a_dog" / "new.png", torch.full((3, 8, 8), 7, dtype=torch.uint8))
+    after = load_image_folder(tree, tmp_path / "cache")
+    assert len(after.train_labels) == len(before.train_labels) + 1
+    assert after.train_labels.tolist().count(0) == 4
+    assert any(torch.equal(img, torch.full((3, 8, 8), 7, dtype=torch.uint8)) for img in after.train_images)
+
+
+def test_a_single_class_folder_is_refused_and_leaves_no_run_directory(cli, tmp_path):
+    tree = _make_tree(tmp_path / "imgs", classes=("only",))
+    out = tmp_path / "results"
+    status, _, err = cli("run", "--method", "bp", *TINY[:2], "--dataset", f"folder:{tree}", "--data-dir",
+                         tmp_path / "cache", "--out", out)
+    _one_error(status, err, "a classifier needs at least 2")
+    # A data error used to leave an empty run directory that `sweep status` counted as incomplete.
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_empty_folder_path_is_refused(cli):
+    _one_error(*cli("run", *TINY[:2], "--dataset", "folder:")[::2], "folder:PATH needs a path")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--weight-decay", "inf"], "--weight-decay must be a non-negative finite number, got inf"),
+    (["--warmup-epochs", "2"], "--warmup-epochs 2 covers all 2 epoch(s)"),
+    (["--split-at", "L2.0", "--partition", "flops"], "--partition flops would be ignored"),
+    (["-K", "5", "--max-steps", "4"], "fdg with K=5 updates every stage only from iteration 8 on, so the run "
+                                      "needs at least 9 iterations; --max-steps is 4"),
+])
+def test_values_that_would_run_wrongly_are_refused(cli, args, message):
+    _one_error(*cli("run", "--method", "fdg", *TINY, *args)[::2], message)
+
+
+@pytest.mark.parametrize("args,message", [
+    # 256 images / 32 = 8 iterations per epoch: a 1-epoch warm-up covers a 4-iteration run.
+    (["--method", "bp", "--epochs", "10", "--warmup-epochs", "1", "--max-steps", "4"],
+     "--warmup-epochs 1 (8 iterations) covers all 4 iterations"),
+    # One epoch of 2 iterations: FDG K=3's first stage would never update.
+    (["--method", "fdg", "-K", "3", "--epochs", "1", "--train-subset", "64"],
+     "needs at least 5 iterations; --epochs 1 of 2 iteration(s) each give 2"),
+])
+def test_budgets_too_short_for_the_data_are_refused_before_training(cli, tmp_path, args, message):
+    status, _, err = cli("run", *TINY, *args, "--out", tmp_path)
+    _one_error(status, err, message)
+    assert not any(tmp_path.iterdir())  # no empty run directory left behind
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("bp", [1, 1, 1]), ("fdg", [1, 3, 5]), ("ddg", [1, 2, 3]), ("fr", [1, 2, 3]), ("dgl", [1, 1, 1]),
+])
+def test_first_update_of_every_stage_comes_from_the_schedule(method, expected):
+    # FDG's stage 0 back-propagates batch t - 2(K-1); DDG's and FR's stage 0 batch t - (K-1).
+    assert [steps_until_every_stage_updates(make_method(method), k) for k in (1, 2, 3)] == expected
+
+
+def test_a_run_exactly_as_deep_as_the_pipeline_and_explicit_split_points_are_accepted():
+    check_config(RunConfig(method="fdg", model="tiny_resnet", splits=3, max_steps=5))
+    for partition in ("auto", "explicit"):
+        check_config(RunConfig(model="tiny_resnet", splits=2, partition=partition, split_at=("L2.0",)))
+
+
+def _spec(tmp_path, old, new):
+    text = (ROOT / "paper_tables" / "table2.toml").read_text()
+    assert old in text
+    path = tmp_path / "typo.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("[presets.smoke]\n", "[presets.smoke]\nepoch = 3\n",
+     "[presets.smoke] has unknown key(s) epoch; known: description, rows, columns, seeds, fallback_dataset, epochs"),
+    ('id = "FR"\n', 'id = "FR"\nbeta_form_row = true\n', "column 'FR' has unknown key(s) beta_form_row"),
+    ('id = "ResNet-20"\n', 'id = "ResNet-20"\nsplit = 3\n', "row 'ResNet-20' has unknown key(s) split"),
+    ('options = { staleness = "legacy" }', 'options = { stalenes = "legacy" }',
+     "column 'DDG' options: --stalenes is an option of no method"),
+    ('rows = ["ResNet-20"]', 'rows = ["ResNet-2O"]', "rows lists unknown 'ResNet-2O'"),
+    ("[presets.smoke]\n", "[presets.smoke]\nwarmup_epochs = \"3\"\n", "warmup_epochs must be an integer, got '3'"),
+])
+def test_spec_typos_name_the_file_the_table_and_the_key(cli, tmp_path, old, new, message):
+    path = _spec(tmp_path, old, new)
+    status, _, err = cli("table", path, "--preset", "smoke", "--out", tmp_path / "results")
+    _one_error(status, err, message)
+    assert str(path) in err
+
+
+def test_a_bad_spec_value_names_the_spec_key_not_a_flag(cli, tmp_path):
+    path = _spec(tmp_path, "[presets.smoke]\n", "[presets.smoke]\nwarmup_epochs = 5\n")
+    status, _, err = cli("sweep", path, "--preset", "smoke", "--dry-run", "--out", tmp_path / "results")
+    _one_error(status, err, f"{path}, preset 'smoke', row 'ResNet-20', column 'BP': warmup_epochs 5 covers all")
+    assert "--warmup-epochs" not in err
+
+
+@pytest.mark.parametrize("command", [["bench", "simulate"], ["plot", "speedup"]])
+def test_an_unknown_model_is_refused_before_any_profiling(cli, command, tmp_path):
+    status, out, err = cli(*command, "--model", "nope", "--splits", "2", "--methods", "bp")
+    _one_error(status, err, "unknown model 'nope'")
+    assert "profiling" not in out + err
+
+
+def test_divergence_names_the_window_the_loss_turned_in(cli, tmp_path):
+    # 8 iterations in one epoch: the loss is read once, after iteration 7.
+    status, _, err = cli("run", "--method", "bp", *TINY, "--epochs", "1", "--lr", "1e30", "--out", tmp_path)
+    assert status == 3, err
+    assert err.splitlines()[-1].startswith("diverged: training loss is nan by iteration 7 (first non-finite in "
+                                           "iterations 0-7; the loss is checked every 50 iterations)")
