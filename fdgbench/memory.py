@@ -37,6 +37,12 @@ from .schedule import Op, batches_held, hold_span, release_ops
 MiB = 2**20
 GiB = 2**30
 PROFILE_BATCHES = (2, 4)  # two batch sizes give bytes per image and fixed bytes (>1: BN1d refuses batch 1)
+# A process's peak resident memory over the live bytes counted here, measured on this CPU (peak RSS less RSS
+# before training, over the estimate, fill + a few iterations): 1.16 ResNet-1202 batch 16 FDG, 1.28
+# ResNet-110 batch 128 BP, 1.34 ResNet-110 batch 128 FDG legacy. The rest is autograd's gradient buffers
+# during a backward and pages the allocator keeps after frees. The guard budgets this much.
+OVERHEAD = 1.35
+RUNTIME_BYTES = int(0.7 * 2**30)  # a new process: torch's libraries and buffers (0.7 GiB RSS measured here)
 
 
 def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
@@ -47,12 +53,15 @@ def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
 
 
 def _storage_keys(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
-    """data_ptr -> nbytes of the distinct storages behind ``tensors``."""
+    """key -> nbytes of the distinct storages behind ``tensors``. A storage's
+    key is the id of its Python object, which torch keeps one of per storage
+    while the storage lives (so views share it); unlike data_ptr it also
+    tells storages apart on the meta device, where the estimate runs."""
     out: dict[int, int] = {}
     for t in tensors:
         s = _storage_of(t)
         if s is not None and s.nbytes():
-            out[s.data_ptr()] = s.nbytes()
+            out[id(s)] = s.nbytes()
     return out
 
 
@@ -145,7 +154,7 @@ class StageProbe:
     def _add(self, t: torch.Tensor) -> None:
         s = _storage_of(t)
         if s is not None and s.nbytes() and self._recording is not None:
-            self._recording[s.data_ptr()] = (weakref.ref(s), s.nbytes())
+            self._recording[id(s)] = (weakref.ref(s), s.nbytes())
 
     def held_bytes(self) -> int:
         """Bytes of the held batches' storages still alive, less the live weights'."""
@@ -153,9 +162,8 @@ class StageProbe:
         alive: dict[int, int] = {}
         for entries in self._batches.values():
             for key, (ref, nbytes) in entries.items():
-                storage = ref()
-                # A dead storage's address can be reused by another: check it is still this one.
-                if storage is not None and key not in own and storage.data_ptr() == key:
+                # Alive means the same object (a dead storage's id can be reused by another).
+                if ref() is not None and key not in own:
                     alive[key] = nbytes
         return sum(alive.values())
 
@@ -255,45 +263,58 @@ class StageEstimate:
         return max(g for g, _ in self.holdings)
 
 
-def estimate(cfg, image_shape: tuple[int, ...], num_classes: int) -> list[StageEstimate]:
+def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | None = None) -> list[StageEstimate]:
     """Each stage's memory for ``cfg`` (a RunConfig), without training: the
-    stages built on the CPU (cheap partitions in place of measured ones),
-    one forward of each at two small batches recording what it keeps, then
-    its first batch's backward(s) and a step (the optimizer's state); batches
-    held from the schedule. Device-independent bytes (autocast honoured)."""
+    stages built on the CPU (a cheap partition in place of a measured one),
+    one forward of each at two small batches recording what it keeps, then that batch's backward(s) and a step (the
+    optimizer's state); bytes per batch scaled linearly to the run's batch,
+    batches held from the schedule (in a run of ``steps`` iterations, if
+    given: a short run never fills a deep pipeline). In fp32: under --amp bf16 autocast keeps
+    some activations in half the bytes, so the estimate errs high."""
     from .method import make_method
+
+    method = make_method(cfg.method, **cfg.method_options)
+    num_stages = 1 if method.data_parallel else cfg.splits
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    # On the CPU, one thread: fastest at these batches (the meta device's Python shape functions are slower
+    # still: 30 s for ResNet-1202 against 5). The caller's random stream is left alone.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _estimate(cfg, method, num_stages, image_shape, num_classes, cpu, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: torch.device,
+              steps: int | None) -> list[StageEstimate]:
     from .models import build_model
     from .optim import SGDConfig
     from .partition import build_stages, make_partition, stage_output_shapes
     from .stage import StageContext
 
-    method = make_method(cfg.method, **cfg.method_options)
-    num_stages = 1 if method.data_parallel else cfg.splits
-    cpu = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes)
-        cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition
-        partition = make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
-                                   sample=torch.zeros(2, *image_shape))
-        stages = build_stages(model, partition)
-        shapes = stage_output_shapes(stages, tuple(image_shape), [cpu] * num_stages)
-        amp = torch.bfloat16 if cfg.amp == "bf16" else None
-        holdings = batches_held(method.schedule, num_stages)
-        releases = release_ops(method.schedule, num_stages)
-        out = []
-        for k, stage in enumerate(stages):
-            ctx = StageContext(k, num_stages, stage, cpu, SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay,
-                                                                    cfg.nesterov),
-                               amp_dtype=amp, output_shape=shapes[k], num_classes=num_classes, seed=cfg.seed,
-                               replicas=cfg.splits if method.data_parallel else 1)
-            worker = method.make_worker(ctx)
-            in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
-            graph, output = {}, {}
-            for batch in PROFILE_BATCHES:
-                graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, shapes[k], num_classes,
-                                                             releases[k])
-            out.append(StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings[k]))
+    model = build_model(cfg.model, num_classes)
+    cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition
+    partition = make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
+                               sample=torch.zeros(2, *image_shape))
+    stages = build_stages(model, partition)
+    shapes = stage_output_shapes(stages, tuple(image_shape), [cpu] * num_stages)
+    holdings = batches_held(method.schedule, num_stages, steps)
+    releases = release_ops(method.schedule, num_stages)
+    out = []
+    for k, stage in enumerate(stages):
+        ctx = StageContext(k, num_stages, stage, cpu, SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay,
+                                                                cfg.nesterov),
+                           output_shape=shapes[k], num_classes=num_classes, seed=cfg.seed,
+                           replicas=cfg.splits if method.data_parallel else 1)
+        worker = method.make_worker(ctx)
+        in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
+        graph, output = {}, {}
+        for batch in PROFILE_BATCHES:
+            graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, shapes[k], num_classes,
+                                                         releases[k])
+        out.append(StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings[k]))
     return out
 
 
@@ -370,23 +391,26 @@ class Need:
         return self.needed <= self.available
 
 
-def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=available_bytes) -> list[Need]:
-    """Per memory pool: the stages' summed peaks (plus, per process that
-    puts the data there, the dataset's uint8 copy) against what is free."""
+def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=None) -> list[Need]:
+    """Per memory pool: OVERHEAD x the stages' summed peaks, plus the data's
+    uint8 copy and a process's runtime wherever a process still to start
+    puts them (this process, already running, is counted in what is free)."""
     from .method import make_method
 
+    available = available or available_bytes
     batch = cfg.batch_size
     if cfg.engine == "distributed" and make_method(cfg.method, **cfg.method_options).data_parallel:
         batch = max(1, batch // cfg.splits)  # a replica per rank, each on its own shard of the batch
         stages = stages * cfg.splits
     pools = memory_pools(cfg, len(stages))
+    if cfg.engine == "distributed":  # one new process per stage (rank), each with the data on its device
+        extra = [data_bytes + RUNTIME_BYTES] * len(stages)
+    else:  # this process; the data goes to stage 0's device (already here on a CPU)
+        extra = [data_bytes if k == 0 and pools[0] != "cpu" else 0 for k in range(len(stages))]
     out = []
     for pool in dict.fromkeys(pools):
         mine = tuple(k for k, p in enumerate(pools) if p == pool)
-        needed = sum(stages[k].peak_bytes(batch) for k in mine)
-        # The data sits on every rank's device (and in every CPU rank); here, on a CPU, it is loaded already.
-        processes = len(mine) if cfg.engine == "distributed" else (1 if pool != "cpu" else 0)
-        needed += processes * data_bytes
+        needed = OVERHEAD * sum(stages[k].peak_bytes(batch) for k in mine) + sum(extra[k] for k in mine)
         out.append(Need(pool, needed, available(torch.device(pool)), mine))
     return out
 
@@ -395,23 +419,25 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f} GiB"
 
 
-def check_fits(cfg, image_shape: tuple[int, ...], num_classes: int, data_bytes: int = 0,
-               available=available_bytes) -> None:
-    """Refuse, in one line, a run whose estimated stage peaks exceed the
-    memory free where they go; name the changes that would fit."""
-    stages = estimate(cfg, image_shape, num_classes)
+def check_fits(cfg, image_shape: tuple[int, ...], num_classes: int, data_bytes: int = 0, steps: int | None = None,
+               available=None) -> None:
+    """Refuse, in one line, a run (of ``steps`` iterations) whose estimated
+    stage peaks exceed the memory free where they go; name the changes that
+    would fit. ``available(device)`` defaults to available_bytes."""
+    available = available or available_bytes
+    stages = estimate(cfg, image_shape, num_classes, steps)
     short = [n for n in needs(cfg, stages, data_bytes, available) if not n.fits]
     if not short:
         return
     worst = max(short, key=lambda n: n.needed - n.available)
-    per_stage = ", ".join(f"stage {k} {gib(stages[k % len(stages)].peak_bytes(cfg.batch_size))}"
-                          for k in worst.stages)
+    per_stage = " + ".join(f"{stages[k % len(stages)].peak_bytes(cfg.batch_size) / GiB:.1f}" for k in worst.stages)
     options = cfg.method_options.get("staleness", "legacy") if "staleness" in _option_names(cfg) else None
     held = f"staleness {options}, " if options else ""
-    suggestions = _what_fits(cfg, stages, image_shape, num_classes, data_bytes, available)
+    suggestions = _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available)
     raise UserError(
         f"{cfg.method} {cfg.model} K={cfg.splits} batch {cfg.batch_size} ({held}{cfg.engine} engine) needs about "
-        f"{gib(worst.needed)} on {worst.pool} ({per_stage}) but {gib(worst.available)} is available; "
+        f"{gib(worst.needed)} on {worst.pool} (stages {per_stage} GiB held and state, x{OVERHEAD} for backward "
+        f"buffers and the allocator) but {gib(worst.available)} is available; "
         f"would fit: {'; '.join(suggestions) if suggestions else 'nothing smaller tried'}; "
         f"--ignore-memory-check runs it anyway")
 
@@ -427,7 +453,7 @@ def _fits(cfg, stages, data_bytes, available) -> tuple[bool, float]:
     return all(n.fits for n in found), max(n.needed for n in found)
 
 
-def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, available) -> list[str]:
+def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available) -> list[str]:
     """The single changes that make the estimate fit: --staleness replay, a
     larger K, a smaller batch, one device per stage, or a larger device."""
     from .method import make_method
@@ -437,19 +463,23 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, available) -> 
     staleness = next((o for o in make_method(cfg.method).options if o.name == "staleness"), None)
     if staleness and "replay" in (staleness.choices or ()) and cfg.method_options.get("staleness") != "replay":
         alt = replace(cfg, method_options={**cfg.method_options, "staleness": "replay"})
-        ok, need = _fits(alt, estimate(alt, image_shape, num_classes), data_bytes, available)
+        ok, need = _fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available)
         if ok:
             out.append(f"--staleness replay ({gib(need)})")
     with torch.device("meta"):
         blocks = len(build_model(cfg.model, num_classes))
-    if not make_method(cfg.method, **cfg.method_options).data_parallel:
+    pools = memory_pools(cfg, len(stages))
+    # More stages help only where they spread over more memory: on one pool the sum over stages only
+    # grows with K (as many activations, more batches in flight), so it is not tried there.
+    spread = cfg.engine == "distributed" and pools[0] != "cpu"
+    if spread and not make_method(cfg.method, **cfg.method_options).data_parallel:
         for k in sorted({cfg.splits + 1, 2 * cfg.splits}):
-            if k > blocks or (cfg.stage_devices and cfg.engine == "sequential"):
+            if k > blocks:
                 continue
             alt = replace(cfg, splits=k, split_at=None)
-            ok, need = _fits(alt, estimate(alt, image_shape, num_classes), data_bytes, available)
+            ok, need = _fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available)
             if ok:
-                out.append(f"-K {k} ({gib(need)})")
+                out.append(f"--splits {k} ({gib(need)} per GPU)")
                 break
     batch = cfg.batch_size // 2
     while batch >= 1:
@@ -458,13 +488,12 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, available) -> 
             out.append(f"--batch-size {batch} ({gib(need)}; changes the protocol)")
             break
         batch //= 2
-    pools = memory_pools(cfg, len(stages))
-    largest = max(s.peak_bytes(cfg.batch_size) for s in stages)
+    largest = OVERHEAD * max(s.peak_bytes(cfg.batch_size) for s in stages) + data_bytes + RUNTIME_BYTES
     if len(set(pools)) == 1 and len(stages) > 1:
         pool = torch.device(pools[0])
-        if largest + data_bytes <= available(pool):
-            kind = "GPUs" if pool.type == "cuda" else "machines (torchrun)"
-            out.append(f"{len(stages)} {kind} like this one, one stage each ({gib(largest)} for the largest stage)")
+        if largest <= available(pool):
+            kind = "GPUs (--engine distributed)" if pool.type == "cuda" else "machines (torchrun)"
+            out.append(f"{len(stages)} {kind} like this one, one stage each ({gib(largest)} for the largest)")
     worst = max(needs(cfg, stages, data_bytes, available), key=lambda n: n.needed - n.available)
     out.append(f"a device with {gib(worst.needed)} free")
     return out

@@ -254,7 +254,8 @@ def hold_span(schedule: ScheduleFn, num_stages: int) -> int:
     return span
 
 
-def batches_held(schedule: ScheduleFn, num_stages: int) -> list[tuple[tuple[int, int], ...]]:
+def batches_held(schedule: ScheduleFn, num_stages: int,
+                 iterations: int | None = None) -> list[tuple[tuple[int, int], ...]]:
     """What each stage keeps at once, over the pipeline's fill and several
     iterations of its steady state: per stage, the maximal (graphs, outputs)
     pairs seen after any of its actions. A batch's graph is held from its
@@ -262,8 +263,9 @@ def batches_held(schedule: ScheduleFn, num_stages: int) -> list[tuple[tuple[int,
     BACKWARD of that batch follows (DNI's synthetic-gradient target), the
     stage still keeps something of it (its output) until then: it counts in
     ``outputs``. Stage memory = state + graphs x graph bytes + outputs x
-    output bytes, maximised over the pairs (memory.py)."""
-    iterations = 8 * num_stages + 16
+    output bytes, maximised over the pairs (memory.py). A run of fewer
+    ``iterations`` than it takes to fill the pipeline holds fewer."""
+    iterations = min(8 * num_stages + 16, iterations or 8 * num_stages + 16)
     plans = [schedule(num_stages, t) for t in range(iterations)]
     releases: dict[tuple[int, int | None], int] = {}  # (stage, batch) -> how many BACKWARD/LOCAL it gets
     for plan in plans:
