@@ -278,7 +278,7 @@ def batches_held(schedule: ScheduleFn, num_stages: int,
         graphs: set[int | None] = set()
         outputs: set[int | None] = set()
         remaining = dict(releases)
-        seen: set[tuple[int, int]] = set()
+        seen = {(0, 0)}
         for plan in plans:
             for action in plan[k]:
                 b = action.batch
