@@ -368,13 +368,13 @@ def memory_pools(cfg, num_stages: int) -> list[str]:
     """Which memory each stage draws on: its device on the sequential engine;
     on the distributed engine this machine's RAM for every CPU rank (spawned
     here), or the rank's own GPU."""
-    from .engines.launch import rank_device
     from .train import stage_devices
 
     devices = stage_devices(replace(cfg, splits=num_stages)) if cfg.engine == "sequential" else None
-    if devices is None:
+    if devices is None:  # rank k's device, as engines.launch.rank_device picks it (without selecting it here)
         base = torch.device(cfg.device)
-        devices = [rank_device(base, k) if base.type == "cuda" else base for k in range(num_stages)]
+        devices = [torch.device("cuda", k % torch.cuda.device_count()) if base.type == "cuda" else base
+                   for k in range(num_stages)]
     return [str(torch.device(d.type, d.index if d.index is not None else 0)) if d.type == "cuda" else d.type
             for d in devices]
 
@@ -431,21 +431,16 @@ def check_fits(cfg, image_shape: tuple[int, ...], num_classes: int, data_bytes: 
         return
     worst = max(short, key=lambda n: n.needed - n.available)
     per_stage = " + ".join(f"{stages[k % len(stages)].peak_bytes(cfg.batch_size) / GiB:.1f}" for k in worst.stages)
-    options = cfg.method_options.get("staleness", "legacy") if "staleness" in _option_names(cfg) else None
-    held = f"staleness {options}, " if options else ""
-    suggestions = _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available)
-    raise UserError(
-        f"{cfg.method} {cfg.model} K={cfg.splits} batch {cfg.batch_size} ({held}{cfg.engine} engine) needs about "
-        f"{gib(worst.needed)} on {worst.pool} (stages {per_stage} GiB held and state, x{OVERHEAD} for backward "
-        f"buffers and the allocator) but {gib(worst.available)} is available; "
-        f"would fit: {'; '.join(suggestions) if suggestions else 'nothing smaller tried'}; "
-        f"--ignore-memory-check runs it anyway")
-
-
-def _option_names(cfg) -> set[str]:
     from .method import make_method
 
-    return {o.name for o in make_method(cfg.method).options}
+    staleness = make_method(cfg.method, **cfg.method_options).option_values().get("staleness")
+    mode = f"staleness {staleness}, " if staleness else ""
+    suggestions = _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available)
+    raise UserError(
+        f"{cfg.method} {cfg.model} K={cfg.splits} batch {cfg.batch_size} ({mode}{cfg.engine} engine) needs about "
+        f"{gib(worst.needed)} on {worst.pool} (stages {per_stage} GiB held and state, x{OVERHEAD} for backward "
+        f"buffers and the allocator) but {gib(worst.available)} is available; would fit: {'; '.join(suggestions)}; "
+        f"--ignore-memory-check runs it anyway")
 
 
 def _fits(cfg, stages, data_bytes, available) -> tuple[bool, float]:
@@ -455,7 +450,8 @@ def _fits(cfg, stages, data_bytes, available) -> tuple[bool, float]:
 
 def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available) -> list[str]:
     """The single changes that make the estimate fit: --staleness replay, a
-    larger K, a smaller batch, one device per stage, or a larger device."""
+    larger K (where stages go to separate GPUs), a smaller batch, one device
+    per stage, and always: a device with enough free."""
     from .method import make_method
     from .models import build_model
 
