@@ -22,8 +22,6 @@ scaled linearly to the run's batch (estimate, check_fits).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Iterable

@@ -9,6 +9,7 @@ import torch
 
 from fdgbench import memory
 from fdgbench.data import synthetic_dataset
+from fdgbench.errors import UserError
 from fdgbench.memory import Linear, StageProbe, estimate
 from fdgbench.method import make_method
 from fdgbench.schedule import batches_held, release_ops
@@ -149,7 +150,7 @@ def test_the_refusal_names_what_would_fit(monkeypatch):
     need_replay = memory.OVERHEAD * sum(s.peak_bytes(64) for s in replay)
     assert need_replay < 0.9 * need
     limit = int((need_replay + need) / 2)  # replay fits, legacy does not
-    with pytest.raises(memory.UserError) as caught:
+    with pytest.raises(UserError) as caught:
         memory.check_fits(cfg, (3, 32, 32), 10, available=lambda device: limit)
     message = str(caught.value)
     assert "--staleness replay" in message and "--batch-size 32" in message
