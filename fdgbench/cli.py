@@ -32,6 +32,12 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
     return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
 
 
+# Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
+IGNORE_MEMORY_CHECK = click.option(
+    "--ignore-memory-check", is_flag=True,
+    help="start even if the estimated per-stage memory exceeds what the device has free (--force does not)")
+
+
 def training_options(f: Callable) -> Callable:
     """Options shared by ``run`` and ``compare``: everything in a RunConfig
     except the method, with the paper's protocol as defaults."""
@@ -80,6 +86,7 @@ def training_options(f: Callable) -> Callable:
         click.option("--force", is_flag=True, help="start over even if the run directory is done or has a "
                      "checkpoint (an unfinished run otherwise resumes from its last epoch's checkpoint)"),
         click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
+        IGNORE_MEMORY_CHECK,
     ]
     for name, option in sorted(all_options().items(), reverse=True):
         kwargs: dict[str, Any] = {"default": None, "help": f"[{_owners(name)}] {option.help} (default {option.default})"}
@@ -134,6 +141,8 @@ def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) ->
         datasets = {} if datasets is None else datasets
         if cfg.dataset not in datasets:
             datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
+        if not kw.get("ignore_memory_check"):
+            _check_memory(cfg, datasets[cfg.dataset])
         if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
             summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
                                     (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
@@ -157,6 +166,18 @@ def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
     except BaseException:
         run.remove_if_only_lock()
         raise
+
+
+def _check_memory(cfg: RunConfig, data) -> None:
+    """Refuse (one line) a run whose estimated stage memory does not fit."""
+    from .memory import check_fits
+
+    train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
+    test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))
+    data_bytes = (train + test) * data.train_images[0].nbytes
+    steps = cfg.epochs * max(1, train // cfg.batch_size)
+    check_fits(cfg, tuple(data.train_images.shape[1:]), data.num_classes, data_bytes,
+               min(steps, cfg.max_steps or steps))
 
 
 def _done_summary(run: RunDirectory) -> dict[str, Any]:
@@ -421,6 +442,21 @@ def bench_step(model: str, splits: str, batch_size: int, iterations: int, rounds
     run_bench(model, ks, batch_size, iterations, rounds, device, threads, staleness)
 
 
+@bench.command("memory")
+@click.option("--model", default="resnet56", show_default=True)
+@click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) -> None:
+    """Per-stage memory of BP and each method and staleness mode: measured in a few real CPU iterations
+    beside the start-of-run guard's estimate."""
+    from .bench import bench_memory as run_bench
+
+    if splits < 1 or batch_size < 2:
+        raise UserError("--splits must be at least 1 and --batch-size at least 2")
+    run_bench(model, splits, batch_size, threads)
+
+
 def _positive_ints(text: str, flag: str) -> list[int]:
     values = []
     for s in _csv(text) or ():
@@ -546,8 +582,9 @@ def sweep() -> None:
 @click.option("--progress/--no-progress", default=None)
 @click.option("--wandb", "use_wandb", is_flag=True, help="also log every run to Weights & Biases")
 @click.option("--wandb-project", default="fdgbench", show_default=True)
+@IGNORE_MEMORY_CHECK
 def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, data_dir: str, device: str,
-              progress: bool | None, use_wandb: bool, wandb_project: str) -> None:
+              progress: bool | None, use_wandb: bool, wandb_project: str, ignore_memory_check: bool) -> None:
     """Train every run of TABLE's preset that is not done; a diverged run is
     recorded and the sweep goes on."""
     spec, cells, root = _sweep_cells(table, preset, seeds, out, data_dir)
@@ -566,7 +603,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
                    f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "
                    f"`fdgbench sweep status` refines it as epochs finish")
     kw = {"out": str(root), "force": False, "data_dir": data_dir, "progress": progress, "trace": False,
-          "use_wandb": use_wandb, "wandb_project": wandb_project}
+          "use_wandb": use_wandb, "wandb_project": wandb_project, "ignore_memory_check": ignore_memory_check}
     datasets: dict[str, Any] = {}
     counts = {"done before": 0, "finished": 0, "diverged": 0}
     for i, cell in enumerate(cells, 1):

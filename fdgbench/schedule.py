@@ -252,3 +252,55 @@ def hold_span(schedule: ScheduleFn, num_stages: int) -> int:
                 elif action.op in (Op.BACKWARD, Op.LOCAL) and (k, action.batch) in forwarded:
                     span = max(span, t - forwarded[(k, action.batch)])
     return span
+
+
+def batches_held(schedule: ScheduleFn, num_stages: int,
+                 iterations: int | None = None) -> list[tuple[tuple[int, int], ...]]:
+    """What each stage keeps at once, over the pipeline's fill and several
+    iterations of its steady state: per stage, the maximal (graphs, outputs)
+    pairs seen after any of its actions. A batch's graph is held from its
+    FORWARD to its first BACKWARD or LOCAL (which frees it); if another
+    BACKWARD of that batch follows (DNI's synthetic-gradient target), the
+    stage still keeps something of it (its output) until then: it counts in
+    ``outputs``. Stage memory = state + graphs x graph bytes + outputs x
+    output bytes, maximised over the pairs (memory.py). A run of fewer
+    ``iterations`` than it takes to fill the pipeline holds fewer."""
+    iterations = min(8 * num_stages + 16, iterations or 8 * num_stages + 16)
+    plans = [schedule(num_stages, t) for t in range(iterations)]
+    releases: dict[tuple[int, int | None], int] = {}  # (stage, batch) -> how many BACKWARD/LOCAL it gets
+    for plan in plans:
+        for k, actions in enumerate(plan):
+            for action in actions:
+                if action.op in (Op.BACKWARD, Op.LOCAL):
+                    releases[(k, action.batch)] = releases.get((k, action.batch), 0) + 1
+    out = []
+    for k in range(num_stages):
+        graphs: set[int | None] = set()
+        outputs: set[int | None] = set()
+        remaining = dict(releases)
+        seen = {(0, 0)}
+        for plan in plans:
+            for action in plan[k]:
+                b = action.batch
+                if action.op is Op.FORWARD:
+                    graphs.add(b)
+                elif action.op in (Op.BACKWARD, Op.LOCAL) and (k, b) in remaining:
+                    graphs.discard(b)
+                    remaining[(k, b)] -= 1
+                    (outputs.add if remaining[(k, b)] else outputs.discard)(b)
+                seen.add((len(graphs), len(outputs)))
+        out.append(tuple(sorted(p for p in seen if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in seen))))
+    return out
+
+
+def release_ops(schedule: ScheduleFn, num_stages: int) -> list[tuple[Op, ...]]:
+    """Per stage, the BACKWARD/LOCAL actions one batch gets there in the
+    steady state, in order (FDG: one BACKWARD; DNI: LOCAL, then BACKWARD)."""
+    start = 4 * num_stages + 4
+    plans = [schedule(num_stages, t) for t in range(start, start + 4 * num_stages + 8)]
+    out = []
+    for k in range(num_stages):
+        first = next((a.batch for plan in plans for a in plan[k] if a.op is Op.FORWARD), None)
+        out.append(tuple(a.op for plan in plans for a in plan[k]
+                         if a.op in (Op.BACKWARD, Op.LOCAL) and a.batch == first))
+    return out

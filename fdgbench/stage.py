@@ -135,6 +135,8 @@ class StageWorker:
     a method's extra per-epoch statistics (reported as stage<k>_<name>).
     """
 
+    memory_probe = None  # set by the trainer to measure the stage's memory (memory.MemoryMonitor)
+
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
                  grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True):
         self.ctx = ctx

@@ -25,6 +25,7 @@ from .engines.launch import is_communication_error, rank_device
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
+from .memory import MemoryMonitor
 from .method import Method, make_method
 from .models import build_model, count_parameters
 from .numerics import configure_numerics
@@ -313,6 +314,8 @@ class Trainer:
         check_budget(cfg, self.method, self.num_stages, self.steps_per_epoch, self.total_steps)
         # Forwards this close to a checkpoint keep their weights (their batches may still be in flight there).
         self.hold_span = hold_span(self.method.schedule, self.num_stages)
+        self.memory = MemoryMonitor(self.workers, self.stage_indices, self.devices, self.method.schedule,
+                                    self.num_stages)
         self._fault = _parse_fault(os.environ.get(FAULT_ENV))
         # Repeated on every metrics line, so a line read on its own says whose it is.
         self._identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
@@ -386,6 +389,7 @@ class Trainer:
                     for w in self.workers:
                         w.set_lr(lr)
                         w.keep_forward_weights(checkpointing and t >= last - self.hold_span)
+                    self.memory.watch(t)
                     if self._fault and self._fault[:2] == (self.process, t):
                         _inject(self._fault[2], t)
                     self.engine.run_iteration(t)
@@ -424,7 +428,7 @@ class Trainer:
                 run.save_stage(k, stage.state_dict())
         if self.tracer is not None:
             self._write_trace(run)
-        summary = self._summary(history, status, message, train_seconds)
+        summary = {**self._summary(history, status, message, train_seconds), **self._memory_record()}
         if primary:
             run.finish(summary)
             checkpoint.remove(run.path)
@@ -506,6 +510,18 @@ class Trainer:
             bar.update(t + 1 - bar.n)
             rate = (t + 1 - first) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 - m['error']:.1f}%", img_s=f"{rate:.0f}")
+
+    def _memory_record(self) -> dict[str, Any]:
+        """Every stage's measured memory (memory.MemoryMonitor), from every rank."""
+        record = self.memory.record()
+        if self.rank is not None:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, record)
+            record = {}
+            for part in gathered:  # data-parallel replicas all report stage 0: rank 0's is kept
+                for key, value in part.items():
+                    record.setdefault(key, value)
+        return record
 
     def _barrier(self) -> None:
         if self.rank is not None:

@@ -114,6 +114,10 @@ def test_cli_spawned_and_torchrun_ranks_give_the_same_run(tmp_path):
     ra, rb = RunDirectory(a), RunDirectory(b)
     assert [m["train_loss"] for m in ra.metrics()] == [m["train_loss"] for m in rb.metrics()]
     assert all(torch.equal(ra.load_stage(1)[n], v) for n, v in rb.load_stage(1).items())
+    # Every rank measured its own stage's memory; rank 0 recorded both (FDG's stage 0 holds two batches).
+    sa, sb = ra.read_json("summary.json"), rb.read_json("summary.json")
+    assert sa["stage0_memory_bytes"] > sa["stage1_memory_bytes"] > 0
+    assert [sa[f"stage{k}_memory_bytes"] for k in (0, 1)] == [sb[f"stage{k}_memory_bytes"] for k in (0, 1)]
     # The trace: every action of both stages, each inside the run's time span.
     spans, meta = read_trace(a / "trace.json")
     assert meta["engine"] == "distributed" and {s.stage for s in spans} == {0, 1}

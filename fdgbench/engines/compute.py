@@ -19,15 +19,17 @@ def run_compute(worker: StageWorker, k: int, action: Action, stream: BatchStream
     """Run FORWARD, BACKWARD, LOCAL or UPDATE on stage k's worker; returns
     (the send it feeds, the tensor) when the action produced one."""
     b, op = action.batch, action.op
+    # A memory probe (memory.py), where the trainer set one, stands in for the worker to record what it keeps.
+    runner = worker if worker.memory_probe is None else worker.memory_probe
     if op is Op.FORWARD:
         if k == 0:
             x, labels = stream.batch(b)
         else:
             x, labels = received("act"), stream.labels(b)
-        out = worker.forward(b, x.to(worker.device), labels.to(worker.device))
+        out = runner.forward(b, x.to(worker.device), labels.to(worker.device))
         return None if out is None else (Op.SEND_ACT, out)
     if op in (Op.BACKWARD, Op.LOCAL):
-        x_grad = worker.backward(b, received("grad")) if op is Op.BACKWARD else worker.local_backward(b)
+        x_grad = runner.backward(b, received("grad")) if op is Op.BACKWARD else runner.local_backward(b)
         return None if x_grad is None else (Op.SEND_GRAD, x_grad)
-    worker.update()
+    runner.update()
     return None
