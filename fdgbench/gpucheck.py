@@ -8,9 +8,11 @@ check runs the parts one GPU can reach and prints one compact table:
    timed by the compute stream, peak allocator memory, in fp32 and in bf16
    autocast with channels-last (FDG with stash staleness there: legacy is
    refused under bf16, see train._check_precision).
-2. ResNet-56 K=2 for BP and FDG legacy / stash / replay: ms/iteration and
-   peak memory per stage (each stage on its own allocator count: the stages
-   run one after another, so the peak of each is read around its own actions).
+2. ResNet-56 K=2 for BP and FDG legacy / stash / replay: ms/iteration, the
+   allocator's peak, and each stage's memory as every run records it
+   (weights, gradients, optimizer state and the most it holds for its
+   backwards: memory.MemoryMonitor; both stages share the one GPU, so the
+   allocator cannot tell them apart).
 3. Host-device synchronisations in one steady-state FDG iteration
    (``torch.cuda.set_sync_debug_mode``): the training loop should make none.
 4. One fault and resume: a run killed in its second epoch and rerun resumes
@@ -80,33 +82,32 @@ def _time(cfg: RunConfig, iterations: int) -> tuple[float, float]:
 
 
 def _rows_memory(iterations: int, batch_size: int) -> list[dict[str, Any]]:
-    """Per-stage peaks: the allocator's peak over each stage's own actions,
-    above what was allocated when the stage's first action of the iteration began."""
+    """Per-stage memory as every run records it (memory.MemoryMonitor: state
+    + the most the stage holds for its backwards, device-independent), over
+    the monitor's window; then ms/iteration and the allocator's peak with the
+    hooks off."""
     rows = []
     for method, options in (("bp", {}), ("fdg", {"staleness": "legacy"}), ("fdg", {"staleness": "stash"}),
                             ("fdg", {"staleness": "replay"})):
         cfg = RunConfig(method=method, method_options=options, model="resnet56", splits=2, dataset="synthetic",
                         batch_size=batch_size, device="cuda")
-        peaks = [0.0, 0.0]
         trainer = _trainer(cfg)
-
-        def observe(t: int, k: int, action) -> None:  # after each action: the peak so far belongs to stage k
-            peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() / 2**20)
-            torch.cuda.reset_peak_memory_stats()
-
-        trainer.engine.observer = observe
-        warm = 2 * cfg.splits + 2
-        t0 = None
-        for t in range(warm + iterations):
-            if t == warm:
-                trainer.sync_compute()
-                peaks = [0.0, 0.0]
-                t0 = time.perf_counter()
+        window = trainer.memory.window
+        for t in range(window + 1):  # the last watch disarms the hooks
+            trainer.memory.watch(t)
+            trainer.engine.run_iteration(t)
+        stage = trainer.memory.record()
+        trainer.sync_compute()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for t in range(window + 1, window + 1 + iterations):
             trainer.engine.run_iteration(t)
         trainer.sync_compute()
-        ms = 1000 * (time.perf_counter() - t0) / iterations
         rows.append({"check": "memory", "model": "resnet56", "method": f"{method} {options.get('staleness', '')}",
-                     "precision": "fp32", "ms/iter": ms, "stage0 MiB": peaks[0], "stage1 MiB": peaks[1]})
+                     "precision": "fp32", "ms/iter": 1000 * (time.perf_counter() - t0) / iterations,
+                     "peak MiB": torch.cuda.max_memory_allocated() / 2**20,
+                     "stage0 MiB": stage["stage0_memory_bytes"] / 2**20,
+                     "stage1 MiB": stage["stage1_memory_bytes"] / 2**20})
         del trainer
         torch.cuda.empty_cache()
     return rows
