@@ -54,7 +54,7 @@ def _storage_keys(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
     """key -> nbytes of the distinct storages behind ``tensors``. A storage's
     key is the id of its Python object, which torch keeps one of per storage
     while the storage lives (so views share it); unlike data_ptr it also
-    tells storages apart on the meta device, where the estimate runs."""
+    tells storages apart on devices without data pointers (meta)."""
     out: dict[int, int] = {}
     for t in tensors:
         s = _storage_of(t)
@@ -369,10 +369,9 @@ def memory_pools(cfg, num_stages: int) -> list[str]:
     from .train import stage_devices
 
     devices = stage_devices(replace(cfg, splits=num_stages)) if cfg.engine == "sequential" else None
-    if devices is None:  # rank k's device, as engines.launch.rank_device picks it (without selecting it here)
+    if devices is None:  # rank k's device, as engines.launch.rank_device picks it (check_ranks_fit came first)
         base = torch.device(cfg.device)
-        devices = [torch.device("cuda", k % torch.cuda.device_count()) if base.type == "cuda" else base
-                   for k in range(num_stages)]
+        devices = [torch.device("cuda", k) if base.type == "cuda" else base for k in range(num_stages)]
     return [str(torch.device(d.type, d.index if d.index is not None else 0)) if d.type == "cuda" else d.type
             for d in devices]
 

@@ -8,7 +8,7 @@ use atomics, and Ampere-and-later GPUs run float32 matmuls and convs in TF32.
 
 - default: ``cudnn.benchmark`` on (fastest; the numbers may change between
   runs and between the sequential and distributed engines in the last bits),
-  TF32 left at torch's defaults.
+  TF32 at torch's defaults (off for matmuls, on for cuDNN convolutions).
 - ``--deterministic``: cuDNN deterministic algorithms, no benchmarking, no
   TF32, torch's deterministic implementations where it has them; the mode for
   engine-parity and resume checks on GPUs. On the distributed engine it also
@@ -25,15 +25,16 @@ import torch
 
 
 def configure_numerics(deterministic: bool) -> None:
+    """Set every switch both ways: several runs share a process (compare,
+    sweep, benchmarks, tests), and one run's choice must not leak into the next."""
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        if torch.cuda.is_available():
-            # cuBLAS needs a fixed workspace to be deterministic; read when cuBLAS starts.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, and --deterministic's
+    torch.backends.cudnn.allow_tf32 = not deterministic  # torch's default is True
+    if deterministic and torch.cuda.is_available():
+        # cuBLAS needs a fixed workspace to be deterministic; read when cuBLAS starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic and torch.cuda.is_available(), warn_only=True)
 
 
 def numerics_settings() -> dict[str, Any]:

@@ -237,6 +237,26 @@ def legend() -> str:
             "sG/rG a gradient; ' marks a message consumed in the next iteration")
 
 
+def horizon(num_stages: int) -> int:
+    """Iterations that cover any method's pipeline fill and several
+    iterations of its steady state: what the schedule scans below look at."""
+    return 8 * num_stages + 16
+
+
+def steps_until_every_stage_updates(schedule: ScheduleFn, num_stages: int) -> int:
+    """Iterations a run needs before each of its stages has stepped once: one
+    past the latest first UPDATE in the method's schedule (a pipeline fills
+    before its first stages get a gradient; FDG's stage 0 waits 2(K-1))."""
+    first: dict[int, int] = {}
+    for t in range(horizon(num_stages)):
+        for k, actions in enumerate(schedule(num_stages, t)):
+            if k not in first and any(a.op is Op.UPDATE for a in actions):
+                first[k] = t
+        if len(first) == num_stages:
+            break
+    return max(first.values(), default=-1) + 1
+
+
 def hold_span(schedule: ScheduleFn, num_stages: int) -> int:
     """The most iterations any stage keeps a batch: from the iteration of its
     FORWARD to that of its last BACKWARD or LOCAL, over the pipeline's fill
@@ -244,7 +264,7 @@ def hold_span(schedule: ScheduleFn, num_stages: int) -> int:
     this many iterations before a checkpoint is gone by then."""
     forwarded: dict[tuple[int, int | None], int] = {}
     span = 0
-    for t in range(8 * num_stages + 16):
+    for t in range(horizon(num_stages)):
         for k, actions in enumerate(schedule(num_stages, t)):
             for action in actions:
                 if action.op is Op.FORWARD:
@@ -265,7 +285,7 @@ def batches_held(schedule: ScheduleFn, num_stages: int,
     ``outputs``. Stage memory = state + graphs x graph bytes + outputs x
     output bytes, maximised over the pairs (memory.py). A run of fewer
     ``iterations`` than it takes to fill the pipeline holds fewer."""
-    iterations = min(8 * num_stages + 16, iterations or 8 * num_stages + 16)
+    iterations = min(horizon(num_stages), iterations or horizon(num_stages))
     plans = [schedule(num_stages, t) for t in range(iterations)]
     releases: dict[tuple[int, int | None], int] = {}  # (stage, batch) -> how many BACKWARD/LOCAL it gets
     for plan in plans:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .engines.distributed import DistributedEngine
-from .engines.launch import is_communication_error, rank_device
+from .engines.launch import check_ranks_fit, is_communication_error, rank_device, under_torchrun
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
@@ -33,7 +33,7 @@ from .optim import SGDConfig
 from .replicas import ordered_mean_hook
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, config_hash, environment, write_atomically
-from .schedule import Op, hold_span
+from .schedule import hold_span, steps_until_every_stage_updates
 from .stage import StageContext, summarize_totals
 from .tracking import WandbTracker
 
@@ -128,7 +128,9 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         # The cut points decide the stages; the strategy would be ignored yet recorded (and hashed).
         raise UserError(f"--split-at gives the stages itself; --partition {cfg.partition} would be ignored: "
                         f"drop one of the two")
-    stage_devices(cfg)
+    devices = stage_devices(cfg)
+    if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
+        check_ranks_fit(devices[0], cfg.splits, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
     method = make_method(cfg.method, **cfg.method_options)
     _check_precision(cfg, method)
     if cfg.splits < 1:
@@ -148,24 +150,10 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         check_pipeline_depth(cfg, method, num_stages, cfg.max_steps, f"{name('max_steps')} is {cfg.max_steps}")
 
 
-def steps_until_every_stage_updates(method: Method, num_stages: int) -> int:
-    """Iterations a run needs before each of its stages has stepped once: one
-    past the latest first UPDATE in the method's schedule (a pipeline fills
-    before its first stages get a gradient; FDG's stage 0 waits 2(K-1))."""
-    first: dict[int, int] = {}
-    for t in range(8 * num_stages + 16):  # hold_span's horizon: well past any pipeline's fill
-        for k, actions in enumerate(method.schedule(num_stages, t)):
-            if k not in first and any(a.op is Op.UPDATE for a in actions):
-                first[k] = t
-        if len(first) == num_stages:
-            break
-    return max(first.values(), default=-1) + 1
-
-
 def check_pipeline_depth(cfg: RunConfig, method: Method, num_stages: int, total_steps: int, budget: str) -> None:
     """Refuse a run that ends before some stage has ever updated: it would
     "finish" with that stage's weights as initialised."""
-    needed = steps_until_every_stage_updates(method, num_stages)
+    needed = steps_until_every_stage_updates(method.schedule, num_stages)
     if total_steps < needed:
         raise UserError(f"{cfg.method} with K={num_stages} updates every stage only from iteration {needed - 1} "
                         f"on, so the run needs at least {needed} iterations; {budget}")
@@ -375,6 +363,7 @@ class Trainer:
         self.checkpoint_seconds = 0.0
         epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         if self.tracer is not None:
+            self.sync_compute()  # the origin events must not wait behind earlier work
             self._barrier()
             self.tracer.start(self.devices)
         try:
@@ -398,6 +387,8 @@ class Trainer:
                         self._check_progress(t, bar, t0, first)
                 self.sync_compute()
                 seconds = time.perf_counter() - t0
+                if self.tracer is not None:
+                    self.tracer.resolve()
                 train_seconds += seconds
                 train = summarize_totals(self.engine.train_totals())
                 self.engine.reset_train_metrics()

@@ -30,8 +30,10 @@ class ReplicaWorker(StageWorker):
         if self.ctx.replica is not None:  # this process is one replica: its own shard only
             x, labels = list(shards)[self.ctx.replica]
             return super().forward(batch, x, labels)
+        self._shards = 0
         for r, (xr, yr) in enumerate(shards):  # each shard's graph is held under (batch, shard)
             super().forward((batch, r), xr, yr)
+            self._shards += 1  # fewer than K where the batch is smaller than K (the memory estimate's probes)
         return None
 
     def backward(self, batch, grad):
@@ -39,7 +41,7 @@ class ReplicaWorker(StageWorker):
             return super().backward(batch, grad)
         params = [p for p in self.module.parameters() if p.requires_grad]
         per_shard = []
-        for r in range(self.ctx.replicas):
+        for r in range(self._shards):
             for p in params:
                 p.grad = None
             super().backward((batch, r), grad)

@@ -5,7 +5,8 @@ import torch
 
 from fdgbench.data import load_image_folder
 from fdgbench.method import make_method
-from fdgbench.train import RunConfig, check_config, steps_until_every_stage_updates
+from fdgbench.schedule import steps_until_every_stage_updates
+from fdgbench.train import RunConfig, check_config
 
 from .conftest import ROOT
 from .test_data import _make_tree, _write_png
@@ -77,7 +78,7 @@ def test_budgets_too_short_for_the_data_are_refused_before_training(cli, tmp_pat
 ])
 def test_first_update_of_every_stage_comes_from_the_schedule(method, expected):
     # FDG's stage 0 back-propagates batch t - 2(K-1); DDG's and FR's stage 0 batch t - (K-1).
-    assert [steps_until_every_stage_updates(make_method(method), k) for k in (1, 2, 3)] == expected
+    assert [steps_until_every_stage_updates(make_method(method).schedule, k) for k in (1, 2, 3)] == expected
 
 
 def test_a_run_exactly_as_deep_as_the_pipeline_and_explicit_split_points_are_accepted():

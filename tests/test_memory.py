@@ -177,3 +177,11 @@ def test_bench_memory_prints_measured_and_expected(cli):
             for line in out.splitlines()[4:]}
     assert {"bp", "fdg legacy", "fdg stash", "fdg replay", "ddg legacy", "ddg stash", "fr", "dgl", "dni"} <= set(rows)
     assert "= 1.00 x2" in rows["fdg legacy"] and "= 1.00 x1" in rows["bp"]
+
+
+def test_the_estimate_probes_dp_at_more_replicas_than_its_probe_batches():
+    # The estimate's probe batches (2 and 4 images) are smaller than K=4
+    # replicas' shards: dp's one-process replay must take the shards there are.
+    (stage,) = estimate(RunConfig(method="dp", model="tiny_resnet", splits=4, dataset="synthetic", batch_size=128),
+                        (3, 32, 32), 10)
+    assert stage.peak_bytes(128) > stage.peak_bytes(64) > 0

@@ -10,10 +10,13 @@ gradients never share a stream (on NCCL, a receive queued behind a send on
 one stream can deadlock against the neighbour's mirror image).
 
 Every process group is created and used once up front, in one fixed order
-on every rank (``_warm_up_groups``): NCCL builds a communicator lazily at a
-group's first use, which blocks until both ranks reach it; first uses in
-mid-training (iteration 1 or 2, the first evaluation) while other groups'
-kernels run can deadlock.
+on every rank (``_warm_up_groups``). A group whose NCCL communicator is
+created or connected at its first use blocks until both ranks reach it; a
+first use in mid-training (iteration 1 or 2, the first evaluation) while
+other groups' kernels run can deadlock. With the rank's device bound at
+``init_process_group`` torch creates the communicators when the groups are
+made; the warm-up makes the first use (and gloo's connections) happen here
+too, whatever the version does.
 
 Messages travel in one wire layout on both ends (``_to_wire``/``_from_wire``):
 default-contiguous, so gloo accepts them, and for ``--channels-last`` the

@@ -79,14 +79,20 @@ class Tracer:
 
     @property
     def spans(self) -> list[Span]:
-        """Every span so far (resolving CUDA events waits for the last one)."""
+        """Every span so far."""
+        self.resolve()
+        return self._spans
+
+    def resolve(self) -> None:
+        """Turn the CUDA-event spans recorded so far into times (waits for the
+        last event) and let the events go: the trainer calls it after each
+        epoch, so a long traced run does not hold two events per action."""
         for stage, iteration, action, (device, start), (_, end) in self._pending:
             end.synchronize()
             begin = self._origin_events[device].elapsed_time(start) / 1e3
             self._spans.append(Span(stage, iteration, str(action), CATEGORIES[action.op], begin,
                                     start.elapsed_time(end) / 1e3))
         self._pending.clear()
-        return self._spans
 
 
 def _event(device: torch.device) -> "torch.cuda.Event":
