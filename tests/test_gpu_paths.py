@@ -50,3 +50,23 @@ def test_env_json_records_the_numerics(cli, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["numerics"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["numerics"]["cudnn_benchmark"] is True
+
+
+def test_sync_compute_waits_for_the_compute_stream_never_the_whole_device(monkeypatch):
+    # A device-wide synchronize would also wait for NCCL's pending sends, which
+    # complete only when the peer posts its receive in its next iteration.
+    from types import SimpleNamespace
+
+    from fdgbench.train import Trainer
+
+    waited = []
+
+    def device_wide(*_):
+        raise AssertionError("torch.cuda.synchronize waits for NCCL's streams too")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", device_wide)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda d: SimpleNamespace(synchronize=lambda: waited.append(d)))
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")]
+    Trainer.sync_compute(SimpleNamespace(devices=gpus))
+    assert waited == [torch.device("cuda", 0), torch.device("cuda", 1)]  # each GPU once, the CPU not at all
