@@ -88,12 +88,7 @@ def _part(run_path: Path, epoch: int, rank: int) -> Path:
 
 def save_part(run_path: Path, epoch: int, rank: int, state: dict[str, Any]) -> None:
     """This process's state after ``epoch`` epochs."""
-    path = _part(run_path, epoch, rank)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write {path.parent}: {exc.strerror or exc}") from None
-    save_tensors(path, state)
+    save_tensors(_part(run_path, epoch, rank), state)
 
 
 def publish(run_path: Path, info: dict[str, Any]) -> None:

@@ -24,9 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .numerics import numerics_settings
-
 from .errors import UserError
+from .numerics import numerics_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What a finished (or diverged) run leaves beside its records; cleared when it starts over or resumes.
@@ -53,10 +52,12 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_tensors(path: Path, obj: Any) -> None:
-    """``torch.save`` through write_atomically. Saved into a file object: given
+    """``torch.save`` through write_atomically, into a folder made if need be
+    (its failure is write_atomically's one line too). Saved into a file object: given
     a path, torch reports a full disk as an opaque RuntimeError, while a
     Python file raises OSError (ENOSPC) as write_atomically expects."""
     def write(tmp: Path) -> None:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as f:
             torch.save(obj, f)
 
@@ -212,10 +213,7 @@ class RunDirectory:
 
     def save_stage(self, k: int, state: dict[str, torch.Tensor]) -> None:
         """Stage k's final weights and buffers (each rank saves its own)."""
-        folder = self.path / "stages"
-        with self._writing():
-            folder.mkdir(exist_ok=True)
-        save_tensors(folder / f"stage{k}.pt", state)
+        save_tensors(self.path / "stages" / f"stage{k}.pt", state)
 
     def load_stage(self, k: int) -> dict[str, torch.Tensor]:
         return torch.load(self.path / "stages" / f"stage{k}.pt", map_location="cpu")

@@ -238,6 +238,7 @@ class Trainer:
                  tracer: Tracer | None = None, resume: dict[str, Any] | None = None):
         check_config(cfg)
         self.cfg = cfg
+        self.config_hash = config_hash(cfg.to_dict())  # the run directory's name; checkpoints carry it
         self.rank = rank
         # This process among the run's processes (the sequential engine is one).
         self.process, self.processes = (0, 1) if rank is None else (rank, dist.get_world_size())
@@ -434,13 +435,13 @@ class Trainer:
         them, then each removes its older parts (checkpoint.py)."""
         start = time.perf_counter()
         state = {"epoch": epochs_done, "iteration": next_t, "engine": self.engine.checkpoint_state(),
-                 "rng": checkpoint.rng_state(self.devices), checkpoint.HASH: config_hash(self.cfg.to_dict())}
+                 "rng": checkpoint.rng_state(self.devices), checkpoint.HASH: self.config_hash}
         checkpoint.save_part(run.path, epochs_done, self.process, state)
         self._barrier()
         if self.engine.is_primary:
             checkpoint.publish(run.path, {
                 "epoch": epochs_done, "iteration": next_t,
-                "ranks": self.processes, checkpoint.HASH: config_hash(self.cfg.to_dict()),
+                "ranks": self.processes, checkpoint.HASH: self.config_hash,
                 "partition": {"starts": list(self.partition.starts), "strategy": self.partition.strategy},
                 "written": datetime.now(timezone.utc).isoformat()})
         self._barrier()
@@ -458,7 +459,7 @@ class Trainer:
         if next_t != epochs_done * self.steps_per_epoch:
             raise UserError(f"the checkpoint in {run.path} is at iteration {next_t}, not at the end of epoch "
                             f"{epochs_done} of this run's data; --force starts the run over")
-        state = checkpoint.load_part(run.path, epochs_done, self.process, config_hash(self.cfg.to_dict()))
+        state = checkpoint.load_part(run.path, epochs_done, self.process, self.config_hash)
         try:
             self.engine.restore_state(state["engine"])
             checkpoint.set_rng_state(state["rng"])
