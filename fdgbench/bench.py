@@ -68,6 +68,29 @@ def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> No
     click.echo(f"  speedup {reference / ours:.1f}x (target >= 20x)")
 
 
+def _interleaved_medians(trainers: list[Trainer], warmups: list[int], iterations: int, rounds: int) -> list[float]:
+    """Seconds per sequential-engine iteration of each trainer: a warm-up
+    (pipeline fill, allocator and kernel caches), then ``rounds`` rounds
+    that time ``iterations`` iterations of every trainer in turn, so drift
+    in the machine's load touches all alike; the median round per trainer."""
+    next_t = [0] * len(trainers)
+
+    def timed(i: int, n: int) -> float:
+        tr = trainers[i]
+        tr.sync_compute()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tr.engine.run_iteration(next_t[i])
+            next_t[i] += 1
+        tr.sync_compute()
+        return (time.perf_counter() - t0) / n
+
+    for i, warmup in enumerate(warmups):
+        timed(i, warmup)
+    per_round = [[timed(i, iterations) for i in range(len(trainers))] for _ in range(rounds)]
+    return [statistics.median(r[i] for r in per_round) for i in range(len(trainers))]
+
+
 def bench_step(model: str, splits: list[int], batch_size: int, iterations: int, rounds: int, device: str,
                threads: int | None, staleness: str) -> None:
     """Mean sequential-engine iteration time (data batch, forward, backward,
@@ -81,22 +104,7 @@ def bench_step(model: str, splits: list[int], batch_size: int, iterations: int, 
         cfg = RunConfig(method=method, method_options=options, model=model, splits=k, dataset="synthetic",
                         batch_size=batch_size, device=device, threads=threads)
         trainers.append(Trainer(cfg, dataset=data))
-    next_t = [0] * len(trainers)
-
-    def timed(i: int, n: int) -> float:
-        tr = trainers[i]
-        tr.sync_compute()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tr.engine.run_iteration(next_t[i])
-            next_t[i] += 1
-        tr.sync_compute()
-        return (time.perf_counter() - t0) / n
-
-    for i, (_, k, _) in enumerate(configs):
-        timed(i, 2 * k + 2)  # warm-up: fill the pipeline, allocator and kernel caches
-    per_round = [[timed(i, iterations) for i in range(len(configs))] for _ in range(rounds)]
-    medians = [statistics.median(r[i] for r in per_round) for i in range(len(configs))]
+    medians = _interleaved_medians(trainers, [2 * k + 2 for _, k, _ in configs], iterations, rounds)
     click.echo(f"{model}, batch {batch_size}, {device}, {torch.get_num_threads()} thread(s), staleness {staleness}: "
                f"median over {rounds} interleaved rounds of {iterations} iterations")
     for (method, k, _), tr, m in zip(configs, trainers, medians):
@@ -104,6 +112,88 @@ def bench_step(model: str, splits: list[int], batch_size: int, iterations: int, 
         part = f" [{tr.partition.strategy}: {tr.partition_text}]" if k > 1 else ""
         click.echo(f"  {method:<4} K={k}  {1000 * m:8.1f} ms/iter  {ratio:5.3f}x BP{part}")
     click.echo("  target: FDG <= 1.15x BP (same FLOPs per iteration; the difference is bookkeeping)")
+
+
+# The speed switches a run's config offers, each keeping every method's semantics
+# (legacy included under bf16: staleness.KeptGraphUnderAutocast).
+PRECISIONS = {"fp32": {}, "channels-last": {"channels_last": True}, "bf16": {"amp": "bf16"},
+              "bf16+channels-last": {"amp": "bf16", "channels_last": True}}
+
+
+def bench_precision(model: str, methods: list[str], splits: int, batch_size: int, iterations: int, rounds: int,
+                    threads: int | None, compile_reference: bool) -> None:
+    """Each method's sequential-engine iteration (K stages, default options)
+    at every precision and memory format in PRECISIONS, interleaved in one
+    invocation, as ratios to its own fp32 eager time; then torch.compile on
+    the unsplit model's plain training step against the same step eager,
+    the reference for what compilation would add (the engines do not
+    compile: a delayed backward through a compiled graph would need its own
+    proof that each staleness mode keeps its meaning)."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = synthetic_dataset(10, train=batch_size * 4, test=batch_size)
+    trainers, labels = [], []
+    for name in methods:
+        for precision, fields in PRECISIONS.items():
+            cfg = RunConfig(method=name, model=model, splits=splits, dataset="synthetic", batch_size=batch_size,
+                            threads=threads, **fields)
+            check_config(cfg)
+            trainers.append(Trainer(cfg, dataset=data))
+            labels.append((name, precision))
+    medians = _interleaved_medians(trainers, [2 * splits + 2] * len(trainers), iterations, rounds)
+    steps = math.ceil(50_000 / batch_size)
+    click.echo(f"{model}, K={splits}, batch {batch_size}, sequential engine, {torch.get_num_threads()} thread(s): "
+               f"ms/iteration, median of {rounds} interleaved rounds of {iterations}; speedup over the method's "
+               f"fp32; s/epoch = ms/iteration x {steps} (CIFAR-10's 50,000 images)")
+    click.echo(f"{'method':<6} " + " ".join(f"{p:>22}" for p in PRECISIONS))
+    for i, name in enumerate(methods):
+        row = medians[i * len(PRECISIONS):(i + 1) * len(PRECISIONS)]
+        cells = [f"{1000 * m:6.0f} ({row[0] / m:4.2f}x) {m * steps:4.0f}s" for m in row]
+        click.echo(f"{name:<6} " + " ".join(f"{c:>22}" for c in cells))
+    if compile_reference:
+        click.echo(_compile_reference(model, batch_size, iterations, rounds))
+
+
+def _compile_reference(model: str, batch_size: int, iterations: int, rounds: int) -> str:
+    """torch.compile (inductor) vs eager on the unsplit model's plain SGD
+    step, fp32, interleaved rounds; one line, or why it could not run."""
+    from .models import build_model
+
+    x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+
+    def step_fn(compiled: bool):
+        torch.manual_seed(0)
+        net = build_model(model, 10)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        forward = torch.compile(net) if compiled else net
+
+        def step() -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(forward(x), y).backward()
+            opt.step()
+        return step
+
+    try:
+        steps = [step_fn(False), step_fn(True)]
+        t0 = time.perf_counter()
+        for s in steps:
+            s(), s()  # compiles the forward and backward graphs
+        compile_s = time.perf_counter() - t0
+    except Exception as exc:  # inductor needs a C++ compiler; its absence is a finding, not a crash
+        return f"torch.compile: unavailable here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    rounds_s = []
+    for _ in range(rounds):
+        times = []
+        for s in steps:
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                s()
+            times.append((time.perf_counter() - t0) / iterations)
+        rounds_s.append(times)
+    eager, compiled = (statistics.median(r[i] for r in rounds_s) for i in range(2))
+    return (f"torch.compile reference, {model} unsplit plain SGD step, fp32: eager {1000 * eager:.0f} ms, compiled "
+            f"{1000 * compiled:.0f} ms ({eager / compiled:.2f}x; {compile_s:.0f} s to compile); not used by the "
+            f"engines (see `fdgbench bench precision --help`)")
 
 
 MEMORY_CONFIGS = (("bp", None), ("fdg", "legacy"), ("fdg", "stash"), ("fdg", "replay"), ("ddg", "legacy"),
@@ -216,6 +306,58 @@ def load_or_profile(model: str, batch_size: int, device: str, threads: int, refr
     return profile
 
 
+def _timed_solo_steps(rank: int, model: str, batch_size: int, threads: int, iterations: int) -> float:
+    """One rank's seconds per unsplit BP iteration, started together with its
+    peers (a barrier), so k ranks time the same work while sharing the CPU."""
+    import torch.distributed as dist
+
+    cfg = RunConfig(method="bp", model=model, splits=1, dataset="synthetic", batch_size=batch_size, threads=threads)
+    trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=batch_size * 4, test=batch_size))
+    for t in range(2):
+        trainer.engine.run_iteration(t)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for t in range(2, 2 + iterations):
+        trainer.engine.run_iteration(t)
+    return (time.perf_counter() - t0) / iterations
+
+
+def corun_factor(model: str, batch_size: int, threads: int, ranks: int, iterations: int = 6) -> float:
+    """How much slower a rank computes while ``ranks`` processes (``threads``
+    threads each) share this CPU than alone: the caches, memory bandwidth and
+    cores they share, which a block profile taken by one process alone does
+    not see. Measured on the unsplit model, alone and then together."""
+    from .engines.launch import spawn_ranks
+
+    alone = spawn_ranks(1, torch.device("cpu"), _timed_solo_steps, (model, batch_size, threads, iterations))[0]
+    together = spawn_ranks(ranks, torch.device("cpu"), _timed_solo_steps, (model, batch_size, threads, iterations))
+    return statistics.mean(together) / alone
+
+
+def corun_factors(profile: dict[str, Any], path: Path, splits: list[int]) -> dict[int, float]:
+    """The co-run factor of each K (1.0 on GPUs, where each rank has its own
+    device), measured once per K and kept in the profile file."""
+    if profile["device"] != "cpu":
+        return {k: 1.0 for k in splits}
+    saved = profile.setdefault("corun", {})
+    missing = [k for k in splits if k > 1 and str(k) not in saved]
+    for k in missing:
+        click.echo(f"measuring the co-run factor of {k} ranks x {profile['threads']} thread(s) -> {path}", err=True)
+        saved[str(k)] = corun_factor(profile["model"], profile["batch_size"], profile["threads"], k)
+    if missing:
+        try:
+            path.write_text(json.dumps(profile, indent=1) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write the profile {path}: {exc.strerror or exc}") from None
+    return {k: saved.get(str(k), 1.0) for k in splits}
+
+
+def scaled_blocks(blocks: list[dict], factor: float) -> list[dict]:
+    """Blocks whose compute takes ``factor`` times as long (sizes unchanged)."""
+    keys = ("forward_s", "backward_s", "update_s")
+    return [{**b, **{key: b[key] * factor for key in keys}} for b in blocks]
+
+
 def _pingpong(rank: int, sizes: list[int], repeats: int, device: str) -> list[float]:
     import torch.distributed as dist
 
@@ -297,7 +439,8 @@ def _timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: 
 
 
 def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size: int, iterations: int,
-                  partition: str, device: str, threads_per_stage: int, all_threads: int) -> None:
+                  partition: str, device: str, threads_per_stage: int, all_threads: int, amp: str = "off",
+                  channels_last: bool = False, save: Path | None = None, reuse_profile: bool = False) -> None:
     """Throughput of each method on K ranks (one per stage, ``threads_per_stage``
     threads each) against BP on one worker with as many threads per worker,
     and BP with ``all_threads`` threads, in one invocation; beside each, the
@@ -309,18 +452,29 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
 
     parse_device(device)
     train_size = batch_size * 8
-    profile = load_or_profile(model, batch_size, device, threads_per_stage)
+    # Profiled afresh by default: a profile kept from another time (another load on
+    # the machine, another build) is not "measured side by side" with these rows.
+    profile = load_or_profile(model, batch_size, device, threads_per_stage, refresh=not reuse_profile)
     link = Link(profile["link"]["latency_s"], profile["link"]["bandwidth_Bps"])
     blocks = profile["blocks"]
-    base = dict(model=model, dataset="synthetic", batch_size=batch_size, device=device)
+    base = dict(model=model, dataset="synthetic", batch_size=batch_size, device=device, amp=amp,
+                channels_last=channels_last)
+    profiled = amp == "off" and not channels_last  # the block profile is fp32, default layout
 
-    def predicted(method_name: str, k: int, starts: list[int]) -> float:
+    # K ranks on one CPU compute slower than the one process the profile timed (co-run factor).
+    factors = corun_factors(profile, profile_path(model, batch_size, device, threads_per_stage), splits) \
+        if profiled else {}
+
+    def predicted(method_name: str, k: int, starts: list[int]) -> float | None:
+        if not profiled:
+            return None
         method = make_method(method_name)
+        costs = scaled_blocks(blocks, factors.get(k, 1.0))
         if method.data_parallel:
-            whole = stage_costs(blocks, [range(len(blocks))])[0]
+            whole = stage_costs(costs, [range(len(costs))])[0]
             return simulate_data_parallel(whole, k, profile["parameter_bytes"], link).iteration_s
-        ranges = Partition(tuple(starts), len(blocks), "").ranges()
-        return simulate(method, stage_costs(blocks, ranges), link).iteration_s
+        ranges = Partition(tuple(starts), len(costs), "").ranges()
+        return simulate(method, stage_costs(costs, ranges), link).iteration_s
 
     rows = []
     warm = 4
@@ -364,10 +518,49 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
                    f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text}  {part}")
     click.echo(f"partition {partition}{' (cut by the block profile)' if ALIASES.get(partition) == 'time' else ''}; "
                "balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
-               f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}) and "
-               f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)")
+               f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}), "
+               f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)"
+               + (", and the co-run factor (each rank's compute while K ranks share the CPU / alone): "
+                  + ", ".join(f"K={k} {f:.2f}x" for k, f in factors.items()) if factors else ""))
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
+    if not profiled:
+        click.echo(f"no predictions: the block profile is fp32 in the default layout, these runs amp {amp}"
+                   f"{', channels-last' if channels_last else ''}")
+    if save is not None:
+        _save_speeds(save, model, batch_size, device, amp, channels_last, threads_per_stage, all_threads, rows)
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str, channels_last: bool,
+                 threads_per_stage: int, all_threads: int, rows: list[tuple]) -> None:
+    """The measured seconds per iteration, for tables' time-to-accuracy:
+    BP on one process with all threads, each other method on K ranks."""
+    from .runs import write_atomically
+
+    speeds = {"bp": next(per_iter for name, k, workers, per_iter, *_ in rows
+                         if name == "bp" and workers == f"1 x {all_threads}")}
+    speeds.update({f"{name} K={k}": per_iter for name, k, _, per_iter, *_ in rows if k > 1})
+    record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
+              "hardware": f"{_cpu_name() if device == 'cpu' else torch.cuda.get_device_name(device)}, "
+                          f"{os.cpu_count()} cores",
+              "workers": f"bp: 1 process x {all_threads} threads; others: K ranks x {threads_per_stage} thread(s)",
+              "seconds_per_iteration": speeds, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    click.echo(f"saved {path}")
 
 
 @dataclass
@@ -459,6 +652,43 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                "(a pessimistic model)")
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
+    if not profiled:
+        click.echo(f"no predictions: the block profile is fp32 in the default layout, these runs amp {amp}"
+                   f"{', channels-last' if channels_last else ''}")
+    if save is not None:
+        _save_speeds(save, model, batch_size, device, amp, channels_last, threads_per_stage, all_threads, rows)
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str, channels_last: bool,
+                 threads_per_stage: int, all_threads: int, rows: list[tuple]) -> None:
+    """The measured seconds per iteration, for tables' time-to-accuracy:
+    BP on one process with all threads, each other method on K ranks."""
+    from .runs import write_atomically
+
+    speeds = {"bp": next(per_iter for name, k, workers, per_iter, *_ in rows
+                         if name == "bp" and workers == f"1 x {all_threads}")}
+    speeds.update({f"{name} K={k}": per_iter for name, k, _, per_iter, *_ in rows if k > 1})
+    record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
+              "hardware": f"{_cpu_name() if device == 'cpu' else torch.cuda.get_device_name(device)}, "
+                          f"{os.cpu_count()} cores",
+              "workers": f"bp: 1 process x {all_threads} threads; others: K ranks x {threads_per_stage} thread(s)",
+              "seconds_per_iteration": speeds, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    click.echo(f"saved {path}")
 
 
 def estimate_sweep_seconds(configs: list[RunConfig]) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, un
 from .engines.trace import Tracer
 from .runs import RunDirectory, config_hash
 from .tracking import WandbTracker
-from .train import ENGINES, RunConfig, Trainer, check_config, parse_device, train_rank
+from .train import ENGINES, WARMUPS, RunConfig, Trainer, check_config, parse_device, train_rank
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
@@ -58,8 +59,15 @@ def training_options(f: Callable) -> Callable:
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option("--lr", type=float, default=0.1, show_default=True),
         click.option("--warmup-epochs", type=int, default=0, show_default=True,
-                     help="train the first N epochs at lr/10, then at --lr (the FDG authors' code has a 3-epoch "
+                     help="warm up over the first N epochs, then train at --lr (the FDG authors' code has a 3-epoch "
                           "--warm-up, off by default; the paper states none)"),
+        click.option("--warmup", default="constant", show_default=True, type=click.Choice(WARMUPS),
+                     help="constant: lr/10 throughout the warm-up (the FDG authors' code); linear: 1%% of lr rising "
+                          "to 100%% (the ADL code's, always on there over 5 epochs)"),
+        click.option("--diagnose", type=int, default=0, show_default=True, metavar="N",
+                     help="every N iterations, record per stage the cosine and norm ratio of the applied gradient to "
+                          "the true gradient of the same batches at the current weights, and the weights' age "
+                          "(sequential engine; 0: off)"),
         click.option("--momentum", type=float, default=0.9, show_default=True),
         click.option("--weight-decay", type=float, default=5e-4, show_default=True),
         click.option("--nesterov/--no-nesterov", default=False, show_default=True),
@@ -115,7 +123,7 @@ def _config(method: str, kw: dict[str, Any]) -> RunConfig:
                      partition=kw["partition"], split_at=_csv(kw["split_at"]), dataset=kw["dataset"],
                      train_subset=kw["train_subset"], test_subset=kw["test_subset"], epochs=kw["epochs"],
                      max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"], momentum=kw["momentum"],
-                     warmup_epochs=kw["warmup_epochs"],
+                     warmup_epochs=kw["warmup_epochs"], warmup=kw["warmup"], diagnose=kw["diagnose"],
                      weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], seed=kw["seed"],
                      device=kw["device"], stage_devices=_csv(kw["stage_devices"]), amp=kw["amp"],
                      channels_last=kw["channels_last"], threads=kw["threads"], engine=kw["engine"],
@@ -442,6 +450,32 @@ def bench_step(model: str, splits: str, batch_size: int, iterations: int, rounds
     run_bench(model, ks, batch_size, iterations, rounds, device, threads, staleness)
 
 
+@bench.command("precision")
+@click.option("--model", default="resnet20", show_default=True)
+@click.option("--methods", default="bp,fdg,ddg,fr,dgl", show_default=True, help="methods, default options each")
+@click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--iterations", type=int, default=5, show_default=True, help="timed iterations per round")
+@click.option("--rounds", type=int, default=3, show_default=True, help="interleaved rounds; medians reported")
+@click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+@click.option("--compile/--no-compile", "compile_reference", default=True, show_default=True,
+              help="also time torch.compile on the unsplit model's plain step (compiling takes ~30 s)")
+def bench_precision(model: str, methods: str, splits: int, batch_size: int, iterations: int, rounds: int,
+                    threads: int | None, compile_reference: bool) -> None:
+    """fp32 vs channels-last vs bf16 autocast vs both, per method, side by side.
+
+    Every option keeps each method's semantics (legacy staleness under bf16
+    too); torch.compile is timed on the unsplit model's plain training step
+    as a reference only: the engines do not compile, since a delayed
+    backward through a compiled graph would need its own proof that each
+    staleness mode keeps its meaning."""
+    from .bench import bench_precision as run_bench
+
+    if min(iterations, rounds, splits, batch_size) < 1 or (threads is not None and threads < 1):
+        raise UserError("--iterations, --rounds, --splits, --batch-size and --threads must be at least 1")
+    run_bench(model, _method_names(methods), splits, batch_size, iterations, rounds, threads, compile_reference)
+
+
 @bench.command("memory")
 @click.option("--model", default="resnet56", show_default=True)
 @click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K")
@@ -489,8 +523,16 @@ def _method_names(text: str) -> list[str]:
 @click.option("--threads-per-stage", type=int, default=1, show_default=True)
 @click.option("--all-threads", type=int, default=os.cpu_count() or 1, show_default=True,
               help="threads of the second BP reference (default: this machine's cores)")
+@click.option("--amp", default="off", show_default=True, type=click.Choice(["off", "bf16"]))
+@click.option("--channels-last", is_flag=True)
+@click.option("--save", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the measured seconds per iteration to this JSON (a preset's `speed` file for "
+                   "time-to-accuracy)")
+@click.option("--reuse-profile", is_flag=True,
+              help="predict from the saved block profile instead of profiling again in this invocation")
 def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterations: int, partition: str,
-                  device: str, threads_per_stage: int, all_threads: int) -> None:
+                  device: str, threads_per_stage: int, all_threads: int, amp: str, channels_last: bool,
+                  save: Path | None, reuse_profile: bool) -> None:
     """Images/s of each method on K ranks vs BP on one worker (same threads per
     worker) and vs BP with all cores, with the simulator's prediction beside."""
     from .bench import bench_speedup as run_bench
@@ -498,7 +540,7 @@ def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterat
     if min(iterations, batch_size, threads_per_stage, all_threads) < 1:
         raise UserError("--iterations, --batch-size and the thread counts must be at least 1")
     run_bench(model, _positive_ints(splits, "--splits"), _method_names(methods), batch_size, iterations, partition,
-              device, threads_per_stage, all_threads)
+              device, threads_per_stage, all_threads, amp, channels_last, save, reuse_profile)
 
 
 @bench.command("simulate")
@@ -566,7 +608,7 @@ def _sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir:
         except UserError as exc:  # e.g. no CIFAR-100 here: the preset allows labelled synthetic data
             click.echo(f"note: {exc}; using {p['fallback_dataset']} as this preset allows", err=True)
             dataset = p["fallback_dataset"]
-    return spec, spec.cells(preset, seeds, dataset), Path(out) / f"{spec.name}-{preset}"
+    return spec, spec.cells(preset, seeds, dataset), Path(out) / p.get("runs", f"{spec.name}-{preset}")
 
 
 @cli.group(cls=_DefaultCommandGroup)
@@ -692,9 +734,10 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     from .report.specs import spec_path
 
     target = tables_dir or spec_path(table).parent / "results"
-    outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, num_classes, datasets),
-               f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, num_classes, datasets),
-               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results)}
+    speed = _speed_file(spec, preset)
+    outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, num_classes, datasets, speed),
+               f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, num_classes, datasets, speed),
+               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results, speed)}
     try:
         target.mkdir(parents=True, exist_ok=True)
         for name, content in outputs.items():
@@ -704,6 +747,24 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     filled = sum(bool(r.finished) for r in results)
     click.echo(f"{spec.name} ({preset}): {filled} of {len(results)} cells have finished runs; "
                + " ".join(str(target / n) for n in outputs))
+
+
+def _speed_file(spec, preset: str) -> dict[str, Any] | None:
+    """The preset's ``speed`` file (`bench speedup --save`, path relative to the
+    spec), for time-to-accuracy; None where the preset names none or it is not
+    measured yet (the table says so)."""
+    name = spec.preset(preset).get("speed")
+    if name is None:
+        return None
+    path = spec.path.parent / name
+    if not path.is_file():
+        click.echo(f"note: no time-to-accuracy yet: {path} not found (made by `fdgbench bench speedup ... --save`)",
+                   err=True)
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); measure it again with `fdgbench bench speedup --save`")
 
 
 def _num_classes(dataset: str) -> int:
@@ -758,10 +819,13 @@ def _write_plot(draw: Callable[[], list[Path]], context: str) -> None:
 @plot.command("curves")
 @_sweep_options
 @click.option("--row", help="the table row to draw (default: the preset's first)")
+@click.option("--time", "against_time", is_flag=True,
+              help="x = estimated wall-clock minutes from the preset's speed file (time-to-accuracy), not epochs")
 @click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path),
-              help="output path without suffix (default: paper_tables/results/<table>-<preset>-<row>)")
-def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str | None, plot_out: Path | None) -> None:
-    """Test error against epoch for every method of a table row."""
+              help="output path without suffix (default: paper_tables/results/<table>-<preset>-<row>[-time])")
+def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str | None, against_time: bool,
+                plot_out: Path | None) -> None:
+    """Test error against epoch (or estimated time) for every method of a table row."""
     from .report.plots import plot_curves as draw
     from .report.specs import spec_path
 
@@ -770,12 +834,18 @@ def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str |
     row = row or rows[0]
     if row not in rows:
         raise UserError(f"{table} preset {preset} has no row '{row}'; rows: {', '.join(rows)}")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in row).strip("-").lower()
+    speed = None
+    if against_time:
+        speed = _speed_file(spec, preset)
+        if speed is None:
+            raise UserError(f"--time needs the preset's speed file (`speed` in [presets.{preset}], measured by "
+                            f"`fdgbench bench speedup --save`)")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in row).strip("-").lower() + ("-time" if against_time else "")
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{slug}"
 
     def drawn() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return draw(spec, cells, root, row, target, preset)
+        return draw(spec, cells, root, row, target, preset, speed)
 
     _write_plot(drawn, f"{table} ({preset})")
 
@@ -795,6 +865,29 @@ def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: st
     _write_plot(draw, f"{table} ({preset}), runs under {root}")
 
 
+@plot.command("diagnostics")
+@_sweep_options
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="output path without suffix")
+def plot_diagnostics(table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
+    """Cosine of applied vs true gradient per stage against iteration (runs made
+    with --diagnose, e.g. `fdgbench sweep diagnostics --preset quick`), and a
+    Markdown summary beside the plot."""
+    from .report.plots import diagnostics_summary, plot_diagnostics as draw
+    from .report.specs import spec_path
+
+    spec, cells, root = _sweep_cells(table, preset, seeds, out)
+    target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-cosine"
+
+    def drawn() -> list[Path]:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths = draw(spec, cells, root, target, preset)
+        summary = target.with_suffix(".md")
+        summary.write_text(diagnostics_summary(spec, cells, root, preset))
+        return [*paths, summary]
+
+    _write_plot(drawn, f"{table} ({preset}), runs under {root}")
+
+
 @plot.command("beta")
 @_sweep_options
 @click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="output path without suffix")
@@ -809,6 +902,14 @@ def plot_beta(table: str, preset: str, seeds: int | None, out: str, plot_out: Pa
 def plot_bars(table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
     """Every column's final test error by row (e.g. `fdgbench plot bars ablation_staleness`)."""
     _plot_results("bars", table, preset, seeds, out, plot_out)
+
+
+@plot.command("stability")
+@_sweep_options
+@click.option("--plot-out", type=click.Path(dir_okay=False, path_type=Path), help="output path without suffix")
+def plot_stability(table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
+    """Diverged seeds and survivors' loss per column (e.g. `fdgbench plot stability stability_resnet56 --preset map`)."""
+    _plot_results("stability", table, preset, seeds, out, plot_out)
 
 
 @plot.command("speedup")

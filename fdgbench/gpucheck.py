@@ -6,8 +6,8 @@ check runs the parts one GPU can reach and prints one compact table:
 1. BP and FDG (K=2, sequential engine, both stages on the GPU) on ResNet-56
    and WRN-28-10, synthetic data, a few dozen iterations each: ms/iteration
    timed by the compute stream, peak allocator memory, in fp32 and in bf16
-   autocast with channels-last (FDG with stash staleness there: legacy is
-   refused under bf16, see train._check_precision).
+   autocast with channels-last (FDG legacy in both; under bf16 its graph's
+   weight copies are refilled before each backward, staleness.py).
 2. ResNet-56 K=2 for BP and FDG legacy / stash / replay: ms/iteration, the
    allocator's peak, and each stage's memory as every run records it
    (weights, gradients, optimizer state and the most it holds for its
@@ -47,7 +47,7 @@ def _rows_speed(iterations: int, batch_size: int) -> list[dict[str, Any]]:
     rows = []
     for model in SPEED_MODELS:
         for precision in ("fp32", "bf16+cl"):
-            for method, options in (("bp", {}), ("fdg", {"staleness": "stash" if precision != "fp32" else "legacy"})):
+            for method, options in (("bp", {}), ("fdg", {"staleness": "legacy"})):
                 cfg = RunConfig(method=method, method_options=options, model=model, splits=2, dataset="synthetic",
                                 batch_size=batch_size, device="cuda", amp="bf16" if precision != "fp32" else "off",
                                 channels_last=precision != "fp32")

@@ -142,7 +142,7 @@ class StageWorker:
         self.ctx = ctx
         self.module = ctx.module
         self.device = ctx.device
-        self.store = make_store(staleness or "legacy", self.module, delayed, ctx.autocast)
+        self.store = make_store(staleness or "legacy", self.module, delayed, ctx.autocast, ctx.amp_dtype)
         self.optimizer = StageOptimizer(list(self.module.parameters()), ctx.optim,
                                         write_through_data=staleness == "legacy")
         self.grad_scale = grad_scale

@@ -4,7 +4,9 @@ and its backward (``--staleness``).
 - ``legacy``: keep the autograd graph; the optimizer writes through ``.data``
   (see optim.py), so the backward uses the stored activations, ReLU masks and
   BN batch statistics with the *current* weights: what the FDG/DDG authors'
-  code computed under PyTorch 1.0.
+  code computed under PyTorch 1.0. Under autocast the graph's low-precision
+  weight copies are refilled from the current weights before the backward
+  (KeptGraphUnderAutocast), so the meaning holds in bf16 too.
 - ``stash``: run the forward on a detached copy of the weights (one copy per
   batch in flight) and keep that graph: the gradient at the weights the
   forward used (weight stashing), the quantity the convergence proofs analyse.
@@ -142,6 +144,42 @@ class KeptGraph:
             tensor.data.copy_(saved)
 
 
+class KeptGraphUnderAutocast(KeptGraph):
+    """``legacy`` under autocast. Autocast casts each conv and linear weight
+    to a low-precision copy at the forward, and the graph saves that copy:
+    left alone, a delayed backward would read forward-time weights in convs
+    and linears and current ones in BN, a mix no mode means. So the forward
+    makes those casts itself (autocast passes a tensor already in its dtype
+    through unchanged, so the graph saves exactly these), and before the
+    backward refills them from the current weights, writing through
+    ``.data`` as the optimizer does under legacy: the backward then reads
+    the current weights everywhere, in the autocast precision."""
+
+    CAST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # what autocast casts in the suite's models
+
+    def __init__(self, module: nn.Module, autocast: AutocastFactory, dtype: torch.dtype):
+        super().__init__(module, autocast)
+        self.dtype = dtype
+        cast = [(f"{prefix}.{name}" if prefix else name, p)
+                for prefix, m in module.named_modules() if isinstance(m, self.CAST_MODULES)
+                for name, p in m.named_parameters(recurse=False) if p.requires_grad]
+        self._cast_names = [n for n, _ in cast]
+        self._cast_params = [p for _, p in cast]
+        self._casts: dict[int, list[torch.Tensor]] = {}
+
+    def _run(self, batch: int, x: torch.Tensor) -> torch.Tensor:
+        casts = [p.to(self.dtype) for p in self._cast_params]  # differentiable: gradients reach the fp32 weights
+        self._casts[batch] = casts
+        return functional_call(self.module, dict(zip(self._cast_names, casts)), (x,), strict=False)
+
+    def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        casts = self._casts.pop(batch)
+        if casts:
+            with torch.no_grad():
+                torch._foreach_copy_([c.data for c in casts], [p.detach() for p in self._cast_params])
+        return super().backward(batch, grad)
+
+
 class StashedWeights(KeptGraph):
     """Forward through a copy of the parameters taken at forward time; the
     backward adds the copies' gradients to the live parameters' grads."""
@@ -200,9 +238,11 @@ class ReplayedForward(KeptGraph):
 
 
 def make_store(mode: str, module: nn.Module, delayed: bool,
-               autocast: AutocastFactory = contextlib.nullcontext) -> KeptGraph:
-    if not delayed or mode == "legacy":
+               autocast: AutocastFactory = contextlib.nullcontext, amp_dtype: torch.dtype | None = None) -> KeptGraph:
+    if not delayed:
         return KeptGraph(module, autocast)
+    if mode == "legacy":
+        return KeptGraph(module, autocast) if amp_dtype is None else KeptGraphUnderAutocast(module, autocast, amp_dtype)
     if mode == "stash":
         return StashedWeights(module, autocast)
     if mode == "replay":

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
+from .diagnose import GradientProbe
 from .engines.distributed import DistributedEngine
 from .engines.launch import check_ranks_fit, is_communication_error, rank_device, under_torchrun
 from .engines.sequential import Observer, SequentialEngine
@@ -71,7 +72,9 @@ class RunConfig:
     channels_last: bool = False
     threads: int | None = None  # intra-op threads of each process (each rank, on the distributed engine)
     engine: str = "sequential"
-    warmup_epochs: int = 0  # the first N epochs at lr / 10 (the FDG authors' code's --warm-up: 3)
+    warmup_epochs: int = 0  # the first N epochs warm up (the FDG authors' code's --warm-up: 3, constant)
+    warmup: str = "constant"  # constant: lr / 10 throughout; linear: 1% of lr rising to 100% (the ADL code's)
+    diagnose: int = 0  # every N iterations, compare each stage's applied gradient with the true one (diagnose.py)
     # Bit-reproducible numerics where a faster kernel or reduction would not be
     # (numerics.py): cuDNN deterministic, no TF32, replicas' gradients summed in order.
     deterministic: bool = False
@@ -89,7 +92,8 @@ class RunConfig:
         return d
 
 
-ADDED_LATER = {"warmup_epochs": 0, "deterministic": False}
+ADDED_LATER = {"warmup_epochs": 0, "deterministic": False, "warmup": "constant", "diagnose": 0}
+WARMUPS = ("constant", "linear")
 
 
 def flag_name(field_name: str) -> str:
@@ -110,6 +114,15 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         raise UserError(f"{name('warmup_epochs')} {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the run "
                         f"would never train at {name('lr')}; use fewer warm-up epochs")
+    if cfg.warmup not in WARMUPS:
+        raise UserError(f"{name('warmup')} must be {' or '.join(WARMUPS)}, got '{cfg.warmup}'")
+    if cfg.warmup != "constant" and not cfg.warmup_epochs:
+        raise UserError(f"{name('warmup')} {cfg.warmup} needs {name('warmup_epochs')} N (how long to warm up)")
+    if cfg.diagnose < 0:
+        raise UserError(f"{name('diagnose')} must be at least 0 (0: off), got {cfg.diagnose}")
+    if cfg.diagnose and cfg.engine != "sequential":
+        raise UserError(f"{name('diagnose')} runs on the sequential engine (its true gradient is one synchronous "
+                        f"pass through every stage); drop {name('engine')} {cfg.engine}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise UserError(f"{name('lr')} must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
@@ -132,7 +145,6 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
     if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
         check_ranks_fit(devices[0], cfg.splits, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
     method = make_method(cfg.method, **cfg.method_options)
-    _check_precision(cfg, method)
     if cfg.splits < 1:
         raise UserError(f"{name('splits')} must be at least 1, got {cfg.splits}")
     if method.data_parallel and cfg.batch_size % cfg.splits:
@@ -170,20 +182,6 @@ def check_budget(cfg: RunConfig, method: Method, num_stages: int, steps_per_epoc
                                                                f"iteration(s) each give {total_steps}")
 
 
-def _check_precision(cfg: RunConfig, method) -> None:
-    """``--amp bf16`` cannot keep ``legacy`` staleness's meaning. Legacy means
-    a delayed backward reads the *current* weights through the graph its
-    forward stored (optim.py's write through ``.data``). Under autocast the
-    forward casts each conv and linear weight to a bf16 copy, and the graph
-    stores that copy: the delayed backward would use forward-time weights in
-    convs and linears and current ones in BN, a mix neither the authors' code
-    nor any other mode computes. Refused rather than silently relabelled."""
-    if cfg.amp == "bf16" and cfg.splits > 1 and method.option_values().get("staleness") == "legacy":
-        raise UserError(f"--amp bf16 cannot keep {cfg.method}'s --staleness legacy semantics (autocast stores "
-                        f"forward-time bf16 copies of conv/linear weights, so the delayed backward would not read "
-                        f"the current weights); use --staleness stash or replay with --amp bf16, or --amp off")
-
-
 def parse_device(text: str) -> torch.device:
     try:
         device = torch.device(text)
@@ -214,11 +212,16 @@ def _from_rank0(value):
     return box[0]
 
 
-def lr_at(t: int, base_lr: float, planned_steps: int, warmup_steps: int = 0) -> float:
-    """The paper's step schedule; during a warm-up, a tenth of it (as the FDG
-    authors' code and He et al.'s ResNet-110 warm up)."""
+def lr_at(t: int, base_lr: float, planned_steps: int, warmup_steps: int = 0, warmup: str = "constant") -> float:
+    """The paper's step schedule; during a warm-up, ``constant``: a tenth of
+    it (as the FDG authors' code and He et al.'s ResNet-110 warm up), or
+    ``linear``: from 1% of it at iteration 0 rising by equal steps to 100%
+    at the warm-up's end (as the ADL code does over its first 5 epochs)."""
     drops = sum(t >= round(f * planned_steps) for f in LR_MILESTONES)
-    return base_lr * 0.1 ** drops * (0.1 if t < warmup_steps else 1.0)
+    scheduled = base_lr * 0.1 ** drops
+    if t >= warmup_steps:
+        return scheduled
+    return scheduled * (0.1 if warmup == "constant" else 0.01 + 0.99 * t / warmup_steps)
 
 
 class Trainer:
@@ -291,8 +294,10 @@ class Trainer:
         self.test_images = self.dataset.test_images.to(self.devices[0])
         self.test_labels = self.dataset.test_labels
         self.tracer = tracer
+        self.probe = GradientProbe(cfg.diagnose, self.workers, self.stream) if cfg.diagnose else None
         if rank is None:
-            self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages)
+            self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages,
+                                           self.probe)
         else:
             self.engine = DistributedEngine(self.method, self.workers[0], self.stages[0], self.stream, self.num_stages,
                                             tuple(self.dataset.train_images.shape[1:]), self.memory_format, tracer)
@@ -375,7 +380,7 @@ class Trainer:
                 self.sync_compute()
                 t0 = time.perf_counter()
                 for t in range(first, last):
-                    lr = lr_at(t, self.cfg.lr, self.planned_steps, self.warmup_steps)
+                    lr = lr_at(t, self.cfg.lr, self.planned_steps, self.warmup_steps, self.cfg.warmup)
                     for w in self.workers:
                         w.set_lr(lr)
                         w.keep_forward_weights(checkpointing and t >= last - self.hold_span)
@@ -401,7 +406,7 @@ class Trainer:
                           "train_loss": train["loss"],
                           "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
                           "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds,
-                          **meters}
+                          **meters, **({"diagnostics": self.probe.take()} if self.probe is not None else {})}
                 history.append(record)
                 if primary:
                     run.append_metrics(record)  # before the checkpoint: a resume drops records past it

@@ -111,6 +111,18 @@ def test_interrupted_and_resumed_equals_uninterrupted_on_the_sequential_engine(t
                                      1 if cfg.method == "dp" else k, f"{cfg.method} {cfg.method_options}")
 
 
+def test_legacy_under_bf16_autocast_resumes_bit_identically(tmp_path):
+    """The rebuilt graphs of a checkpoint make their own bf16 weight copies,
+    which the backward refills from the live weights as the lost ones were."""
+    from fdgbench.train import RunConfig
+
+    cfg = RunConfig(method="fdg", method_options={"staleness": "legacy"}, model="tiny_resnet", splits=3,
+                    dataset="synthetic", batch_size=BATCH, epochs=EPOCHS, lr=0.05, threads=1, amp="bf16",
+                    channels_last=True)
+    _train_clean_and_interrupted(None, [cfg], tmp_path)
+    _assert_resumed_equals_clean(RunDirectory(tmp_path / "clean0"), RunDirectory(tmp_path / "cut0"), 3, "bf16")
+
+
 def test_interrupted_and_resumed_equals_uninterrupted_on_the_distributed_engine(tmp_path):
     k = 3  # the middle rank receives and sends in both directions
     configs = _configs(k, engine="distributed")

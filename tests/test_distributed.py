@@ -1,6 +1,8 @@
 """The distributed engine (gloo, CPU): parity with the sequential engine for
 every method at K = 2 and 3, the CLI (spawned and torchrun), faults, traces."""
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -240,3 +242,17 @@ def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path
     assert float(fdg[7].rstrip("x")) > 0 and float(fdg[9]) >= 1.0  # a ratio, and balance = slowest / mean
     assert float(fdg[11]) > 0  # simulated / measured
     assert "partition balanced (cut by the block profile)" in result.stdout
+    assert re.search(r"co-run factor \(each rank's compute while K ranks share the CPU / alone\): K=2 \d+\.\d\dx",
+                     result.stdout)
+
+
+def test_speedup_benchmark_saves_the_speeds_time_to_accuracy_reads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _cli("bench", "speedup", "--model", "tiny_resnet", "--methods", "fdg", "--batch-size", "16",
+                  "--iterations", "1", "--all-threads", "2", "--amp", "bf16", "--channels-last", "--save", "s.json")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert set(saved["seconds_per_iteration"]) == {"bp", "fdg K=2"}
+    assert saved["amp"] == "bf16" and saved["channels_last"] is True and "2 threads" in saved["workers"]
+    assert all(v > 0 for v in saved["seconds_per_iteration"].values())
+    assert "no predictions: the block profile is fp32" in result.stdout

@@ -234,6 +234,59 @@ def test_staleness_modes_match_hand_computation(mode):
     assert all(abs(o[0] - expected[0]) > 1e-6 for o in others)  # the modes really differ
 
 
+def _input_grad_by_hand(x, g, conv_w, conv_b, lin_w, mask):
+    """x's gradient through conv -> ReLU (mask) -> flatten -> linear, from
+    the output gradient g, with the given conv and linear weights."""
+    grad_flat = g.float() @ lin_w.float()
+    grad_h = (grad_flat.view(mask.shape) * mask).float()
+    return torch.nn.grad.conv2d_input(x.shape, conv_w.float(), grad_h, padding=1)
+
+
+def test_legacy_under_bf16_autocast_reads_the_current_weights():
+    """legacy = stored activations (here the ReLU mask) with the weights as
+    they are at the backward; under bf16 autocast too (the graph's bf16
+    weight copies are refilled before the backward)."""
+    from fdgbench.staleness import make_store
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    store = make_store("legacy", module, delayed=True,
+                       autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), amp_dtype=torch.bfloat16)
+    x = torch.randn(4, 2, 4, 4, requires_grad=True)
+    out = store.forward(0, x)
+    assert out.dtype == torch.bfloat16
+    conv, lin = module[0], module[3]
+    old = [conv.weight.detach().clone(), lin.weight.detach().clone()]
+    with torch.no_grad():
+        mask = (torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) > 0).float()
+        for p in module.parameters():  # an update between the forward and the delayed backward
+            p.data.add_(torch.randn_like(p))
+    g = torch.randn(out.shape).to(torch.bfloat16)
+    got = store.backward(0, g)
+    current = _input_grad_by_hand(x, g, conv.weight.detach(), conv.bias, lin.weight.detach(), mask)
+    forward_time = _input_grad_by_hand(x, g, old[0], conv.bias, old[1], mask)
+    # The hand computation is float32; the graph's is bf16 (8-bit mantissa,
+    # relative rounding 2**-8 = 0.4% per operation, a few chained roundings
+    # and sums of 27-48 terms): within 5% of the norm. The update moved the
+    # weights by about their own size, so forward-time weights are far off.
+    assert (got - current).norm() < 0.05 * current.norm()
+    assert (got - forward_time).norm() > 0.5 * forward_time.norm()
+    # The weights' gradients still reach the float32 parameters.
+    assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
+
+
+def test_staleness_modes_differ_under_bf16_autocast():
+    """Under bf16 + channels-last, FDG's three modes train (finite weights)
+    and stay three different computations."""
+    weights = {}
+    for mode in ("legacy", "stash", "replay"):
+        trainer = _trainer("fdg", 2, method_options={"staleness": mode}, amp="bf16", channels_last=True)
+        weights[mode] = _run(trainer, 8)
+        assert all(torch.isfinite(v).all() for v in weights[mode].values()), mode
+    for a, b in (("legacy", "stash"), ("legacy", "replay"), ("stash", "replay")):
+        assert any(not torch.equal(weights[a][n], weights[b][n]) for n in weights[a] if "weight" in n), (a, b)
+
+
 @pytest.mark.parametrize("method,options", list(_variants()))
 @pytest.mark.parametrize("k", [2, 3])
 def test_every_method_trains_a_tiny_net(tmp_path, method, options, k):

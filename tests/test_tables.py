@@ -1,6 +1,8 @@
 """Paper table specs, sweeps and tables: the specs encode the paper, tables
 come from run directories only (golden files pin their format), and the
 smoke preset of Table 2 runs end to end."""
+import csv
+import io
 import json
 import os
 import shutil
@@ -30,13 +32,29 @@ def test_paper_specs_hold_the_published_numbers():
     # The README's "WRN-28-10, 19.4M" row is ResNet-1202 (REFERENCE.md note 2).
     r1202 = next(r for r in t2.rows if r.model == "resnet1202")
     assert r1202.paper["BP"] == 7.93 and "19.4M" in r1202.paper_params
-    assert [r.splits for r in t4.rows] == [2, 3, 4] and t4.rows[2].paper["DGL*"] == 9.65
+    r56_rows = [r for r in t4.rows if r.model == "resnet56"]
+    assert [r.splits for r in r56_rows] == [2, 3, 4] and r56_rows[2].paper["DGL*"] == 9.65
     assert t3.dataset == "cifar100" and next(r for r in t3.rows if r.model == "wrn28_10").paper["FDG best"] == 19.08
     # Presets: full is the paper's protocol (300 epochs, 3 seeds) for every row and column.
     full = t2.cells("full")
     assert len(full) == 6 * 6 * 3 and {c.config.epochs for c in full} == {300}
     fdg_best = [c for c in full if c.column.id == "FDG best b" and c.row.model == "resnet20"]
     assert {c.config.method_options["beta"] for c in fdg_best} == {0.2}
+    assert {c.row.model for c in t4.cells("full")} == {"resnet56"}
+
+
+def test_converge_presets_share_their_k2_runs():
+    """Table 2's and Table 4's converge presets: ResNet-20, 20 epochs, bf16 +
+    channels-last in every cell; Table 4's K = 2 cells are Table 2's runs."""
+    t2, t4 = load_spec("table2").cells("converge"), load_spec("table4").cells("converge")
+    assert {c.config.model for c in t2 + t4} == {"resnet20"} and {c.config.epochs for c in t2 + t4} == {20}
+    assert {(c.config.amp, c.config.channels_last) for c in t2 + t4} == {("bf16", True)}
+    assert [c.column.id for c in t2] == ["BP", "DDG", "DGL", "FR", "FDG b=1", "FDG best b"]
+    assert sorted((c.config.splits, c.column.id) for c in t4) == [
+        (2, "BP"), (2, "DGL"), (2, "FDG b=1"), (4, "BP"), (4, "DGL"), (4, "FDG b=1")]
+    shared = {c.config.to_dict()["method"]: c.config for c in t4 if c.config.splits == 2}
+    assert all(cfg in [c.config for c in t2] for cfg in shared.values())
+    assert load_spec("table2").preset("converge")["runs"] == load_spec("table4").preset("converge")["runs"]
 
 
 def _fake_runs(spec_path, root):
@@ -69,7 +87,7 @@ def test_tables_from_run_directories_match_the_golden_files(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["table", "table9"], "no table spec 'table9'"),
-    (["sweep", "table2", "--preset", "fast"], "table2 has no preset 'fast'; known: full, quick, smoke"),
+    (["sweep", "table2", "--preset", "fast"], "table2 has no preset 'fast'; known: full, converge, quick, smoke"),
     (["sweep", "status", "table2", "--seeds", "0"], "--seeds must be at least 1"),
 ])
 def test_table_and_sweep_errors_are_one_line(args, message):
@@ -183,3 +201,107 @@ def test_speedup_plot_draws_simulated_lines_and_measured_time_table_points(tmp_p
     assert all((tmp_path / f"s.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
     assert (tmp_path / "results/profiles/resnet56-b8-cpu-t1.json").is_file()
     assert "measured, table6 smoke runs (2 points)" in (tmp_path / "s.svg").read_text()
+
+
+def test_stability_map_counts_divergences_and_compares_losses_with_bp(tmp_path, cli):
+    """The stability measure: per cell, diverged seeds of those run and the
+    survivors' median last-epoch training loss against BP's; CSV, Markdown
+    and the plot come from the same run directories."""
+    spec_file = tmp_path / "stab.toml"
+    spec_file.write_text("""title = "Stab"
+dataset = "synthetic"
+measure = "stability"
+[[columns]]
+id = "BP"
+method = "bp"
+[[columns]]
+id = "legacy, linear"
+method = "fdg"
+options = { staleness = "legacy" }
+run = { warmup_epochs = 1, warmup = "linear" }
+[[rows]]
+id = "Tiny K=2"
+model = "tiny_resnet"
+splits = 2
+paper = {}
+[presets.map]
+epochs = 4
+seeds = 3
+""")
+    spec = load_spec(str(spec_file))
+    root = tmp_path / "runs" / "stab-map"
+    losses = {("BP", 0): 1.0, ("BP", 1): 1.2, ("BP", 2): 1.1, ("legacy, linear", 0): 1.5,
+              ("legacy, linear", 1): None, ("legacy, linear", 2): 1.3}
+    for cell in spec.cells("map"):
+        loss = losses[(cell.column.id, cell.seed)]
+        run = RunDirectory.for_config(root, cell.config.to_dict())
+        run.start(cell.config.to_dict(), {})
+        run.finish({"status": "diverged" if loss is None else "finished", "final_train_loss": loss,
+                    "dataset": "synthetic"})
+    status, out, err = cli("table", str(spec_file), "--preset", "map", "--out", tmp_path / "runs", "--tables-dir",
+                           tmp_path / "tables")
+    assert status == 0, err
+    md = (tmp_path / "tables" / "stab-map.md").read_text()
+    assert "| Tiny K=2 | 2 |" in md
+    assert "| 0/3 diverged; loss 1.100 | 1/3 diverged; loss 1.400 (+0.300 vs BP) |" in md
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "stab-map.csv").read_text())))
+    assert [(r["column"], r["warmup"], r["runs_diverged"], r["final_train_loss_median"]) for r in rows] == [
+        ("BP", "none", "0", "1.1000"), ("legacy, linear", "linear x1", "1", "1.4000")]
+    status, out, err = cli("plot", "stability", str(spec_file), "--preset", "map", "--out", tmp_path / "runs",
+                           "--plot-out", tmp_path / "stab")
+    assert status == 0, err
+    assert (tmp_path / "stab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_to_accuracy_is_iterations_to_bp_final_error_times_measured_speed(tmp_path, cli):
+    """Iterations come from the runs' epoch records (the first epoch at or
+    below BP's final error), seconds per iteration from the preset's speed
+    file; a run that never gets there says so."""
+    spec_file = tmp_path / "tta.toml"
+    spec_file.write_text("""title = "TTA"
+dataset = "synthetic"
+[[columns]]
+id = "BP"
+method = "bp"
+[[columns]]
+id = "FDG"
+method = "fdg"
+[[columns]]
+id = "DGL"
+method = "dgl"
+[[rows]]
+id = "Tiny K=2"
+model = "tiny_resnet"
+splits = 2
+paper = {}
+[presets.p]
+epochs = 4
+speed = "speed.json"
+""")
+    (tmp_path / "speed.json").write_text(json.dumps({
+        "hardware": "a test CPU", "workers": "bp: 1 x 2; others: K x 1", "amp": "off", "channels_last": False,
+        "measured": "today", "seconds_per_iteration": {"bp": 0.1, "fdg K=2": 0.06, "dgl K=2": 0.05}}))
+    spec = load_spec(str(spec_file))
+    curves = {"BP": [50.0, 30.0, 20.0, 20.0], "FDG": [45.0, 25.0, 19.0, 18.0], "DGL": [60.0, 40.0, 30.0, 25.0]}
+    for cell in spec.cells("p"):
+        run = RunDirectory.for_config(tmp_path / "runs" / "tta-p", cell.config.to_dict())
+        run.start(cell.config.to_dict(), {})
+        for epoch, error in enumerate(curves[cell.column.id], 1):
+            run.append_metrics({"epoch": epoch, "iteration": 100 * epoch, "test_error": error})
+        run.finish({"status": "finished", "final_test_error": error, "best_test_error": min(curves[cell.column.id]),
+                    "dataset": "synthetic"})
+    status, out, err = cli("table", str(spec_file), "--preset", "p", "--out", tmp_path / "runs", "--tables-dir",
+                           tmp_path / "tables")
+    assert status == 0, err
+    md = (tmp_path / "tables" / "tta-p.md").read_text()
+    # BP reaches its own final 20.0 at iteration 300 (30 s); FDG at 300 too, at 0.06 s/iteration (18 s).
+    assert "| Tiny K=2 | 2 | 300 it x 100 ms = 0 min (1.00x BP) | 300 it x 60 ms = 0 min (0.60x BP) | not reached |" in md
+    assert "a test CPU" in md
+    rows = {r["column"]: r for r in csv.DictReader(io.StringIO((tmp_path / "tables" / "tta-p.csv").read_text()))}
+    assert (rows["FDG"]["iterations_to_bp_final"], rows["FDG"]["seconds_to_bp_final"], rows["FDG"]["ratio_to_bp"]) \
+        == ("300", "18.0000", "0.6000")
+    assert rows["DGL"]["iterations_to_bp_final"] == "" and rows["DGL"]["seconds_per_iteration"] == "0.0500"
+    status, out, err = cli("plot", "curves", str(spec_file), "--preset", "p", "--out", tmp_path / "runs", "--time",
+                           "--plot-out", tmp_path / "tta")
+    assert status == 0, err
+    assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

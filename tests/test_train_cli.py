@@ -111,8 +111,6 @@ def test_a_warm_up_is_recorded_and_leaves_earlier_run_names_alone(cli, tmp_path)
     (["run", "--device", "cuda:7"], "cuda:7"),
     (["run", "--device", "tpu"], "device"),
     (["run", "--amp", "fp8"], "--amp must be off or bf16"),
-    (["run", "--amp", "bf16"], "--amp bf16 cannot keep fdg's --staleness legacy semantics"),
-    (["run", "--method", "ddg", "--amp", "bf16"], "--amp bf16 cannot keep ddg's --staleness legacy semantics"),
     (["run", "--dataset", "imagenet", "--model", "tiny_resnet"], "unknown dataset 'imagenet'"),
     (["run", "--dataset", "folder:/no/such/dir", "--model", "tiny_resnet"], "does not exist"),
     (["run", *TINY, "--out", "/proc/no-such-dir"], "cannot write the run directory"),
@@ -161,6 +159,28 @@ def test_bench_step_prints_ratios(cli):
                            "--iterations", "2", "--rounds", "1", "--threads", "1")
     assert status == 0, err
     assert "bp   K=1" in out and "fdg  K=2" in out and "x BP" in out
+
+
+def test_bench_precision_prints_every_method_at_every_precision(cli):
+    status, out, err = cli("bench", "precision", "--model", "tiny_resnet", "--methods", "bp,fdg", "--batch-size",
+                           "16", "--iterations", "1", "--rounds", "1", "--threads", "1", "--no-compile")
+    assert status == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert lines[header].split()[1:] == ["fp32", "channels-last", "bf16", "bf16+channels-last"]
+    for line, method in zip(lines[header + 1:header + 3], ("bp", "fdg")):
+        cells = line.split()
+        assert cells[0] == method and len(cells) == 1 + 3 * 4, line  # ms, (ratio), s/epoch per precision
+        assert cells[2] == "(1.00x)"  # each method against its own fp32
+    assert "torch.compile" not in out
+
+
+@pytest.mark.slow
+def test_bench_precision_times_torch_compile_or_says_why_not(cli):
+    status, out, err = cli("bench", "precision", "--model", "tiny_resnet", "--methods", "bp", "--batch-size", "16",
+                           "--iterations", "1", "--rounds", "1", "--threads", "1")
+    assert status == 0, err
+    assert "torch.compile reference" in out or "torch.compile: unavailable here" in out
 
 
 @pytest.mark.slow

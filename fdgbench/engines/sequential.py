@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..diagnose import GradientProbe
 from ..data import BatchStream, Normalizer, eval_batches
 from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
@@ -29,7 +30,7 @@ class SequentialEngine:
 
     def __init__(self, method: Method, workers: Sequence[StageWorker], stream: BatchStream,
                  observer: Observer | None = None, tracer: Tracer | None = None,
-                 stages: Sequence[nn.Module] | None = None):
+                 stages: Sequence[nn.Module] | None = None, probe: GradientProbe | None = None):
         self.method = method
         self.workers = list(workers)
         self.num_stages = len(self.workers)
@@ -37,6 +38,7 @@ class SequentialEngine:
         self.observer = observer
         self.tracer = tracer
         self.stages = list(stages) if stages is not None else [w.module for w in self.workers]
+        self.probe = probe  # --diagnose: sees every action before it runs (diagnose.py)
         self._mailbox = Mailbox()
         self._messages: dict[tuple, torch.Tensor] = {}
         self._outbox: dict[tuple[int, Op, int], torch.Tensor] = {}
@@ -45,6 +47,8 @@ class SequentialEngine:
         plan = self.method.schedule(self.num_stages, t)
         for k, action in execution_order(plan, t, self._mailbox):
             device = self.workers[k].device
+            if self.probe is not None:
+                self.probe.before(t, k, action)
             start = self.tracer.mark(device) if self.tracer is not None else None
             self._run(k, action)
             if self.tracer is not None:

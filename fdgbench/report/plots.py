@@ -9,12 +9,18 @@ from ..runs import RunDirectory
 from .specs import Cell, TableSpec
 
 
-def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str) -> list[Path]:
+def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,
+                speed: dict | None = None) -> list[Path]:
+    """Test error against epoch for every column of a row; with ``speed`` (a
+    `bench speedup --save` record), against the estimated wall-clock
+    minutes on its hardware instead (each run's iterations times its
+    method's measured seconds per iteration): time-to-accuracy as a curve."""
     import matplotlib.ticker
     import seaborn as sns
 
-    ax, save = _figure(out, f"{spec.title}\n{row_id}, preset {preset}; dotted: the paper's final number (300 epochs)",
-                       "test error (%), median over seeds")
+    where = "" if speed is None else f"\nx: iterations x seconds per iteration measured on {speed['hardware']}"
+    ax, save = _figure(out, f"{spec.title}\n{row_id}, preset {preset}; dotted: the paper's final number (300 epochs)"
+                       + where, "test error (%), median over seeds")
     mine = [c for c in cells if c.row.id == row_id]
     columns = list(dict.fromkeys(c.column.id for c in mine))
     palette = dict(zip(columns, sns.color_palette("tab10", len(columns))))
@@ -23,19 +29,128 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
         runs = [RunDirectory.for_config(root, c.config.to_dict()).metrics() for c in mine if c.column.id == column]
         runs = [r for r in runs if r]
         cell = next(c for c in mine if c.column.id == column)
-        if runs:
+        per_iteration = None
+        if speed is not None:
+            key = "bp" if cell.config.method == "bp" else f"{cell.config.method} K={cell.config.splits}"
+            per_iteration = speed["seconds_per_iteration"].get(key)
+        if runs and (speed is None or per_iteration is not None):
             epochs = range(1, max(len(r) for r in runs) + 1)
             median = [statistics.median(r[e - 1]["test_error"] for r in runs if len(r) >= e) for e in epochs]
-            ax.plot(list(epochs), median, marker="o", color=palette[column], label=f"{column} (n={len(runs)})")
+            if per_iteration is None:
+                xs = list(epochs)
+            else:
+                longest = max(runs, key=len)
+                xs = [longest[e - 1]["iteration"] * per_iteration / 60 for e in epochs]
+            ax.plot(xs, median, marker="o", color=palette[column], label=f"{column} (n={len(runs)})")
             drawn += 1
         paper = cell.row.paper.get(cell.column.paper[-1]) if cell.column.paper else None
         if paper is not None:
             ax.axhline(paper, color=palette[column], linestyle=":", linewidth=1)
     if not drawn:
-        raise ValueError(f"no run of row '{row_id}' has finished an epoch under {root}")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        raise ValueError(f"no run of row '{row_id}' has finished an epoch under {root}"
+                         + ("" if speed is None else " with a measured speed"))
+    if speed is None:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    else:
+        ax.set_xlabel(f"estimated minutes of training on {speed['hardware']}")
     return save()
+
+
+def diagnostics_by_cell(cells: list[Cell], root: Path) -> dict[tuple[str, str], list[dict]]:
+    """(row, column) -> the --diagnose records of its runs' epochs (seed 0's
+    run where a cell has several: one curve per cell), in iteration order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for cell in cells:
+        key = (cell.row.id, cell.column.id)
+        if key in out:
+            continue
+        records = [d for m in RunDirectory.for_config(root, cell.config.to_dict()).metrics()
+                   for d in m.get("diagnostics", [])]
+        if records:
+            out[key] = records
+    return out
+
+
+def plot_diagnostics(spec: TableSpec, cells: list[Cell], root: Path, out: Path, preset: str,
+                     smooth: int = 5) -> list[Path]:
+    """Cosine between the applied and the true gradient against iteration:
+    one panel per (row, stage), one line per column (a running median over
+    ``smooth`` measurements, so a single noisy batch does not hide the trend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = diagnostics_by_cell(cells, root)
+    if not found:
+        raise ValueError(f"no run under {root} has --diagnose records")
+    rows = list(dict.fromkeys(c.row.id for c in cells))
+    columns = list(dict.fromkeys(c.column.id for c in cells))
+    stages = max(c.config.splits for c in cells)
+    fig, axes = plt.subplots(len(rows), stages, figsize=(3.2 * stages, 2.8 * len(rows)), sharex=True, sharey=True,
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        splits = next(c.config.splits for c in cells if c.row.id == row)
+        for k in range(stages):
+            ax = axes[i][k]
+            if k >= splits:
+                ax.axis("off")
+                continue
+            for j, column in enumerate(columns):
+                points = [(d["iteration"], d["cosine"]) for d in found.get((row, column), []) if d["stage"] == k]
+                if points:
+                    its, cos = zip(*points)
+                    ax.plot(its, _running_median(cos, smooth), color=f"C{j}", linewidth=1.2, label=column)
+            ax.set_title(f"{row}: stage {k}" + (" (last)" if k == splits - 1 else ""), fontsize=8)
+            ax.grid(alpha=0.3)
+            if k == 0:
+                ax.set_ylabel("cosine(applied, true)")
+            if i == len(rows) - 1:
+                ax.set_xlabel("iteration")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(f"{spec.title}, preset {preset}: running median of {smooth} measurements", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def diagnostics_summary(spec: TableSpec, cells: list[Cell], root: Path, preset: str) -> str:
+    """Markdown: per row and column, each stage's median cosine, median norm
+    ratio and age over the diagnosed iterations."""
+    found = diagnostics_by_cell(cells, root)
+    rows = list(dict.fromkeys(c.row.id for c in cells))
+    columns = list(dict.fromkeys(c.column.id for c in cells))
+    lines = [f"# {spec.title}, preset {preset}", "",
+             "Per stage: median cosine / median norm ratio |applied| / |true| / age (updates between the "
+             "batch's forward and the update applying it), over every diagnosed update.", ""]
+    for row in rows:
+        splits = next(c.config.splits for c in cells if c.row.id == row)
+        lines += [f"## {row}", "", "| column | " + " | ".join(f"stage {k}" for k in range(splits)) + " |",
+                  "|---|" + "---|" * splits]
+        for column in columns:
+            records = found.get((row, column), [])
+            texts = []
+            for k in range(splits):
+                mine = [d for d in records if d["stage"] == k]
+                if not mine:
+                    texts.append("-")
+                    continue
+                cos = statistics.median(d["cosine"] for d in mine)
+                ratio = statistics.median(d["norm_ratio"] for d in mine)
+                age = statistics.median(d["age"] for d in mine)
+                texts.append(f"{cos:.3f} / {ratio:.2f} / {age:g}")
+            lines.append(f"| {column} | " + " | ".join(texts) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _running_median(values: tuple[float, ...], window: int) -> list[float]:
+    return [statistics.median(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
 def _figure(out: Path, title: str, ylabel: str):
@@ -110,6 +225,37 @@ def plot_bars(spec: TableSpec, results: list, out: Path, preset: str) -> list[Pa
     if not drawn:
         raise ValueError("no finished runs to plot")
     ax.set_xticks(range(len(rows)), rows)
+    return save()
+
+
+def plot_stability(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
+    """The stability map: per row and column, the share of seeds that
+    diverged (bar) and the survivors' last-epoch training loss (dot, right
+    axis), so a column that never diverges but trains worse shows as such."""
+    ax, save = _figure(out, f"{spec.title}, preset {preset}\nbars: seeds diverged (share); dots: survivors' "
+                       "median last-epoch training loss (right axis)", "share of seeds diverged")
+    loss_ax = ax.twinx()
+    loss_ax.set_ylabel("training loss, last epoch")
+    rows = list(dict.fromkeys(r.row.id for r in results))
+    columns = list(dict.fromkeys(r.column.id for r in results))
+    width = 0.8 / len(rows)
+    drawn = 0
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            r = next(x for x in results if x.row.id == row and x.column.id == column)
+            done = len(r.finished) + r.diverged
+            if not done:
+                continue
+            x = j + (i - (len(rows) - 1) / 2) * width
+            ax.bar(x, r.diverged / done, width, color=f"C{i}", alpha=0.45, label=row if j == 0 else None)
+            loss = r.median("final_train_loss")
+            if loss is not None:
+                loss_ax.plot(x, loss, "o", color=f"C{i}")
+            drawn += 1
+    if not drawn:
+        raise ValueError("no finished or diverged runs to plot")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
     return save()
 
 

@@ -20,14 +20,20 @@ else:  # the same parser, before it joined the standard library (a dependency on
     import tomli as tomllib
 
 SPEC_DIR = PROJECT_ROOT / "paper_tables"
-PRESETS = ("full", "quick", "smoke")
+PRESETS = ("full", "converge", "quick", "smoke")
 RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads",
-              "warmup_epochs")
+              "warmup_epochs", "warmup", "amp", "channels_last", "diagnose")
+TEXT_FIELDS = ("engine", "amp", "warmup")
+FLAG_FIELDS = ("channels_last",)
 # The keys each part of a spec may have: anything else is a typo that would be silently ignored.
 SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure")
 COLUMN_KEYS = ("id", "method", "options", "paper", "beta_from_row", "run")
 ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
-PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", *RUN_FIELDS)
+# ``runs``: the folder under the results root holding the preset's runs (default <table>-<preset>);
+# two presets whose cells coincide name the same folder and share those runs.
+# ``speed``: a `bench speedup --save` file (relative to the spec) whose seconds per iteration turn the
+# iterations each run needs to reach BP's final error into time-to-accuracy.
+PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", "runs", "speed", *RUN_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class TableSpec:
     rows: list[Row]
     presets: dict[str, dict[str, Any]]
     footnotes: list[str] = field(default_factory=list)
-    measure: str = "error"  # error: test error (%); time: seconds per epoch
+    measure: str = "error"  # error: test error (%); time: seconds per epoch; stability: divergences and loss
     path: Path | None = None  # the spec file, named in errors about its values
 
     def preset(self, name: str) -> dict[str, Any]:
@@ -160,8 +166,8 @@ def load_spec(name: str) -> TableSpec:
                     raise UserError(f"{path}: {where} {key} lists unknown {', '.join(map(repr, unknown))}; "
                                     f"known: {', '.join(map(repr, ids))}")
         measure = data.get("measure", "error")
-        if measure not in ("error", "time"):
-            raise ValueError(f"measure must be error or time, got {measure!r}")
+        if measure not in ("error", "time", "stability"):
+            raise ValueError(f"measure must be error, time or stability, got {measure!r}")
         return TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows,
                          dict(data.get("presets", {})), list(data.get("footnotes", [])), measure, path)
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -180,8 +186,12 @@ def _check_run_values(path: Path, where: str, values: dict[str, Any]) -> None:
     for key in (*RUN_FIELDS, "seeds"):
         if key not in values:
             continue
-        want = str if key == "engine" else int
         value = values[key]
+        if key in FLAG_FIELDS:
+            if not isinstance(value, bool):
+                raise UserError(f"{path}: {where} {key} must be true or false, got {value!r}")
+            continue
+        want = str if key in TEXT_FIELDS else int
         if not isinstance(value, want) or isinstance(value, bool):
             raise UserError(f"{path}: {where} {key} must be {'a string' if want is str else 'an integer'}, "
                             f"got {value!r}")

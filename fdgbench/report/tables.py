@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ..runs import RunDirectory
 from .specs import Cell, Column, Row, TableSpec
 
 STATISTICS = {"final": ("final_test_error", "final-epoch"), "best": ("best_test_error", "best-epoch")}
+STABILITY = {"stability": ("final_train_loss", "")}
 EPOCH_IMAGES = 50000  # a CIFAR epoch, for seconds per epoch from images/s
 
 
@@ -29,6 +30,7 @@ class CellResult:
     expected: int  # runs the preset asks for (seeds)
     finished: list[dict[str, Any]]  # summaries of finished runs
     diverged: int
+    histories: list[list[dict[str, Any]]] = field(default_factory=list)  # the finished runs' epoch records
 
     def median(self, key: str) -> float | None:
         values = [s[key] for s in self.finished if s.get(key) is not None]
@@ -60,9 +62,61 @@ def collect(spec: TableSpec, cells: list[Cell], root: Path) -> list[CellResult]:
         summary = run.read_json("summary.json")
         if summary["status"] == "finished":
             result.finished.append(summary)
+            result.histories.append(run.metrics())
         else:
             result.diverged += 1
     return list(grouped.values())
+
+
+@dataclass
+class TimeToAccuracy:
+    """Iterations a cell's runs need to reach their row's BP final test error
+    (median over the runs; None: not reached by most), times the measured
+    seconds per iteration of its method on the speed file's hardware."""
+    iterations: float | None
+    seconds_per_iteration: float | None
+    bp_seconds: float | None  # BP's time to its own final error, the ratio's denominator
+
+    @property
+    def seconds(self) -> float | None:
+        if self.iterations is None or self.seconds_per_iteration is None:
+            return None
+        return self.iterations * self.seconds_per_iteration
+
+    def text(self) -> str:
+        if self.iterations is None:
+            return "not reached"
+        if self.seconds is None:
+            return f"{self.iterations:.0f} it (no speed measured)"
+        ratio = f" ({self.seconds / self.bp_seconds:.2f}x BP)" if self.bp_seconds else ""
+        return f"{self.iterations:.0f} it x {1000 * self.seconds_per_iteration:.0f} ms = {self.seconds / 60:.0f} min{ratio}"
+
+
+def time_to_accuracy(results: list[CellResult], speeds: dict[str, float]) -> dict[tuple[str, str], TimeToAccuracy]:
+    """Per (row, column): time to the row's BP final error. ``speeds``: seconds
+    per iteration, "bp" (one process, all cores) and "<method> K=<k>"."""
+    out = {}
+    for r in results:
+        bp = next((x for x in results if x.row.id == r.row.id and x.column.method == "bp"), None)
+        target = bp.median("final_test_error") if bp is not None else None
+        if target is None:
+            continue
+
+        def reached(result: CellResult) -> float | None:
+            its = [next((h["iteration"] for h in history if h["test_error"] <= target), None)
+                   for history in result.histories]
+            hit = [i for i in its if i is not None]
+            return statistics.median(hit) if hit and len(hit) * 2 > len(its) else None
+
+        def speed(result: CellResult) -> float | None:
+            if result.column.method == "bp":
+                return speeds.get("bp")
+            return speeds.get(f"{result.column.method} K={result.row.splits}")
+
+        bp_its, bp_speed = reached(bp), speed(bp)
+        bp_seconds = bp_its * bp_speed if bp_its is not None and bp_speed is not None else None
+        out[(r.row.id, r.column.id)] = TimeToAccuracy(reached(r), speed(r), bp_seconds)
+    return out
 
 
 def _params(model: str, num_classes: int) -> str:
@@ -108,19 +162,38 @@ def _grid(spec: TableSpec, results: list[CellResult], key: str, num_classes: int
         params = f"{_params(row.model, num_classes)} ({row.paper_params or '-'})"
         if spec.measure == "time":
             cells = [_time_cell_text(by[(row_id, c)], by.get((row_id, "BP"))) for c in columns]
+        elif spec.measure == "stability":
+            cells = [_stability_cell_text(by[(row_id, c)], by.get((row_id, "BP"))) for c in columns]
         else:
             cells = [_cell_text(by[(row_id, c)], key) for c in columns]
         lines.append([row.id, str(row.splits), params] + cells)
     return header, lines
 
 
+def _stability_cell_text(r: CellResult, bp: CellResult | None) -> str:
+    """How many seeds diverged, and the survivors' last-epoch training loss
+    beside BP's (same iterations, same data)."""
+    text = f"{r.diverged}/{r.expected} diverged"
+    loss = r.median("final_train_loss")
+    if loss is None:
+        return text + ("" if r.diverged else ", none finished")
+    reference = bp.median("final_train_loss") if bp is not None and bp is not r else None
+    return text + f"; loss {loss:.3f}" + (f" ({loss - reference:+.3f} vs BP)" if reference is not None else "")
+
+
 def _statistics(spec: TableSpec) -> dict[str, tuple[str, str]]:
-    """The tables a spec renders: final- and best-epoch errors, or one time table."""
+    """The tables a spec renders: final- and best-epoch errors, one time table, or one stability map."""
+    if spec.measure == "stability":
+        return STABILITY
     return STATISTICS if spec.measure == "error" else {"time": ("images_per_s", "")}
 
 
 def _caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets: list[str]) -> str:
     data = "; ".join(datasets) if datasets else "no finished runs yet"
+    if stat == "stability":
+        return (f"{spec.title}, preset {preset} ({preset_text}). Each cell: seeds that diverged (non-finite loss) of "
+                f"those run; the median over the others of the last epoch's mean training loss, and its difference "
+                f"from BP's at the same iterations. Data: {data}.")
     if stat == "time":
         return (f"{spec.title}, preset {preset} ({preset_text}). Each cell: ours = seconds per epoch at the median "
                 f"over n runs of the measured training rate (speedup over BP) / the paper's. Data: {data}.")
@@ -129,13 +202,35 @@ def _caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets
             f"ours - paper. Data: {data}.")
 
 
+def _tta_grid(results: list[CellResult], tta: dict[tuple[str, str], TimeToAccuracy]) -> tuple[list[str], list[list[str]]]:
+    rows = list(dict.fromkeys(r.row.id for r in results))
+    columns = list(dict.fromkeys(r.column.id for r in results))
+    splits = {r.row.id: r.row.splits for r in results}
+    lines = [[row, str(splits[row])] + [tta[(row, c)].text() if (row, c) in tta else "-" for c in columns]
+             for row in rows]
+    return ["row", "K", *columns], lines
+
+
+def _tta_caption(speed: dict[str, Any]) -> str:
+    return (f"Time to BP's final test error: the iterations a run needs until an epoch's test error is at most "
+            f"the row's BP final error (median over seeds; a property of the run), times the seconds per "
+            f"iteration measured by `fdgbench bench speedup` on {speed['hardware']} ({speed['workers']}; "
+            f"amp {speed['amp']}{', channels-last' if speed['channels_last'] else ''}; measured {speed['measured']}); "
+            f"ratio to BP's. Iterations are counted at epoch ends, so each is rounded up to a whole epoch.")
+
+
 def render_markdown(spec: TableSpec, preset: str, preset_text: str, results: list[CellResult], num_classes: int,
-                    datasets: list[str]) -> str:
+                    datasets: list[str], speed: dict[str, Any] | None = None) -> str:
     out = [f"# {spec.title}: preset {preset}", ""]
     for stat, (key, _) in _statistics(spec).items():
         header, lines = _grid(spec, results, key, num_classes)
         out += [_caption(spec, preset, preset_text, stat, datasets), "",
                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        out.append("")
+    if speed is not None:
+        header, lines = _tta_grid(results, time_to_accuracy(results, speed["seconds_per_iteration"]))
+        out += [_tta_caption(speed), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
         out.append("")
     out += ["Notes:", ""] + [f"{i}. {note}" for i, note in enumerate(spec.footnotes, 1)]
@@ -150,20 +245,36 @@ def _tex(text: str) -> str:
 
 
 def render_latex(spec: TableSpec, preset: str, preset_text: str, results: list[CellResult], num_classes: int,
-                 datasets: list[str]) -> str:
+                 datasets: list[str], speed: dict[str, Any] | None = None) -> str:
     out = [f"% {spec.title}, preset {preset}: generated by `fdgbench table {spec.name}`; do not edit"]
-    for stat, (key, _) in _statistics(spec).items():
-        header, lines = _grid(spec, results, key, num_classes)
+    blocks = [(_caption(spec, preset, preset_text, stat, datasets), *_grid(spec, results, key, num_classes))
+              for stat, (key, _) in _statistics(spec).items()]
+    if speed is not None:
+        blocks.append((_tta_caption(speed), *_tta_grid(results, time_to_accuracy(results,
+                                                                                  speed["seconds_per_iteration"]))))
+    for caption, header, lines in blocks:
+        fixed = 3 if header[2:3] == ["params (paper)"] else 2
         out += [r"\begin{table}[t]", r"\centering", r"\small",
-                r"\caption{" + _tex(_caption(spec, preset, preset_text, stat, datasets)) + "}",
-                r"\begin{tabular}{" + "l" * 3 + "c" * (len(header) - 3) + "}", r"\toprule",
+                r"\caption{" + _tex(caption) + "}",
+                r"\begin{tabular}{" + "l" * fixed + "c" * (len(header) - fixed) + "}", r"\toprule",
                 " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
         out += [" & ".join(_tex(c) for c in line) + r" \\" for line in lines]
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out)
 
 
-def render_csv(spec: TableSpec, preset: str, results: list[CellResult]) -> str:
+def _tta_fields(tta: dict | None, r: CellResult, fmt) -> list[str]:
+    if tta is None:
+        return []
+    t = tta.get((r.row.id, r.column.id))
+    if t is None:
+        return ["", "", "", ""]
+    ratio = t.seconds / t.bp_seconds if t.seconds is not None and t.bp_seconds else None
+    return ["" if t.iterations is None else f"{t.iterations:.0f}", fmt(t.seconds_per_iteration), fmt(t.seconds),
+            fmt(ratio)]
+
+
+def render_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: dict[str, Any] | None = None) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     if spec.measure == "time":
@@ -176,9 +287,23 @@ def render_csv(spec: TableSpec, preset: str, results: list[CellResult]) -> str:
                              "" if r.seconds is None else f"{r.seconds:.2f}", "" if r.paper is None else r.paper,
                              r.column.run.get("engine", "")])
         return buf.getvalue()
+    if spec.measure == "stability":
+        writer.writerow(["table", "preset", "row", "column", "model", "splits", "method", "options", "warmup",
+                         "runs_expected", "runs_finished", "runs_diverged", "final_train_loss_median"])
+        for r in results:
+            loss = r.median("final_train_loss")
+            warmup = (f"{r.column.run.get('warmup', 'constant')} x{r.column.run['warmup_epochs']}"
+                      if r.column.run.get("warmup_epochs") else "none")
+            writer.writerow([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
+                             ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items())), warmup, r.expected,
+                             len(r.finished), r.diverged, "" if loss is None else f"{loss:.4f}"])
+        return buf.getvalue()
+    tta = time_to_accuracy(results, speed["seconds_per_iteration"]) if speed is not None else None
     writer.writerow(["table", "preset", "row", "column", "model", "splits", "method", "options", "runs_expected",
                      "runs_finished", "runs_diverged", "final_error_median", "best_error_median", "paper_column",
-                     "paper_error", "final_minus_paper", "best_minus_paper", "dataset"])
+                     "paper_error", "final_minus_paper", "best_minus_paper", "dataset"]
+                    + (["iterations_to_bp_final", "seconds_per_iteration", "seconds_to_bp_final", "ratio_to_bp"]
+                       if tta is not None else []))
     for r in results:
         final, best = r.median("final_test_error"), r.median("best_test_error")
         options = ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items()))
@@ -193,5 +318,5 @@ def render_csv(spec: TableSpec, preset: str, results: list[CellResult]) -> str:
                          r.paper_column or "", fmt(r.paper),
                          fmt(None if final is None or r.paper is None else final - r.paper),
                          fmt(None if best is None or r.paper is None else best - r.paper),
-                         "|".join(sorted({s["dataset"] for s in r.finished}))])
+                         "|".join(sorted({s["dataset"] for s in r.finished}))] + _tta_fields(tta, r, fmt))
     return buf.getvalue()
