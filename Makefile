@@ -37,17 +37,20 @@ bench-step: $(STAMP)
 bench-speedup: $(STAMP)
 	$(BIN)/fdgbench bench speedup --model resnet56 --splits 2 --methods bp,fdg,ddg,fr,dgl,dp
 
-## reproduce-table2 (and 3, 4): the table's sweep, its tables and its first row's curves; PRESET=full|quick|smoke (default full)
+## reproduce-table2 (and 3, 4): the table's sweep, its tables and its first row's curves; PRESET=full|converge|quick|smoke (default full)
+## The runs go to the committed records folder (RESULTS), so a sweep skips what earlier sittings or other
+## machines recorded there and fills in the rest (weights and checkpoints stay out of git: .gitignore).
 PRESET ?= full
+RESULTS ?= paper_tables/results/runs
 reproduce-table2 reproduce-table3 reproduce-table4: $(STAMP)
-	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET)
-	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET)
-	$(BIN)/fdgbench plot curves $(@:reproduce-%=%) --preset $(PRESET)
+	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
+	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
+	$(BIN)/fdgbench plot curves $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
 
 ## reproduce-table6: the time table (seconds per epoch, one worker per stage)
 reproduce-table6: $(STAMP)
-	$(BIN)/fdgbench sweep table6 --preset $(PRESET)
-	$(BIN)/fdgbench table table6 --preset $(PRESET)
+	$(BIN)/fdgbench sweep table6 --preset $(PRESET) --out $(RESULTS)
+	$(BIN)/fdgbench table table6 --preset $(PRESET) --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

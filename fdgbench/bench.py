@@ -652,43 +652,6 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                "(a pessimistic model)")
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
-    if not profiled:
-        click.echo(f"no predictions: the block profile is fp32 in the default layout, these runs amp {amp}"
-                   f"{', channels-last' if channels_last else ''}")
-    if save is not None:
-        _save_speeds(save, model, batch_size, device, amp, channels_last, threads_per_stage, all_threads, rows)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else the architecture."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str, channels_last: bool,
-                 threads_per_stage: int, all_threads: int, rows: list[tuple]) -> None:
-    """The measured seconds per iteration, for tables' time-to-accuracy:
-    BP on one process with all threads, each other method on K ranks."""
-    from .runs import write_atomically
-
-    speeds = {"bp": next(per_iter for name, k, workers, per_iter, *_ in rows
-                         if name == "bp" and workers == f"1 x {all_threads}")}
-    speeds.update({f"{name} K={k}": per_iter for name, k, _, per_iter, *_ in rows if k > 1})
-    record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
-              "hardware": f"{_cpu_name() if device == 'cpu' else torch.cuda.get_device_name(device)}, "
-                          f"{os.cpu_count()} cores",
-              "workers": f"bp: 1 process x {all_threads} threads; others: K ranks x {threads_per_stage} thread(s)",
-              "seconds_per_iteration": speeds, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-    click.echo(f"saved {path}")
 
 
 def estimate_sweep_seconds(configs: list[RunConfig]) -> float:

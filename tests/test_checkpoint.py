@@ -285,3 +285,35 @@ def test_a_sweep_resumes_its_interrupted_run(tmp_path):
     run = _only_run(out / "resume-smoke")
     assert run.is_done and len(run.metrics()) == EPOCHS
     assert json.loads((run.path / "summary.json").read_text())["epochs_completed"] == EPOCHS
+
+
+def test_a_sweep_into_committed_records_skips_them_and_restarts_a_cut_run_cleanly(tmp_path):
+    """What a fresh clone holds under a committed results root: done runs'
+    records without weights, and a run cut off mid-way whose checkpoint was
+    not committed. The sweep skips the first and starts the second over."""
+    spec = tmp_path / "records.toml"
+    spec.write_text(SPEC.replace("seeds = 1", "seeds = 2"))
+    out = tmp_path / "runs"
+    first = _cli("sweep", str(spec), "--preset", "smoke", "--out", str(out), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    done, cut = [RunDirectory(p) for p in sorted((out / "records-smoke").iterdir())]
+    before = done.read_json("summary.json")
+    clone = tmp_path / "clone"
+    for run, keep in ((done, ("config.json", "env.json", "metrics.jsonl", "summary.json", "done")),
+                      (cut, ("config.json", "env.json"))):  # as committed: no weights, lock or checkpoint
+        target = clone / "records-smoke" / run.path.name
+        target.mkdir(parents=True)
+        for name in keep:
+            shutil.copy(run.path / name, target / name)
+    lines = cut.metrics()[:2]  # the cut run had recorded two epochs
+    (clone / "records-smoke" / cut.path.name / "metrics.jsonl").write_text(
+        "".join(json.dumps(m) + "\n" for m in lines))
+    dry = _cli("sweep", str(spec), "--preset", "smoke", "--out", str(clone), "--dry-run")
+    assert "done (finished)" in dry.stdout and "incomplete, starts over (no checkpoint)" in dry.stdout
+    again = _cli("sweep", str(spec), "--preset", "smoke", "--out", str(clone), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "1 done before, 1 finished" in again.stdout
+    redone = RunDirectory(clone / "records-smoke" / cut.path.name)
+    assert redone.is_done and len(redone.metrics()) == EPOCHS
+    assert redone.metrics() == [{**m, **{k: r[k] for k in TIMING}} for m, r in zip(cut.metrics(), redone.metrics())]
+    assert RunDirectory(clone / "records-smoke" / done.path.name).read_json("summary.json") == before

@@ -227,6 +227,7 @@ paper = {}
 [presets.map]
 epochs = 4
 seeds = 3
+footnotes = ["A note of this preset only."]
 """)
     spec = load_spec(str(spec_file))
     root = tmp_path / "runs" / "stab-map"
@@ -244,6 +245,7 @@ seeds = 3
     md = (tmp_path / "tables" / "stab-map.md").read_text()
     assert "| Tiny K=2 | 2 |" in md
     assert "| 0/3 diverged; loss 1.100 | 1/3 diverged; loss 1.400 (+0.300 vs BP) |" in md
+    assert "Notes:\n\n1. A note of this preset only.\n" in md
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "stab-map.csv").read_text())))
     assert [(r["column"], r["warmup"], r["runs_diverged"], r["final_train_loss_median"]) for r in rows] == [
         ("BP", "none", "0", "1.1000"), ("legacy, linear", "linear x1", "1", "1.4000")]

@@ -33,7 +33,9 @@ ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
 # two presets whose cells coincide name the same folder and share those runs.
 # ``speed``: a `bench speedup --save` file (relative to the spec) whose seconds per iteration turn the
 # iterations each run needs to reach BP's final error into time-to-accuracy.
-PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", "runs", "speed", *RUN_FIELDS)
+# ``footnotes``: notes for this preset's tables only (e.g. why its runs warm up).
+PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", "runs", "speed", "footnotes",
+               *RUN_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,8 @@ def render_markdown(spec: TableSpec, preset: str, preset_text: str, results: lis
         out += [_tta_caption(speed), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
         out.append("")
-    out += ["Notes:", ""] + [f"{i}. {note}" for i, note in enumerate(spec.footnotes, 1)]
+    notes = [*spec.footnotes, *spec.preset(preset).get("footnotes", [])]  # the spec's, then this preset's
+    out += ["Notes:", ""] + [f"{i}. {note}" for i, note in enumerate(notes, 1)]
     out += ["", f"Source of the paper's numbers: {spec.source}.", ""]
     return "\n".join(out)
 
