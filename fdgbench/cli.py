@@ -737,7 +737,7 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     speed = _speed_file(spec, preset)
     outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, num_classes, datasets, speed),
                f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, num_classes, datasets, speed),
-               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results, speed)}
+               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results, speed, num_classes)}
     try:
         target.mkdir(parents=True, exist_ok=True)
         for name, content in outputs.items():
@@ -860,7 +860,9 @@ def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: st
 
     def draw() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return getattr(plots, f"plot_{kind}")(spec, collect(spec, cells, root), target, preset)
+        # The stability map's blow-up threshold is a multiple of chance-level loss, ln(classes).
+        extra = {"num_classes": _num_classes(cells[0].config.dataset)} if kind == "stability" else {}
+        return getattr(plots, f"plot_{kind}")(spec, collect(spec, cells, root), target, preset, **extra)
 
     _write_plot(draw, f"{table} ({preset}), runs under {root}")
 

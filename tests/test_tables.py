@@ -231,26 +231,35 @@ footnotes = ["A note of this preset only."]
 """)
     spec = load_spec(str(spec_file))
     root = tmp_path / "runs" / "stab-map"
-    losses = {("BP", 0): 1.0, ("BP", 1): 1.2, ("BP", 2): 1.1, ("legacy, linear", 0): 1.5,
-              ("legacy, linear", 1): None, ("legacy, linear", 2): 1.3}
-    for cell in spec.cells("map"):
-        loss = losses[(cell.column.id, cell.seed)]
+    # Per seed: the epochs' mean training losses (None: diverged). Seed 3 of the FDG column blew up
+    # (an epoch above 10 x ln(10) = 23.0) and finished at a loss that would otherwise count.
+    losses = {("BP", 0): [2.5, 1.0], ("BP", 1): [2.6, 1.2], ("BP", 2): [3.0, 1.1],
+              ("legacy, linear", 0): [2.4, 1.5], ("legacy, linear", 1): None, ("legacy, linear", 2): [23.5, 1.3],
+              ("legacy, linear", 3): [2.9, 1.3]}
+    for cell in spec.cells("map", seeds=4):
+        curve = losses.get((cell.column.id, cell.seed))
+        if cell.column.id == "BP" and cell.seed == 3:
+            continue
         run = RunDirectory.for_config(root, cell.config.to_dict())
         run.start(cell.config.to_dict(), {})
-        run.finish({"status": "diverged" if loss is None else "finished", "final_train_loss": loss,
-                    "dataset": "synthetic"})
-    status, out, err = cli("table", str(spec_file), "--preset", "map", "--out", tmp_path / "runs", "--tables-dir",
-                           tmp_path / "tables")
+        for epoch, loss in enumerate(curve or [], 1):
+            run.append_metrics({"epoch": epoch, "train_loss": loss})
+        run.finish({"status": "diverged" if curve is None else "finished",
+                    "final_train_loss": None if curve is None else curve[-1], "dataset": "synthetic"})
+    status, out, err = cli("table", str(spec_file), "--preset", "map", "--seeds", "4", "--out", tmp_path / "runs",
+                           "--tables-dir", tmp_path / "tables")
     assert status == 0, err
     md = (tmp_path / "tables" / "stab-map.md").read_text()
     assert "| Tiny K=2 | 2 |" in md
-    assert "| 0/3 diverged; loss 1.100 | 1/3 diverged; loss 1.400 (+0.300 vs BP) |" in md
+    # BP: seed 3 missing, median of 1.0, 1.2, 1.1; FDG: seeds 0 and 3 survive (1.5, 1.3).
+    assert ("| 0/4 diverged, 0 blew up; loss 1.100 | 1/4 diverged, 1 blew up; loss 1.400 (+0.300 vs BP) |"
+            in md)
     assert "Notes:\n\n1. A note of this preset only.\n" in md
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "stab-map.csv").read_text())))
-    assert [(r["column"], r["warmup"], r["runs_diverged"], r["final_train_loss_median"]) for r in rows] == [
-        ("BP", "none", "0", "1.1000"), ("legacy, linear", "linear x1", "1", "1.4000")]
-    status, out, err = cli("plot", "stability", str(spec_file), "--preset", "map", "--out", tmp_path / "runs",
-                           "--plot-out", tmp_path / "stab")
+    assert [(r["column"], r["warmup"], r["runs_diverged"], r["runs_blew_up"], r["survivors_final_train_loss_median"])
+            for r in rows] == [("BP", "none", "0", "0", "1.1000"), ("legacy, linear", "linear x1", "1", "1", "1.4000")]
+    status, out, err = cli("plot", "stability", str(spec_file), "--preset", "map", "--seeds", "4", "--out",
+                           tmp_path / "runs", "--plot-out", tmp_path / "stab")
     assert status == 0, err
     assert (tmp_path / "stab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..runs import RunDirectory
 from .specs import Cell, TableSpec
+from .tables import Stability
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,
@@ -228,11 +229,11 @@ def plot_bars(spec: TableSpec, results: list, out: Path, preset: str) -> list[Pa
     return save()
 
 
-def plot_stability(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
+def plot_stability(spec: TableSpec, results: list, out: Path, preset: str, num_classes: int = 10) -> list[Path]:
     """The stability map: per row and column, the share of seeds that
     diverged (bar) and the survivors' last-epoch training loss (dot, right
     axis), so a column that never diverges but trains worse shows as such."""
-    ax, save = _figure(out, f"{spec.title}, preset {preset}\nbars: seeds diverged (share); dots: survivors' "
+    ax, save = _figure(out, f"{spec.title}, preset {preset}\nbars: seeds diverged or blew up (share); dots: the others' "
                        "median last-epoch training loss (right axis)", "share of seeds diverged")
     loss_ax = ax.twinx()
     loss_ax.set_ylabel("training loss, last epoch")
@@ -247,8 +248,10 @@ def plot_stability(spec: TableSpec, results: list, out: Path, preset: str) -> li
             if not done:
                 continue
             x = j + (i - (len(rows) - 1) / 2) * width
-            ax.bar(x, r.diverged / done, width, color=f"C{i}", alpha=0.45, label=row if j == 0 else None)
-            loss = r.median("final_train_loss")
+            cell = Stability.of(r, num_classes)
+            ax.bar(x, (cell.diverged + cell.blew_up) / done, width, color=f"C{i}", alpha=0.45,
+                   label=row if j == 0 else None)
+            loss = cell.survivors_loss
             if loss is not None:
                 loss_ax.plot(x, loss, "o", color=f"C{i}")
             drawn += 1

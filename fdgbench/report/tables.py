@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,22 +164,47 @@ def _grid(spec: TableSpec, results: list[CellResult], key: str, num_classes: int
         if spec.measure == "time":
             cells = [_time_cell_text(by[(row_id, c)], by.get((row_id, "BP"))) for c in columns]
         elif spec.measure == "stability":
-            cells = [_stability_cell_text(by[(row_id, c)], by.get((row_id, "BP"))) for c in columns]
+            cells = [_stability_cell_text(by[(row_id, c)], by.get((row_id, "BP")), num_classes) for c in columns]
         else:
             cells = [_cell_text(by[(row_id, c)], key) for c in columns]
         lines.append([row.id, str(row.splits), params] + cells)
     return header, lines
 
 
-def _stability_cell_text(r: CellResult, bp: CellResult | None) -> str:
-    """How many seeds diverged, and the survivors' last-epoch training loss
-    beside BP's (same iterations, same data)."""
-    text = f"{r.diverged}/{r.expected} diverged"
-    loss = r.median("final_train_loss")
-    if loss is None:
-        return text + ("" if r.diverged else ", none finished")
-    reference = bp.median("final_train_loss") if bp is not None and bp is not r else None
-    return text + f"; loss {loss:.3f}" + (f" ({loss - reference:+.3f} vs BP)" if reference is not None else "")
+BLOW_UP = 10.0  # x chance-level loss ln(C): logits that large mean the run blew up without reaching NaN
+
+
+@dataclass
+class Stability:
+    """A stability-map cell: seeds that diverged (non-finite loss, the run
+    stopped), seeds that blew up (finished, but some epoch's mean training
+    loss above BLOW_UP x ln(C), the loss of uniform guessing: exploded
+    logits, as a run that never recovers shows), and the others' median
+    last-epoch training loss."""
+    diverged: int
+    blew_up: int
+    expected: int
+    survivors_loss: float | None
+
+    @classmethod
+    def of(cls, r: CellResult, num_classes: int) -> "Stability":
+        limit = BLOW_UP * math.log(num_classes)
+        blown = [max(h["train_loss"] for h in history) > limit if history else False for history in r.histories]
+        losses = [s["final_train_loss"] for s, b in zip(r.finished, blown) if not b
+                  and s.get("final_train_loss") is not None]
+        return cls(r.diverged, sum(blown), r.expected, statistics.median(losses) if losses else None)
+
+
+def _stability_cell_text(r: CellResult, bp: CellResult | None, num_classes: int) -> str:
+    """Seeds that diverged or blew up, and the others' last-epoch training
+    loss beside BP's (same iterations, same data)."""
+    cell = Stability.of(r, num_classes)
+    text = f"{cell.diverged}/{cell.expected} diverged, {cell.blew_up} blew up"
+    if cell.survivors_loss is None:
+        return text + ("" if cell.diverged or cell.blew_up else ", none finished")
+    reference = Stability.of(bp, num_classes).survivors_loss if bp is not None and bp is not r else None
+    return text + f"; loss {cell.survivors_loss:.3f}" + (
+        f" ({cell.survivors_loss - reference:+.3f} vs BP)" if reference is not None else "")
 
 
 def _statistics(spec: TableSpec) -> dict[str, tuple[str, str]]:
@@ -191,9 +217,10 @@ def _statistics(spec: TableSpec) -> dict[str, tuple[str, str]]:
 def _caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets: list[str]) -> str:
     data = "; ".join(datasets) if datasets else "no finished runs yet"
     if stat == "stability":
-        return (f"{spec.title}, preset {preset} ({preset_text}). Each cell: seeds that diverged (non-finite loss) of "
-                f"those run; the median over the others of the last epoch's mean training loss, and its difference "
-                f"from BP's at the same iterations. Data: {data}.")
+        return (f"{spec.title}, preset {preset} ({preset_text}). Each cell: seeds that diverged (non-finite loss) "
+                f"of those run, and that blew up (an epoch's mean training loss above {BLOW_UP:g} x ln(classes), "
+                f"exploded logits); the median over the others of the last epoch's mean training loss, and its "
+                f"difference from BP's at the same iterations. Data: {data}.")
     if stat == "time":
         return (f"{spec.title}, preset {preset} ({preset_text}). Each cell: ours = seconds per epoch at the median "
                 f"over n runs of the measured training rate (speedup over BP) / the paper's. Data: {data}.")
@@ -275,7 +302,8 @@ def _tta_fields(tta: dict | None, r: CellResult, fmt) -> list[str]:
             fmt(ratio)]
 
 
-def render_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: dict[str, Any] | None = None) -> str:
+def render_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: dict[str, Any] | None = None,
+               num_classes: int = 10) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     if spec.measure == "time":
@@ -290,14 +318,16 @@ def render_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: d
         return buf.getvalue()
     if spec.measure == "stability":
         writer.writerow(["table", "preset", "row", "column", "model", "splits", "method", "options", "warmup",
-                         "runs_expected", "runs_finished", "runs_diverged", "final_train_loss_median"])
+                         "runs_expected", "runs_finished", "runs_diverged", "runs_blew_up",
+                         "survivors_final_train_loss_median"])
         for r in results:
-            loss = r.median("final_train_loss")
+            cell = Stability.of(r, num_classes)
+            loss = cell.survivors_loss
             warmup = (f"{r.column.run.get('warmup', 'constant')} x{r.column.run['warmup_epochs']}"
                       if r.column.run.get("warmup_epochs") else "none")
             writer.writerow([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
                              ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items())), warmup, r.expected,
-                             len(r.finished), r.diverged, "" if loss is None else f"{loss:.4f}"])
+                             len(r.finished), r.diverged, cell.blew_up, "" if loss is None else f"{loss:.4f}"])
         return buf.getvalue()
     tta = time_to_accuracy(results, speed["seconds_per_iteration"]) if speed is not None else None
     writer.writerow(["table", "preset", "row", "column", "model", "splits", "method", "options", "runs_expected",
