@@ -141,7 +141,7 @@ def bench_precision(model: str, methods: list[str], splits: int, batch_size: int
             trainers.append(Trainer(cfg, dataset=data))
             labels.append((name, precision))
     medians = _interleaved_medians(trainers, [2 * splits + 2] * len(trainers), iterations, rounds)
-    steps = math.ceil(50_000 / batch_size)
+    steps = 50_000 // batch_size  # the batch stream drops an epoch's last partial batch
     click.echo(f"{model}, K={splits}, batch {batch_size}, sequential engine, {torch.get_num_threads()} thread(s): "
                f"ms/iteration, median of {rounds} interleaved rounds of {iterations}; speedup over the method's "
                f"fp32; s/epoch = ms/iteration x {steps} (CIFAR-10's 50,000 images)")
@@ -319,6 +319,7 @@ def _timed_solo_steps(rank: int, model: str, batch_size: int, threads: int, iter
     t0 = time.perf_counter()
     for t in range(2, 2 + iterations):
         trainer.engine.run_iteration(t)
+    dist.barrier()  # until the last rank is done: one that finished early stops competing for the CPU
     return (time.perf_counter() - t0) / iterations
 
 
@@ -554,8 +555,8 @@ def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str,
                          if name == "bp" and workers == f"1 x {all_threads}")}
     speeds.update({f"{name} K={k}": per_iter for name, k, _, per_iter, *_ in rows if k > 1})
     record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
-              "hardware": f"{_cpu_name() if device == 'cpu' else torch.cuda.get_device_name(device)}, "
-                          f"{os.cpu_count()} cores",
+              "hardware": f"{_cpu_name()}, {os.cpu_count()} cores" if device == "cpu"
+                          else torch.cuda.get_device_name(device),
               "workers": f"bp: 1 process x {all_threads} threads; others: K ranks x {threads_per_stage} thread(s)",
               "seconds_per_iteration": speeds, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     path.parent.mkdir(parents=True, exist_ok=True)

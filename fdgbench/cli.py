@@ -587,7 +587,7 @@ def _sweep_options(f: Callable) -> Callable:
                      help="full = the paper's protocol; quick / smoke cut models, epochs and data (see the spec)"),
         click.option("--seeds", type=int, help="seeds per cell (default: the preset's)"),
         click.option("--out", default=DEFAULT_RESULTS, show_default=True,
-                     help="results root; the sweep's runs go to OUT/<table>-<preset>"),
+                     help="results root; the sweep's runs go to OUT/<table>-<preset> (or OUT/<the preset's runs>)"),
     ]):
         f = option(f)
     return f
@@ -762,9 +762,15 @@ def _speed_file(spec, preset: str) -> dict[str, Any] | None:
                    err=True)
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); measure it again with `fdgbench bench speedup --save`")
+        speed = json.loads(path.read_text())
+        missing = [k for k in ("seconds_per_iteration", "hardware", "workers", "amp", "channels_last", "measured")
+                   if k not in speed]
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path} is not a speed record ({exc}); measure it again with `fdgbench bench speedup "
+                        f"--save`") from None
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; measure it again with `fdgbench bench speedup --save`")
+    return speed
 
 
 def _num_classes(dataset: str) -> int:

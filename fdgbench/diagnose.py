@@ -1,19 +1,27 @@
 """Gradient-quality diagnostics (``--diagnose N``): how far the gradient a
 method applies to each stage is from the true one.
 
-Every N iterations, just before each stage's update, the probe compares the
-gradient about to be applied to the stage's own parameters (delayed,
-beta-scaled, local or synthetic: whatever the method accumulated in
-``.grad``) with the true gradient of the same batches' loss at the current
-weights of every stage: one extra synchronous forward and backward through
-the composed stages, in train mode and the run's precision, that changes no
-weight, no ``.grad``, no optimizer state and no BN running statistic (the
-buffers are put back through ``.data``, so no stored graph sees a version
-change). Recorded per stage: the cosine between the two, the norm ratio
-|applied| / |true|, and the age: how many updates this stage made between
-the forward of the applied batch and this update (under ``replay`` the
-backward recomputes that forward with the current weights, but the gradient
-it receives is as old; the age says how old the information is).
+Every N iterations (the first update of each stage at or after each
+multiple of N), just before the update, the probe compares the gradient
+about to be applied to the stage's own parameters (delayed, beta-scaled,
+local or synthetic: whatever the method accumulated in ``.grad``) with the
+true gradient of the same batches' loss at the current weights of every
+stage: one extra synchronous forward and backward through the composed
+stages, in train mode and the run's precision, that changes no weight, no
+``.grad``, no optimizer state and no BN running statistic (the buffers are
+put back through ``.data``, so the restore bumps no version counter a stored
+graph checks). Recorded per stage: the cosine between the two, the norm
+ratio |applied| / |true|, and the age: how many updates this stage made
+between the forward of the applied batch and this update. Under ``replay``
+the backward recomputes that forward with the current weights, but the
+gradient it receives is as old; the age says how old the information is.
+Under FDG stage k's age is 2(K-1-k) - 1: its forward follows the update of
+its own iteration.
+
+For ``dp`` (K replicas of one stage) the applied gradient is the mean over
+shards, each normalised by its own BN statistics, while the true one here
+runs the whole batch: a cosine below 1 there measures the shards' BN, not
+staleness. A diagnosed run's timings include the extra passes.
 
 The sequential engine calls ``before(t, k, action)`` ahead of every action.
 """
@@ -34,7 +42,17 @@ class GradientProbe:
         self.updates = [0] * len(self.workers)  # updates each stage has made
         self._forward_at: list[dict[int, int]] = [{} for _ in self.workers]  # batch -> updates at its forward
         self._pending: list[dict[int, None]] = [{} for _ in self.workers]  # batches back-propagated, in order
+        # The first update of each stage at or after every multiple of N is measured (a stage
+        # that updates every M-th iteration, ADL's, would otherwise never meet t % N == 0).
+        self._due = [0] * len(self.workers)
+        self._skip = [False] * len(self.workers)
         self.records: list[dict[str, Any]] = []
+
+    def restored(self) -> None:
+        """After a checkpoint restore: each stage's next update may apply
+        gradients of batches forwarded before it (or, ADL, accumulated
+        before it), which this probe did not see; it is not measured."""
+        self._skip = [True] * len(self.workers)
 
     def before(self, t: int, k: int, action: Action) -> None:
         b, op = action.batch, action.op
@@ -43,10 +61,15 @@ class GradientProbe:
         elif op in (Op.BACKWARD, Op.LOCAL):
             self._pending[k][b] = None
         elif op is Op.UPDATE:
-            batches = list(self._pending[k])
+            # Only batches forwarded since their last update feed this one: a BACKWARD that
+            # comes after the update of its batch (DNI's fit of its gradient model) adds
+            # nothing to the stage's .grad.
+            batches = [b for b in self._pending[k] if b in self._forward_at[k]]
             self._pending[k].clear()
-            if batches and t % self.every == 0:
+            if batches and t >= self._due[k] and not self._skip[k]:
                 self.records.append(self.measure(t, k, batches))
+                self._due[k] = (t // self.every + 1) * self.every
+            self._skip[k] = False
             self.updates[k] += 1
             for b in batches:
                 self._forward_at[k].pop(b, None)

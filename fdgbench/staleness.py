@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .errors import UserError
+
 STALENESS_MODES = ("legacy", "stash", "replay")
 AutocastFactory = Callable[[], ContextManager]
 
@@ -156,13 +158,27 @@ class KeptGraphUnderAutocast(KeptGraph):
     the current weights everywhere, in the autocast precision."""
 
     CAST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # what autocast casts in the suite's models
+    # Modules whose parameters autocast leaves in float32 (their weights are read live, as legacy means).
+    FLOAT32_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
     def __init__(self, module: nn.Module, autocast: AutocastFactory, dtype: torch.dtype):
         super().__init__(module, autocast)
         self.dtype = dtype
-        cast = [(f"{prefix}.{name}" if prefix else name, p)
-                for prefix, m in module.named_modules() if isinstance(m, self.CAST_MODULES)
-                for name, p in m.named_parameters(recurse=False) if p.requires_grad]
+        for name, m in module.named_modules():
+            own = any(p.requires_grad for p in m.parameters(recurse=False))
+            if own and not isinstance(m, self.CAST_MODULES + self.FLOAT32_MODULES):
+                # Autocast would cast its weights itself, and legacy would silently mix forward-time
+                # and current weights: refuse rather than relabel.
+                raise UserError(f"--staleness legacy under autocast handles conv, linear and normalisation layers; "
+                                f"{name or 'the stage'} is a {type(m).__name__}: use --staleness stash or "
+                                f"replay, or --amp off")
+        cast, seen = [], set()
+        for prefix, m in module.named_modules():
+            if isinstance(m, self.CAST_MODULES):
+                for name, p in m.named_parameters(recurse=False):
+                    if p.requires_grad and id(p) not in seen:  # a weight shared by two layers: one cast
+                        seen.add(id(p))
+                        cast.append((f"{prefix}.{name}" if prefix else name, p))
         self._cast_names = [n for n, _ in cast]
         self._cast_params = [p for _, p in cast]
         self._casts: dict[int, list[torch.Tensor]] = {}

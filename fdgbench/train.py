@@ -473,6 +473,8 @@ class Trainer:
                 raise
             raise checkpoint.damaged_part(run.path, epochs_done, self.process, exc) from None
         self.steps_done = next_t
+        if self.probe is not None:
+            self.probe.restored()
         history = None
         if self.engine.is_primary:
             history = run.resume(epochs_done, environment(self.devices, self.cfg.seed))

@@ -104,6 +104,11 @@ def _spec(tmp_path, old, new):
      "column 'DDG' options: --stalenes is an option of no method"),
     ('rows = ["ResNet-20"]', 'rows = ["ResNet-2O"]', "rows lists unknown 'ResNet-2O'"),
     ("[presets.smoke]\n", "[presets.smoke]\nwarmup_epochs = \"3\"\n", "warmup_epochs must be an integer, got '3'"),
+    ("[presets.smoke]\n", "[presets.smoke]\nruns = \"../elsewhere\"\n", "runs must be one folder name (no '/')"),
+    ("[presets.smoke]\n", "[presets.smoke]\nruns = 5\n", "runs must be one folder name (no '/'), got 5"),
+    ("[presets.smoke]\n", "[presets.smoke]\nspeed = \"/abs/s.json\"\n", "speed must be a path relative to the spec"),
+    ("[presets.smoke]\n", "[presets.smoke]\nfootnotes = \"one\"\n", "footnotes must be a list of strings"),
+    ("[presets.smoke]\n", "[presets.smoke]\nchannels_last = 1\n", "channels_last must be true or false, got 1"),
 ])
 def test_spec_typos_name_the_file_the_table_and_the_key(cli, tmp_path, old, new, message):
     path = _spec(tmp_path, old, new)

@@ -123,10 +123,29 @@ def test_diagnostics_reach_the_epoch_records(tmp_path):
     trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
     metrics = RunDirectory(tmp_path / "run").metrics()
     steps = trainer.steps_per_epoch
+    first_update = {0: 2, 1: 1}  # FDG, K = 2: stage 1 updates from iteration 1, stage 0 from 2
     for epoch, record in enumerate(metrics):
-        its = {r["iteration"] for r in record["diagnostics"]}
-        assert its == {t for t in range(epoch * steps, (epoch + 1) * steps) if t % 4 == 0 and t >= 1}
-        assert {r["stage"] for r in record["diagnostics"]} == {0, 1}
+        for k, first in first_update.items():
+            its = [r["iteration"] for r in record["diagnostics"] if r["stage"] == k]
+            # Each stage's first update at or after every multiple of 4.
+            expected = sorted({max(m, first) for m in range(0, 2 * steps, 4)})
+            assert its == [t for t in expected if epoch * steps <= t < (epoch + 1) * steps], (epoch, k)
+
+
+@pytest.mark.parametrize("method,options", [("dni", {}), ("cdni", {}), ("adl", {"accumulate": 2})])
+def test_each_record_holds_the_batches_that_fed_the_update(method, options):
+    """DNI fits its gradient model with a BACKWARD after the update that
+    applied the synthetic gradient (nothing reaches the stage's .grad then);
+    ADL updates every M-th iteration, so a phase that never meets t % N == 0
+    must still be measured."""
+    trainer = _trainer(method, 3, method_options=options, diagnose=2)
+    _run(trainer, 16)
+    records = trainer.probe.take()
+    per_stage = {k: [r for r in records if r["stage"] == k] for k in range(3)}
+    assert all(per_stage[k] for k in range(3)), {k: len(v) for k, v in per_stage.items()}
+    m = options.get("accumulate", 1)
+    for r in records:
+        assert len(r["batches"]) == m, r  # one synthetic gradient (DNI) or M accumulated batches (ADL)
 
 
 def test_diagnostics_sweep_plot_and_summary(cli, tmp_path):

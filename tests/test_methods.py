@@ -275,6 +275,17 @@ def test_legacy_under_bf16_autocast_reads_the_current_weights():
     assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
 
 
+def test_legacy_under_autocast_refuses_layers_whose_casts_it_cannot_refill():
+    from fdgbench.errors import UserError
+    from fdgbench.staleness import make_store
+
+    module = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 3, 3))
+    with pytest.raises(UserError, match="2 is a ConvTranspose2d: use --staleness stash or replay"):
+        make_store("legacy", module, delayed=True, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                   amp_dtype=torch.bfloat16)
+    make_store("stash", module, delayed=True, amp_dtype=torch.bfloat16)  # stash copies every weight: fine
+
+
 def test_staleness_modes_differ_under_bf16_autocast():
     """Under bf16 + channels-last, FDG's three modes train (finite weights)
     and stay three different computations."""

@@ -306,7 +306,7 @@ speed = "speed.json"
     assert status == 0, err
     md = (tmp_path / "tables" / "tta-p.md").read_text()
     # BP reaches its own final 20.0 at iteration 300 (30 s); FDG at 300 too, at 0.06 s/iteration (18 s).
-    assert "| Tiny K=2 | 2 | 300 it x 100 ms = 0 min (1.00x BP) | 300 it x 60 ms = 0 min (0.60x BP) | not reached |" in md
+    assert "| Tiny K=2 | 2 | 300 it x 100 ms = 0.5 min (1.00x BP) | 300 it x 60 ms = 0.3 min (0.60x BP) | not reached |" in md
     assert "a test CPU" in md
     rows = {r["column"]: r for r in csv.DictReader(io.StringIO((tmp_path / "tables" / "tta-p.csv").read_text()))}
     assert (rows["FDG"]["iterations_to_bp_final"], rows["FDG"]["seconds_to_bp_final"], rows["FDG"]["ratio_to_bp"]) \

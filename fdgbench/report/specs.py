@@ -20,7 +20,6 @@ else:  # the same parser, before it joined the standard library (a dependency on
     import tomli as tomllib
 
 SPEC_DIR = PROJECT_ROOT / "paper_tables"
-PRESETS = ("full", "converge", "quick", "smoke")
 RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads",
               "warmup_epochs", "warmup", "amp", "channels_last", "diagnose")
 TEXT_FIELDS = ("engine", "amp", "warmup")
@@ -34,8 +33,8 @@ ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
 # ``speed``: a `bench speedup --save` file (relative to the spec) whose seconds per iteration turn the
 # iterations each run needs to reach BP's final error into time-to-accuracy.
 # ``footnotes``: notes for this preset's tables only (e.g. why its runs warm up).
-PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", "runs", "speed", "footnotes",
-               *RUN_FIELDS)
+PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", *RUN_FIELDS, "runs", "speed",
+               "footnotes")
 
 
 @dataclass(frozen=True)
@@ -162,6 +161,7 @@ def load_spec(name: str) -> TableSpec:
             where = f"[presets.{preset}]"
             _check_keys(path, where, values, PRESET_KEYS)
             _check_run_values(path, where, values)
+            _check_preset_paths(path, where, values)
             for key, ids in (("rows", [r.id for r in rows]), ("columns", [c.id for c in columns])):
                 unknown = [i for i in values.get(key, []) if i not in ids]
                 if unknown:
@@ -181,6 +181,20 @@ def _check_keys(path: Path, where: str, table: dict[str, Any], known: tuple[str,
     unknown = [k for k in table if k not in known]
     if unknown:
         raise UserError(f"{path}: {where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def _check_preset_paths(path: Path, where: str, values: dict[str, Any]) -> None:
+    """``runs``: one folder name under the results root (a path would leave
+    it); ``speed``: a relative path beside the spec; ``footnotes``: strings."""
+    runs = values.get("runs")
+    if runs is not None and (not isinstance(runs, str) or not runs or Path(runs).name != runs or runs in (".", "..")):
+        raise UserError(f"{path}: {where} runs must be one folder name (no '/'), got {runs!r}")
+    speed = values.get("speed")
+    if speed is not None and (not isinstance(speed, str) or Path(speed).is_absolute()):
+        raise UserError(f"{path}: {where} speed must be a path relative to the spec, got {speed!r}")
+    notes = values.get("footnotes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise UserError(f"{path}: {where} footnotes must be a list of strings, got {notes!r}")
 
 
 def _check_run_values(path: Path, where: str, values: dict[str, Any]) -> None:

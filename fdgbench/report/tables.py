@@ -88,14 +88,19 @@ class TimeToAccuracy:
         if self.iterations is None:
             return "not reached"
         if self.seconds is None:
-            return f"{self.iterations:.0f} it (no speed measured)"
+            return f"{self.iterations:.0f} it (no speed measured for it)"
         ratio = f" ({self.seconds / self.bp_seconds:.2f}x BP)" if self.bp_seconds else ""
-        return f"{self.iterations:.0f} it x {1000 * self.seconds_per_iteration:.0f} ms = {self.seconds / 60:.0f} min{ratio}"
+        return (f"{self.iterations:.0f} it x {1000 * self.seconds_per_iteration:.0f} ms = "
+                f"{self.seconds / 60:.1f} min{ratio}")
 
 
-def time_to_accuracy(results: list[CellResult], speeds: dict[str, float]) -> dict[tuple[str, str], TimeToAccuracy]:
-    """Per (row, column): time to the row's BP final error. ``speeds``: seconds
-    per iteration, "bp" (one process, all cores) and "<method> K=<k>"."""
+def time_to_accuracy(results: list[CellResult], speed: dict[str, Any]) -> dict[tuple[str, str], TimeToAccuracy]:
+    """Per (row, column): time to the row's BP final error (the median over
+    BP's finished seeds). A cell reaches it when at least half of its runs
+    (diverged ones counted) do, at the median iteration of those that do.
+    ``speed``: a `bench speedup --save` record; its seconds per iteration
+    ("bp": one process, all cores; "<method> K=<k>": K ranks, the method's
+    default options) count only for its model and batch size."""
     out = {}
     for r in results:
         bp = next((x for x in results if x.row.id == r.row.id and x.column.method == "bp"), None)
@@ -104,19 +109,20 @@ def time_to_accuracy(results: list[CellResult], speeds: dict[str, float]) -> dic
             continue
 
         def reached(result: CellResult) -> float | None:
-            its = [next((h["iteration"] for h in history if h["test_error"] <= target), None)
+            its = [next((h["iteration"] for h in history if h is not None and h["test_error"] <= target), None)
                    for history in result.histories]
             hit = [i for i in its if i is not None]
-            return statistics.median(hit) if hit and len(hit) * 2 > len(its) else None
+            return statistics.median(hit) if hit and len(hit) * 2 >= len(its) + result.diverged else None
 
-        def speed(result: CellResult) -> float | None:
-            if result.column.method == "bp":
-                return speeds.get("bp")
-            return speeds.get(f"{result.column.method} K={result.row.splits}")
+        def seconds_per_iteration(result: CellResult) -> float | None:
+            if speed.get("model") not in (None, result.row.model):
+                return None  # measured for another model
+            key = "bp" if result.column.method == "bp" else f"{result.column.method} K={result.row.splits}"
+            return speed["seconds_per_iteration"].get(key)
 
-        bp_its, bp_speed = reached(bp), speed(bp)
+        bp_its, bp_speed = reached(bp), seconds_per_iteration(bp)
         bp_seconds = bp_its * bp_speed if bp_its is not None and bp_speed is not None else None
-        out[(r.row.id, r.column.id)] = TimeToAccuracy(reached(r), speed(r), bp_seconds)
+        out[(r.row.id, r.column.id)] = TimeToAccuracy(reached(r), seconds_per_iteration(r), bp_seconds)
     return out
 
 
@@ -240,8 +246,10 @@ def _tta_grid(results: list[CellResult], tta: dict[tuple[str, str], TimeToAccura
 
 def _tta_caption(speed: dict[str, Any]) -> str:
     return (f"Time to BP's final test error: the iterations a run needs until an epoch's test error is at most "
-            f"the row's BP final error (median over seeds; a property of the run), times the seconds per "
-            f"iteration measured by `fdgbench bench speedup` on {speed['hardware']} ({speed['workers']}; "
+            f"the row's BP final error (the median over the seeds that get there; a cell gets there when at least "
+            f"half of its seeds do, diverged ones counted; a property of the runs), times the seconds per "
+            f"iteration measured by `fdgbench bench speedup` for {speed.get('model', 'the rows')} (batch "
+            f"{speed.get('batch_size', '?')}) on {speed['hardware']} ({speed['workers']}; "
             f"amp {speed['amp']}{', channels-last' if speed['channels_last'] else ''}; measured {speed['measured']}); "
             f"ratio to BP's. Iterations are counted at epoch ends, so each is rounded up to a whole epoch.")
 
@@ -256,7 +264,7 @@ def render_markdown(spec: TableSpec, preset: str, preset_text: str, results: lis
         out += ["| " + " | ".join(line) + " |" for line in lines]
         out.append("")
     if speed is not None:
-        header, lines = _tta_grid(results, time_to_accuracy(results, speed["seconds_per_iteration"]))
+        header, lines = _tta_grid(results, time_to_accuracy(results, speed))
         out += [_tta_caption(speed), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
         out.append("")
@@ -278,8 +286,7 @@ def render_latex(spec: TableSpec, preset: str, preset_text: str, results: list[C
     blocks = [(_caption(spec, preset, preset_text, stat, datasets), *_grid(spec, results, key, num_classes))
               for stat, (key, _) in _statistics(spec).items()]
     if speed is not None:
-        blocks.append((_tta_caption(speed), *_tta_grid(results, time_to_accuracy(results,
-                                                                                  speed["seconds_per_iteration"]))))
+        blocks.append((_tta_caption(speed), *_tta_grid(results, time_to_accuracy(results, speed))))
     for caption, header, lines in blocks:
         fixed = 3 if header[2:3] == ["params (paper)"] else 2
         out += [r"\begin{table}[t]", r"\centering", r"\small",
@@ -323,13 +330,13 @@ def render_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: d
         for r in results:
             cell = Stability.of(r, num_classes)
             loss = cell.survivors_loss
-            warmup = (f"{r.column.run.get('warmup', 'constant')} x{r.column.run['warmup_epochs']}"
-                      if r.column.run.get("warmup_epochs") else "none")
+            run = {**spec.preset(preset), **r.column.run}  # a column's run keys override its preset's
+            warmup = f"{run.get('warmup', 'constant')} x{run['warmup_epochs']}" if run.get("warmup_epochs") else "none"
             writer.writerow([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
                              ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items())), warmup, r.expected,
                              len(r.finished), r.diverged, cell.blew_up, "" if loss is None else f"{loss:.4f}"])
         return buf.getvalue()
-    tta = time_to_accuracy(results, speed["seconds_per_iteration"]) if speed is not None else None
+    tta = time_to_accuracy(results, speed) if speed is not None else None
     writer.writerow(["table", "preset", "row", "column", "model", "splits", "method", "options", "runs_expected",
                      "runs_finished", "runs_diverged", "final_error_median", "best_error_median", "paper_column",
                      "paper_error", "final_minus_paper", "best_minus_paper", "dataset"]
