@@ -510,7 +510,7 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
                f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8}  partition")
     starred = False
     for name, k, workers, per_iter, pred, balance, part in rows:
-        star = k > 1 and has_auxiliary_nets(make_method(name), k)
+        star = profiled and k > 1 and has_auxiliary_nets(make_method(name), k)
         starred |= star
         pred_text = (f"{1000 * pred:6.0f}{'*' if star else ' '} {pred / per_iter:8.2f}" if pred
                      else f"{'-':>7} {'-':>8}")
