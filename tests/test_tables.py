@@ -41,6 +41,10 @@ def test_paper_specs_hold_the_published_numbers():
     fdg_best = [c for c in full if c.column.id == "FDG best b" and c.row.model == "resnet20"]
     assert {c.config.method_options["beta"] for c in fdg_best} == {0.2}
     assert {c.row.model for c in t4.cells("full")} == {"resnet56"}
+    # The stability map's decision: every full-preset cell warms up linearly over 5 epochs, and says why.
+    for spec in (load_spec(n) for n in ("table2", "table3", "table4", "ablation_beta", "ablation_staleness")):
+        assert {(c.config.warmup, c.config.warmup_epochs) for c in spec.cells("full")} == {("linear", 5)}, spec.name
+        assert any("docs/stability.md" in note for note in spec.preset("full")["footnotes"]), spec.name
 
 
 def test_converge_presets_share_their_k2_runs():

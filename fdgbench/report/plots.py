@@ -257,7 +257,9 @@ def plot_stability(spec: TableSpec, results: list, out: Path, preset: str, num_c
             drawn += 1
     if not drawn:
         raise ValueError("no finished or diverged runs to plot")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)  # headroom: the legend sits above the bars and the dots
+    low, high = loss_ax.get_ylim()
+    loss_ax.set_ylim(low, high + 0.3 * (high - low))
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
     return save()
 
