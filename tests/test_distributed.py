@@ -246,6 +246,7 @@ def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path
                      result.stdout)
 
 
+@pytest.mark.slow  # spawns ranks again (~15 s); the speed file's use is tested in test_tables without it
 def test_speedup_benchmark_saves_the_speeds_time_to_accuracy_reads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = _cli("bench", "speedup", "--model", "tiny_resnet", "--methods", "fdg", "--batch-size", "16",
