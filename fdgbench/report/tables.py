@@ -105,7 +105,7 @@ def time_to_accuracy(results: list[CellResult], speed: dict[str, Any]) -> dict[t
     for r in results:
         bp = next((x for x in results if x.row.id == r.row.id and x.column.method == "bp"), None)
         target = bp.median("final_test_error") if bp is not None else None
-        if target is None:
+        if target is None or not (r.histories or r.diverged):  # no BP result, or no run of this cell yet
             continue
 
         def reached(result: CellResult) -> float | None:
@@ -251,7 +251,8 @@ def _tta_caption(speed: dict[str, Any]) -> str:
             f"iteration measured by `fdgbench bench speedup` for {speed.get('model', 'the rows')} (batch "
             f"{speed.get('batch_size', '?')}) on {speed['hardware']} ({speed['workers']}; "
             f"amp {speed['amp']}{', channels-last' if speed['channels_last'] else ''}; measured {speed['measured']}); "
-            f"ratio to BP's. Iterations are counted at epoch ends, so each is rounded up to a whole epoch.")
+            f"ratio to BP's. Iterations are counted at epoch ends, so each is rounded up to a whole epoch; "
+            f"-: no run of the cell (or of BP) has finished.")
 
 
 def render_markdown(spec: TableSpec, preset: str, preset_text: str, results: list[CellResult], num_classes: int,
