@@ -549,11 +549,12 @@ def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str,
                  threads_per_stage: int, all_threads: int, rows: list[tuple]) -> None:
     """The measured seconds per iteration, for tables' time-to-accuracy:
     BP on one process with all threads, each other method on K ranks."""
+    from .report.tables import speed_key
     from .runs import write_atomically
 
-    speeds = {"bp": next(per_iter for name, k, workers, per_iter, *_ in rows
-                         if name == "bp" and workers == f"1 x {all_threads}")}
-    speeds.update({f"{name} K={k}": per_iter for name, k, _, per_iter, *_ in rows if k > 1})
+    speeds = {speed_key("bp", 1): next(per_iter for name, k, workers, per_iter, *_ in rows
+                                       if name == "bp" and workers == f"1 x {all_threads}")}
+    speeds.update({speed_key(name, k): per_iter for name, k, _, per_iter, *_ in rows if k > 1})
     record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
               "hardware": f"{_cpu_name()}, {os.cpu_count()} cores" if device == "cpu"
                           else torch.cuda.get_device_name(device),

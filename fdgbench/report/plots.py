@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..runs import RunDirectory
 from .specs import Cell, TableSpec
-from .tables import Stability
+from .tables import Stability, seconds_per_iteration
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,
@@ -32,8 +32,7 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
         cell = next(c for c in mine if c.column.id == column)
         per_iteration = None
         if speed is not None:
-            key = "bp" if cell.config.method == "bp" else f"{cell.config.method} K={cell.config.splits}"
-            per_iteration = speed["seconds_per_iteration"].get(key)
+            per_iteration = seconds_per_iteration(speed, cell.config.method, cell.config.model, cell.config.splits)
         if runs and (speed is None or per_iteration is not None):
             epochs = range(1, max(len(r) for r in runs) + 1)
             median = [statistics.median(r[e - 1]["test_error"] for r in runs if len(r) >= e) for e in epochs]

@@ -94,6 +94,22 @@ class TimeToAccuracy:
                 f"{self.seconds / 60:.1f} min{ratio}")
 
 
+def speed_key(method: str, ranks: int) -> str:
+    """A measurement's entry in a speed record (`bench speedup --save`): "bp"
+    is BP in one process with all cores; the rest "<method> K=<k>", on K ranks."""
+    return "bp" if (method, ranks) == ("bp", 1) else f"{method} K={ranks}"
+
+
+def seconds_per_iteration(speed: dict[str, Any], method: str, model: str, splits: int) -> float | None:
+    """The speed record's seconds per iteration for a run of ``method`` at K =
+    ``splits``, or None (not measured, or the record is for another model).
+    BP's are those of one process with all cores, whatever K its run split
+    into (split BP computes exactly what unsplit BP does)."""
+    if speed.get("model") not in (None, model):
+        return None
+    return speed["seconds_per_iteration"].get(speed_key(method, 1 if method == "bp" else splits))
+
+
 def time_to_accuracy(results: list[CellResult], speed: dict[str, Any]) -> dict[tuple[str, str], TimeToAccuracy]:
     """Per (row, column): time to the row's BP final error (the median over
     BP's finished seeds). A cell reaches it when at least half of its runs
@@ -114,15 +130,12 @@ def time_to_accuracy(results: list[CellResult], speed: dict[str, Any]) -> dict[t
             hit = [i for i in its if i is not None]
             return statistics.median(hit) if hit and len(hit) * 2 >= len(its) + result.diverged else None
 
-        def seconds_per_iteration(result: CellResult) -> float | None:
-            if speed.get("model") not in (None, result.row.model):
-                return None  # measured for another model
-            key = "bp" if result.column.method == "bp" else f"{result.column.method} K={result.row.splits}"
-            return speed["seconds_per_iteration"].get(key)
+        def per_iteration(result: CellResult) -> float | None:
+            return seconds_per_iteration(speed, result.column.method, result.row.model, result.row.splits)
 
-        bp_its, bp_speed = reached(bp), seconds_per_iteration(bp)
+        bp_its, bp_speed = reached(bp), per_iteration(bp)
         bp_seconds = bp_its * bp_speed if bp_its is not None and bp_speed is not None else None
-        out[(r.row.id, r.column.id)] = TimeToAccuracy(reached(r), seconds_per_iteration(r), bp_seconds)
+        out[(r.row.id, r.column.id)] = TimeToAccuracy(reached(r), per_iteration(r), bp_seconds)
     return out
 
 
