@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .data import load_dataset
-from .errors import DivergedError, UserError, WorkerFailedError
+from .errors import DivergedError, RunInUseError, UserError, WorkerFailedError
 from .method import all_methods, all_options, make_method
 from .partition import STRATEGIES
 from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
@@ -620,19 +620,24 @@ def sweep() -> None:
 @_sweep_options
 @click.option("--dry-run", is_flag=True, help="list the runs and whether each is done; train nothing")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", help="where every run trains (default: the preset's device, else cpu)")
 @click.option("--progress/--no-progress", default=None)
 @click.option("--wandb", "use_wandb", is_flag=True, help="also log every run to Weights & Biases")
 @click.option("--wandb-project", default="fdgbench", show_default=True)
 @IGNORE_MEMORY_CHECK
-def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, data_dir: str, device: str,
-              progress: bool | None, use_wandb: bool, wandb_project: str, ignore_memory_check: bool) -> None:
+def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, data_dir: str,
+              device: str | None, progress: bool | None, use_wandb: bool, wandb_project: str,
+              ignore_memory_check: bool) -> None:
     """Train every run of TABLE's preset that is not done; a diverged run is
-    recorded and the sweep goes on."""
+    recorded and the sweep goes on. A run another process is training (its
+    directory's lock is held) is left to it, so several sweeps of one preset
+    started side by side on one results root share out its runs."""
     spec, cells, root = _sweep_cells(table, preset, seeds, out, data_dir)
-    cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
-    for c in cells:
-        spec.check(preset, c)  # an error names the spec file and key that set the bad value
+    if device is not None:
+        cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
+    for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
+        # on a machine without the preset's GPU, runs that another machine trains: it checks all but the device
+        spec.check(preset, replace(c, config=replace(c.config, device="cpu")) if dry_run else c)
     p = spec.preset(preset)
     click.echo(f"{spec.title}, preset {preset}: {len(cells)} runs -> {root}"
                + (f" ({p['description']})" if p.get("description") else ""))
@@ -647,7 +652,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     kw = {"out": str(root), "force": False, "data_dir": data_dir, "progress": progress, "trace": False,
           "use_wandb": use_wandb, "wandb_project": wandb_project, "ignore_memory_check": ignore_memory_check}
     datasets: dict[str, Any] = {}
-    counts = {"done before": 0, "finished": 0, "diverged": 0}
+    counts = {"done before": 0, "finished": 0, "diverged": 0, "left to other processes": 0}
     for i, cell in enumerate(cells, 1):
         run = RunDirectory.for_config(root, cell.config.to_dict())
         label = f"[{i}/{len(cells)}] {cell.row.id} / {cell.column.id} / seed {cell.seed}"
@@ -669,6 +674,9 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
         except DivergedError as exc:
             counts["diverged"] += 1
             click.echo(f"{label}: diverged ({exc})")
+        except RunInUseError as exc:
+            counts["left to other processes"] += 1
+            click.echo(f"{label}: another process is training it ({exc})")
     if not dry_run:
         click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; tables: fdgbench table {table} "
                    f"--preset {preset}")

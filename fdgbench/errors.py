@@ -8,6 +8,10 @@ class UserError(Exception):
     """
 
 
+class RunInUseError(UserError):
+    """Another process holds the run directory's lock (it is training that run)."""
+
+
 class DivergedError(Exception):
     """A run's loss became NaN or infinite; the run is recorded as diverged (exit 3)."""
 

@@ -127,7 +127,9 @@ def _count_syncs(batch_size: int) -> dict[str, Any]:
             trainer.engine.run_iteration(6)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    # torch's one-time notice that the debug mode is a prototype mentions synchronization too: not a sync
+    syncs = [str(w.message).splitlines()[0] for w in caught
+             if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
     return {"check": "host syncs in one FDG iteration", "count": len(syncs), "first": syncs[:3]}
 
 
@@ -143,8 +145,9 @@ def _fault_and_resume(root: Path, device: str = "cuda") -> dict[str, Any]:
     whole = _cli([*args, "--out", str(root / "whole")])
     killed = _cli([*args, "--out", str(root / "cut")], env={"FDGBENCH_FAULT": "0:12:kill"})
     resumed = _cli([*args, "--out", str(root / "cut")])
-    if whole.returncode or resumed.returncode:
-        return {"check": "fault and resume", "ok": False, "detail": (whole.stderr or resumed.stderr)[-400:]}
+    failed = next((p for p in (whole, resumed) if p.returncode), None)
+    if failed is not None:
+        return {"check": "fault and resume", "ok": False, "detail": failed.stderr[-400:]}
     (a,), (b,) = (list((root / x).iterdir()) for x in ("whole", "cut"))
     equal = all(torch.equal(RunDirectory(a).load_stage(k)[n], v) for k in (0, 1)
                 for n, v in RunDirectory(b).load_stage(k).items())
@@ -161,8 +164,9 @@ def _distributed(root: Path) -> dict[str, Any]:
             "--deterministic", "--no-progress"]
     seq = _cli([*args, "--out", str(root / "seq")])
     dis = _cli([*args, "--engine", "distributed", "--out", str(root / "dis")])
-    if seq.returncode or dis.returncode:
-        return {"check": "distributed (NCCL)", "ok": False, "detail": (seq.stderr + dis.stderr)[-400:]}
+    failed = next((p for p in (seq, dis) if p.returncode), None)
+    if failed is not None:
+        return {"check": "distributed (NCCL)", "ok": False, "detail": failed.stderr[-400:]}
     (a,), (b,) = (list((root / x).iterdir()) for x in ("seq", "dis"))
     la = [m["train_loss"] for m in RunDirectory(a).metrics()]
     lb = [m["train_loss"] for m in RunDirectory(b).metrics()]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import RunInUseError, UserError
 from .numerics import numerics_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ class RunDirectory:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise UserError(f"run directory {self.path} in use by pid {holder}") from None
+                raise RunInUseError(f"run directory {self.path} in use by pid {holder}") from None
             with self._writing():
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -259,7 +259,9 @@ class Trainer:
         self.devices = devices
         data = dataset if dataset is not None else load_dataset(cfg.dataset, data_dir)
         self.dataset = data.subset(cfg.train_subset, cfg.test_subset)
-        model = build_model(cfg.model, self.dataset.num_classes)
+        # On the first stage's device before the partition (a measured one times it there) and the output shapes
+        # are worked out, whether the partition is made now or read from a checkpoint.
+        model = build_model(cfg.model, self.dataset.num_classes).to(self.devices[0])
         self.num_parameters = count_parameters(model)
         sample = torch.zeros(8, *self.dataset.train_images.shape[1:], device=self.devices[0])
         if resume is not None:
@@ -269,7 +271,7 @@ class Trainer:
                                 f"stage(s) of {cfg.model} ({len(model)} blocks); --force starts the run over")
             self.partition = Partition(tuple(recorded["starts"]), len(model), recorded.get("strategy", "recorded"))
         else:
-            self.partition = make_partition(model.to(self.devices[0]), self.num_stages, cfg.partition,
+            self.partition = make_partition(model, self.num_stages, cfg.partition,
                                             list(cfg.split_at) if cfg.split_at else None, sample=sample)
             if rank is not None and self.num_stages > 1:
                 self.partition = _from_rank0(self.partition)  # measured (time) partitions differ between ranks

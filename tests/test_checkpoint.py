@@ -317,3 +317,32 @@ def test_a_sweep_into_committed_records_skips_them_and_restarts_a_cut_run_cleanl
     assert redone.is_done and len(redone.metrics()) == EPOCHS
     assert redone.metrics() == [{**m, **{k: r[k] for k in TIMING}} for m, r in zip(cut.metrics(), redone.metrics())]
     assert RunDirectory(clone / "records-smoke" / done.path.name).read_json("summary.json") == before
+
+
+def test_sweeps_side_by_side_share_out_a_presets_runs(tmp_path):
+    """A run whose directory another process holds (its lock) is left to that
+    process: the sweep trains the others, says which it left, and exits 0; a
+    later sweep trains the one left once its lock is free."""
+    import fcntl
+
+    from fdgbench.report.specs import load_spec
+
+    spec = tmp_path / "shared.toml"
+    spec.write_text(SPEC.replace("seeds = 1", "seeds = 2"))
+    out = tmp_path / "runs"
+    held, free = (RunDirectory.for_config(out / "shared-smoke", c.config.to_dict())
+                  for c in load_spec(str(spec)).cells("smoke"))
+    held.path.mkdir(parents=True)
+    fd = os.open(held.path / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a second sweep training that run would
+    try:
+        swept = _cli("sweep", str(spec), "--preset", "smoke", "--out", str(out), "--no-progress")
+    finally:
+        os.close(fd)
+    assert swept.returncode == 0, swept.stderr
+    assert "seed 0: another process is training it" in swept.stdout
+    assert "1 finished" in swept.stdout and "1 left to other processes" in swept.stdout
+    assert free.is_done and not held.is_done
+    again = _cli("sweep", str(spec), "--preset", "smoke", "--out", str(out), "--no-progress")
+    assert again.returncode == 0 and "1 done before, 1 finished" in again.stdout, again.stdout + again.stderr
+    assert held.is_done

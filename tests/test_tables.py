@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,16 @@ def test_converge_presets_share_their_k2_runs():
     assert load_spec("table2").preset("converge")["runs"] == load_spec("table4").preset("converge")["runs"]
 
 
+def test_converge_gpu_presets_are_the_converge_cells_on_a_gpu():
+    """The GPU presets train the converge presets' cells with device cuda
+    (Table 2 with a second seed) into their own shared folder."""
+    for name, seeds in (("table2", 2), ("table4", 1)):
+        spec = load_spec(name)
+        cpu, gpu = spec.cells("converge", seeds=seeds), spec.cells("converge-gpu")
+        assert [replace(c.config, device="cuda") for c in cpu] == [c.config for c in gpu], name
+        assert spec.preset("converge-gpu")["runs"] == "resnet20-converge-gpu" != spec.preset("converge")["runs"]
+
+
 def _fake_runs(spec_path, root):
     spec = load_spec(str(spec_path))
     wanted = {(r["row"], r["column"], r["seed"]): r for r in json.loads((GOLDEN / "fake_runs.json").read_text())["runs"]}
@@ -91,7 +102,7 @@ def test_tables_from_run_directories_match_the_golden_files(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["table", "table9"], "no table spec 'table9'"),
-    (["sweep", "table2", "--preset", "fast"], "table2 has no preset 'fast'; known: full, converge, quick, smoke"),
+    (["sweep", "table2", "--preset", "fast"], "table2 has no preset 'fast'; known: full, converge, converge-gpu, quick, smoke"),
     (["sweep", "status", "table2", "--seeds", "0"], "--seeds must be at least 1"),
 ])
 def test_table_and_sweep_errors_are_one_line(args, message):

@@ -21,8 +21,8 @@ else:  # the same parser, before it joined the standard library (a dependency on
 
 SPEC_DIR = PROJECT_ROOT / "paper_tables"
 RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads",
-              "warmup_epochs", "warmup", "amp", "channels_last", "diagnose")
-TEXT_FIELDS = ("engine", "amp", "warmup")
+              "warmup_epochs", "warmup", "amp", "channels_last", "diagnose", "device")
+TEXT_FIELDS = ("engine", "amp", "warmup", "device")
 FLAG_FIELDS = ("channels_last",)
 # The keys each part of a spec may have: anything else is a typo that would be silently ignored.
 SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure")
