@@ -18,7 +18,8 @@ import torch
 
 from .data import BatchStream, Normalizer, load_dataset, synthetic_dataset
 from .errors import UserError
-from .train import RunConfig, Trainer, check_config, parse_device
+from .config import RunConfig, check_config, parse_device
+from .train import Trainer
 
 
 def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> None:
@@ -59,7 +60,8 @@ def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> No
     for x_ref, y_ref in loader:
         pass
     reference = time.perf_counter() - t0
-    assert x.shape == x_ref.shape, (x.shape, x_ref.shape)
+    if x.shape != x_ref.shape:  # the two loaders must time the same work
+        raise RuntimeError(f"the loaders' batches differ in shape: {tuple(x.shape)} vs {tuple(x_ref.shape)}")
     n = stream.steps_per_epoch * batch_size
     click.echo(f"one epoch of {dataset} ({ds.description}): {stream.steps_per_epoch} batches of {batch_size}, "
                f"random crop (pad 4) + flip + normalise, CPU, {threads} thread(s)")
@@ -656,7 +658,7 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
 
 
-def estimate_sweep_seconds(configs: list[RunConfig]) -> float:
+def estimate_sweep_seconds(configs: list[RunConfig], data_dir: str = "data") -> float:
     """Seconds the runs will take here: each model's BP iteration time (3
     timed iterations after one warm-up, synthetic data at the run's batch and
     device) times each run's iterations. Evaluation is not counted."""
@@ -671,7 +673,7 @@ def estimate_sweep_seconds(configs: list[RunConfig]) -> float:
                               device=cfg.device, threads=cfg.threads)
             per_iteration[key] = _timed_sequential(probe, cfg.batch_size * 2, 1, 3) / 3
         train_images = cfg.train_subset or (50000 if cfg.dataset.startswith("cifar") else
-                                            len(load_dataset(cfg.dataset).train_labels))
+                                            len(load_dataset(cfg.dataset, data_dir).train_labels))
         steps = cfg.epochs * (train_images // cfg.batch_size)
         total += per_iteration[key] * min(steps, cfg.max_steps or steps)
     return total

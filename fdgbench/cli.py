@@ -1,7 +1,6 @@
 """fdgbench command line: run, compare, sweep, table, plot, bench, schedule, list."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -9,21 +8,19 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
-import torch
 
 from . import checkpoint
-from .data import load_dataset
-from .errors import DivergedError, RunInUseError, UserError, WorkerFailedError
+from .errors import DivergedError, UserError, WorkerFailedError
 from .method import all_methods, all_options, make_method
 from .partition import STRATEGIES
-from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
-from .engines.trace import Tracer
-from .runs import RunDirectory, config_hash
-from .tracking import WandbTracker
-from .train import ENGINES, WARMUPS, RunConfig, Trainer, check_config, parse_device, train_rank
+from .engines.launch import under_torchrun
+from .runs import RunDirectory
+from .config import ENGINES, WARMUPS, RunConfig, check_config, parse_device
+from .data import num_classes
+from .execute import RunOptions, train_run
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
@@ -113,154 +110,7 @@ def _owners(option_name: str) -> str:
 
 
 def _config(method: str, kw: dict[str, Any]) -> RunConfig:
-    if kw["engine"] == "distributed" and kw["threads"] is None:  # ranks share this machine's cores
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", kw["splits"]))
-        kw = {**kw, "threads": max(1, (os.cpu_count() or 1) // max(1, ranks_here))}
-    method_options = {name: kw.pop(name) for name in all_options() if kw.get(name) is not None}
-    for name in all_options():
-        kw.pop(name, None)
-    return RunConfig(method=method, method_options=method_options, model=kw["model"], splits=kw["splits"],
-                     partition=kw["partition"], split_at=_csv(kw["split_at"]), dataset=kw["dataset"],
-                     train_subset=kw["train_subset"], test_subset=kw["test_subset"], epochs=kw["epochs"],
-                     max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"], momentum=kw["momentum"],
-                     warmup_epochs=kw["warmup_epochs"], warmup=kw["warmup"], diagnose=kw["diagnose"],
-                     weight_decay=kw["weight_decay"], nesterov=kw["nesterov"], seed=kw["seed"],
-                     device=kw["device"], stage_devices=_csv(kw["stage_devices"]), amp=kw["amp"],
-                     channels_last=kw["channels_last"], threads=kw["threads"], engine=kw["engine"],
-                     deterministic=kw["deterministic"])
-
-
-def _run_one(cfg, kw: dict[str, Any], datasets: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
-    """Train one config unless its run directory is done (resuming from its
-    checkpoint if it has one); returns the summary, the directory and whether
-    it was cached. ``datasets`` caches loaded data across calls (by spec).
-    A run recorded as diverged raises DivergedError, cached or not."""
-    check_config(cfg)
-    if cfg.engine == "distributed" and under_torchrun():
-        return _run_torchrun_rank(cfg, kw)
-    run = RunDirectory.for_config(kw["out"], cfg.to_dict())
-    if run.is_done and not kw["force"]:
-        return _cached(run, _done_summary(run))
-    run.ensure_writable()
-    with run.lock(), _removed_if_left_empty(run):  # the lock is held until the run ends: its ranks write under it
-        if run.is_done and not kw["force"]:  # finished by another process since the check above
-            return _cached(run, _done_summary(run))
-        resume = _resume_point(run, cfg, kw)
-        datasets = {} if datasets is None else datasets
-        if cfg.dataset not in datasets:
-            datasets[cfg.dataset] = load_dataset(cfg.dataset, kw["data_dir"])
-        if not kw.get("ignore_memory_check"):
-            _check_memory(cfg, datasets[cfg.dataset])
-        if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
-            summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
-                                    (cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"], None,
-                                     _wandb_project(kw), resume))
-            return summaries[0], run.path, False
-        tracker = WandbTracker(_wandb_project(kw)) if kw.get("use_wandb") else None  # fails before training if absent
-        trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw["trace"] else None, resume=resume)
-        click.echo(trainer.describe(), err=True)
-        return trainer.fit(run, progress=kw["progress"], tracker=tracker), run.path, False
-
-
-@contextlib.contextmanager
-def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
-    """A run that fails before it writes anything (bad data, a budget the data
-    makes too short, Ctrl-C while decoding) leaves no directory behind, which
-    `sweep status` would count as an incomplete run. Used inside the run's
-    lock: its lock file is all such a directory holds, and no other process
-    is waiting for it (a second one is refused at once, not queued)."""
-    try:
-        yield
-    except BaseException:
-        run.remove_if_only_lock()
-        raise
-
-
-def _check_memory(cfg: RunConfig, data) -> None:
-    """Refuse (one line) a run whose estimated stage memory does not fit."""
-    from .memory import check_fits
-
-    train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
-    test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))
-    data_bytes = (train + test) * data.train_images[0].nbytes
-    steps = cfg.epochs * max(1, train // cfg.batch_size)
-    check_fits(cfg, tuple(data.train_images.shape[1:]), data.num_classes, data_bytes,
-               min(steps, cfg.max_steps or steps))
-
-
-def _done_summary(run: RunDirectory) -> dict[str, Any]:
-    """A done run's summary. A checkpoint left beside a done run (killed
-    after ``done`` was written, before the checkpoint was removed) is removed
-    here, under the run's lock."""
-    if (run.path / checkpoint.FOLDER).exists():
-        with run.lock():
-            checkpoint.remove(run.path)
-    return run.read_json("summary.json")
-
-
-def _cached(run: RunDirectory, summary: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
-    """``_run_one``'s answer for a done run; one recorded as diverged raises
-    the error (and so gets the exit status) it raised when it ran."""
-    if summary.get("status") == "diverged":
-        raise DivergedError(f"{summary.get('message')}; recorded in {run.path}")
-    return summary, run.path, True
-
-
-def _resume_point(run: RunDirectory, cfg, kw: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint an unfinished run continues from (None: start afresh,
-    also under --force), announced on stderr; one another run wrote is refused."""
-    resume = None if kw["force"] else checkpoint.latest(run.path, config_hash(cfg.to_dict()))
-    if resume is not None:
-        click.echo(f"resuming {run.path.name} from its checkpoint after epoch {resume['epoch']} "
-                   f"(--force starts over)", err=True)
-    return resume
-
-
-def _wandb_project(kw: dict[str, Any]) -> str | None:
-    return (kw.get("wandb_project") or "fdgbench") if kw.get("use_wandb") else None
-
-
-def _run_torchrun_rank(cfg, kw: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
-    """This process is one rank that torchrun started (multi-node: torchrun's
-    flags). Rank 0 decides whether the run is already done."""
-    import torch.distributed as dist
-
-    device = parse_device(cfg.device)
-    check_ranks_fit(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                    torch.cuda.device_count() if device.type == "cuda" else 0)
-    init_process_group(device, int(os.environ["LOCAL_RANK"]))
-    try:
-        if dist.get_world_size() != cfg.splits:
-            raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "
-                            f"use --nproc-per-node {cfg.splits} (times the nodes)")
-        run = RunDirectory.for_config(kw["out"], cfg.to_dict())
-        with contextlib.ExitStack() as held:
-            # (summary if done already, checkpoint to resume from, rank 0's error): every rank must
-            # learn of the error, or the others would wait for rank 0 until the collective times out.
-            decision: list[Any] = [None, None, None]
-            if dist.get_rank() == 0:
-                try:
-                    run.ensure_writable()
-                    held.enter_context(run.lock())  # rank 0 owns the directory for the whole run
-                    if run.is_done and not kw["force"]:
-                        decision[0] = _done_summary(run)
-                    else:
-                        decision[1] = _resume_point(run, cfg, kw)
-                except UserError as exc:
-                    decision[2] = str(exc)
-            dist.broadcast_object_list(decision, src=0)
-            if decision[2] is not None:
-                raise UserError(decision[2])
-            if decision[0] is not None:
-                return _cached(run, decision[0])
-            if dist.get_rank() == 0:  # the directory's owner removes it if nothing was written
-                held.enter_context(_removed_if_left_empty(run))
-            summary = train_rank(dist.get_rank(), cfg, kw["data_dir"], str(run.path), kw["progress"], kw["trace"],
-                                 local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
-                                 resume=decision[1])
-            return summary, run.path, False
-    finally:
-        dist.destroy_process_group()
+    return RunConfig.from_options(method, kw)
 
 
 def _is_primary() -> bool:
@@ -279,7 +129,7 @@ def cli() -> None:
 def run(method: str, **kw: Any) -> None:
     """Train one configuration (paper defaults for everything not given)."""
     cfg = _config(method, kw)
-    summary, path, cached = _run_one(cfg, kw)
+    summary, path, cached = train_run(cfg, RunOptions.from_options(kw))
     if not _is_primary():
         return
     note = " (already done; --force reruns)" if cached else ""
@@ -317,9 +167,10 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
     datasets: dict[str, Any] = {}
     rows = []
     diverged = []
+    options = RunOptions.from_options(kw)
     for cfg in configs:
         try:
-            summary, path, cached = _run_one(cfg, kw, datasets)
+            summary, path, cached = train_run(cfg, options, datasets)
         except DivergedError as exc:  # recorded in its run directory; the comparison goes on
             click.echo(f"diverged: {exc}", err=True)
             path = RunDirectory.for_config(kw["out"], cfg.to_dict()).path
@@ -594,21 +445,11 @@ def _sweep_options(f: Callable) -> Callable:
 
 
 def _sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR):
-    """The spec, its preset's cells and their results root. A preset with a
-    ``fallback_dataset`` uses it where the spec's dataset cannot be loaded
-    (sweep, status and table all decide the same way)."""
-    from .report.specs import load_spec
+    """The spec, its preset's cells and their results root (sweep.preset_jobs)."""
+    from .sweep import preset_jobs
 
-    spec = load_spec(table)
-    p = spec.preset(preset)
-    dataset = spec.dataset
-    if p.get("fallback_dataset"):
-        try:
-            load_dataset(spec.dataset, data_dir)
-        except UserError as exc:  # e.g. no CIFAR-100 here: the preset allows labelled synthetic data
-            click.echo(f"note: {exc}; using {p['fallback_dataset']} as this preset allows", err=True)
-            dataset = p["fallback_dataset"]
-    return spec, spec.cells(preset, seeds, dataset), Path(out) / p.get("runs", f"{spec.name}-{preset}")
+    spec, cells, jobs = preset_jobs(table, preset, seeds, out, data_dir)
+    return spec, cells, jobs[0].root if jobs else Path(out)
 
 
 @cli.group(cls=_DefaultCommandGroup)
@@ -618,106 +459,89 @@ def sweep() -> None:
 
 @sweep.command("run")
 @_sweep_options
-@click.option("--dry-run", is_flag=True, help="list the runs and whether each is done; train nothing")
+@click.option("--dry-run", is_flag=True, help="list the runs and the state of each; train nothing")
+@click.option("--launcher", default="in-process", show_default=True, type=click.Choice(["in-process", "subprocess",
+              "print"]), help="in-process: one run after another here; subprocess: each run its own `fdgbench run` "
+                              "process, --jobs at a time; print: print those commands (for a scheduler)")
+@click.option("--jobs", "parallel", type=int, default=1, show_default=True,
+              help="runs at once (subprocess launcher), e.g. several small runs sharing one GPU")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR")
 @click.option("--device", help="where every run trains (default: the preset's device, else cpu)")
 @click.option("--progress/--no-progress", default=None)
 @click.option("--wandb", "use_wandb", is_flag=True, help="also log every run to Weights & Biases")
 @click.option("--wandb-project", default="fdgbench", show_default=True)
 @IGNORE_MEMORY_CHECK
-def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, data_dir: str,
-              device: str | None, progress: bool | None, use_wandb: bool, wandb_project: str,
-              ignore_memory_check: bool) -> None:
+def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, launcher: str, parallel: int,
+              device: str | None, **kw: Any) -> None:
     """Train every run of TABLE's preset that is not done; a diverged run is
     recorded and the sweep goes on. A run another process is training (its
     directory's lock is held) is left to it, so several sweeps of one preset
     started side by side on one results root share out its runs."""
-    spec, cells, root = _sweep_cells(table, preset, seeds, out, data_dir)
+    from .sweep import LAUNCHERS, preset_jobs
+
+    spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"])
     if device is not None:
         cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
+        jobs = [replace(j, config=replace(j.config, device=device)) for j in jobs]
     for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
         # on a machine without the preset's GPU, runs that another machine trains: it checks all but the device
         spec.check(preset, replace(c, config=replace(c.config, device="cpu")) if dry_run else c)
     p = spec.preset(preset)
-    click.echo(f"{spec.title}, preset {preset}: {len(cells)} runs -> {root}"
+    root = jobs[0].root
+    click.echo(f"{spec.title}, preset {preset}: {len(jobs)} runs -> {root}"
                + (f" ({p['description']})" if p.get("description") else ""))
-    if preset == "full" and not dry_run:
+    if dry_run:
+        for i, job in enumerate(jobs, 1):
+            state = job.state
+            if state in ("done", "diverged"):
+                click.echo(f"[{i}/{len(jobs)}] {job.label}: done ({'finished' if state == 'done' else state})")
+                continue
+            saved = checkpoint.latest(job.run.path)
+            text = (f"incomplete, resumes after epoch {saved['epoch']}" if saved else
+                    "incomplete, starts over (no checkpoint)" if job.run.path.exists() else "missing")
+            click.echo(f"[{i}/{len(jobs)}] {job.label}: {text} -> {job.run.path.name}")
+        return
+    if preset == "full" and launcher != "print":
         from .bench import estimate_sweep_seconds
 
-        todo = [c.config for c in cells if not RunDirectory.for_config(root, c.config.to_dict()).is_done]
-        seconds = estimate_sweep_seconds(todo)
+        todo = [j.config for j in jobs if not j.run.is_done]
+        seconds = estimate_sweep_seconds(todo, kw["data_dir"])
         click.echo(f"estimated total: {seconds / 3600:.1f} h for {len(todo)} runs on this machine (3 timed BP "
                    f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "
                    f"`fdgbench sweep status` refines it as epochs finish")
-    kw = {"out": str(root), "force": False, "data_dir": data_dir, "progress": progress, "trace": False,
-          "use_wandb": use_wandb, "wandb_project": wandb_project, "ignore_memory_check": ignore_memory_check}
-    datasets: dict[str, Any] = {}
-    counts = {"done before": 0, "finished": 0, "diverged": 0, "left to other processes": 0}
-    for i, cell in enumerate(cells, 1):
-        run = RunDirectory.for_config(root, cell.config.to_dict())
-        label = f"[{i}/{len(cells)}] {cell.row.id} / {cell.column.id} / seed {cell.seed}"
-        if run.is_done:
-            counts["done before"] += 1
-            click.echo(f"{label}: done ({_done_summary(run)['status']})")
-            continue
-        if dry_run:
-            saved = checkpoint.latest(run.path)
-            state = (f"incomplete, resumes after epoch {saved['epoch']}" if saved else
-                     "incomplete, starts over (no checkpoint)" if run.path.exists() else "missing")
-            click.echo(f"{label}: {state} -> {run.path.name}")
-            continue
-        click.echo(f"{label}: training", err=True)
-        try:
-            summary, _, _ = _run_one(cell.config, kw, datasets)
-            counts["finished"] += 1
-            click.echo(f"{label}: final test error {summary['final_test_error']:.2f}%")
-        except DivergedError as exc:
-            counts["diverged"] += 1
-            click.echo(f"{label}: diverged ({exc})")
-        except RunInUseError as exc:
-            counts["left to other processes"] += 1
-            click.echo(f"{label}: another process is training it ({exc})")
-    if not dry_run:
-        click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; tables: fdgbench table {table} "
-                   f"--preset {preset}")
-
-
-RUNNING_S = 3600  # a run whose directory changed this recently counts as running (epochs can take long)
+    counts = LAUNCHERS[launcher](parallel).launch(jobs, RunOptions.from_options({**kw, "out": str(root)}))
+    click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; tables: fdgbench table {table} "
+               f"--preset {preset}")
 
 
 @sweep.command("status")
 @_sweep_options
 def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
     """Done / running / incomplete / missing runs, and the estimated time left."""
-    import statistics
-    import time as time_
+    from .report.records import planned_records
+    from .sweep import preset_jobs
 
-    spec, cells, root = _sweep_cells(table, preset, seeds, out)
-    counts = {"done": 0, "running": 0, "incomplete": 0, "missing": 0}
-    resumable = 0
-    seconds: dict[str, list[float]] = {}
-    remaining: list[tuple[str, int]] = []
-    for cell in cells:
-        run = RunDirectory.for_config(root, cell.config.to_dict())
-        history = run.metrics()
-        for h in history:
-            seconds.setdefault(cell.config.model, []).append(h["epoch_seconds"])
-        if run.is_done:
-            counts["done"] += 1
-            continue
-        planned = cell.config.epochs if not cell.config.max_steps else 1
-        remaining.append((cell.config.model, max(0, planned - len(history))))
-        if not run.path.exists():
-            counts["missing"] += 1
-        else:  # running: written to in the last RUNNING_S seconds (an epoch's metrics, a checkpoint, the start)
-            resumable += checkpoint.latest(run.path) is not None
-            written = [f.stat().st_mtime for f in run.path.iterdir()]
-            counts["running" if written and time_.time() - max(written) < RUNNING_S else "incomplete"] += 1
+    spec, cells, jobs = preset_jobs(table, preset, seeds, out)
+    root = jobs[0].root
+    planned = planned_records(cells, root)
+    planned["model"] = [c.config.model for c in cells]
+    planned["epochs"] = [c.config.epochs if not c.config.max_steps else 1 for c in cells]
+    finished = planned["state"].isin(["done", "diverged"])
+    counts = {"done": int(finished.sum()),
+              **{s: int((planned["state"] == s).sum()) for s in ("running", "incomplete", "missing")}}
+    resumable = sum(checkpoint.latest(root / run) is not None
+                    for run in planned.loc[planned["state"].isin(["running", "incomplete"]), "run"])
     click.echo(f"{spec.title}, preset {preset}, {root}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-               + f" (of {len(cells)})" + (f" ({resumable} can resume from a checkpoint)" if resumable else ""))
+               + f" (of {len(jobs)})" + (f" ({resumable} can resume from a checkpoint)" if resumable else ""))
+    # Seconds per epoch, per model, over every epoch recorded so far; the epochs each unfinished run has left.
+    epoch_seconds = planned.explode("metrics").dropna(subset=["metrics"])
+    seconds = (epoch_seconds["metrics"].map(lambda m: m["epoch_seconds"]).groupby(epoch_seconds["model"]).median()
+               if len(epoch_seconds) else {})
+    left_runs = planned[~finished]
+    remaining = list(zip(left_runs["model"], (left_runs["epochs"] - left_runs["metrics"].map(len)).clip(lower=0)))
     unknown = sorted({m for m, e in remaining if e and m not in seconds})
-    left = sum(statistics.median(seconds[m]) * e for m, e in remaining if m in seconds)
-    if remaining and not seconds:
+    left = sum(seconds[m] * e for m, e in remaining if m in seconds)
+    if remaining and not len(seconds):
         click.echo("estimated time left: unknown until a run finishes its first epoch")
     elif remaining:
         text = f"estimated time left: {left / 3600:.1f} h of training (median epoch time per model so far)"
@@ -737,15 +561,15 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     spec, cells, root = _sweep_cells(table, preset, seeds, out)
     results = collect(spec, cells, root)
     datasets = sorted({s["dataset"] for r in results for s in r.finished})
-    num_classes = _num_classes(cells[0].config.dataset)
+    classes = num_classes(cells[0].config.dataset)
     text = spec.preset(preset).get("description", "the paper's protocol")
     from .report.specs import spec_path
 
     target = tables_dir or spec_path(table).parent / "results"
     speed = _speed_file(spec, preset)
-    outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, num_classes, datasets, speed),
-               f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, num_classes, datasets, speed),
-               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results, speed, num_classes)}
+    outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, classes, datasets, speed),
+               f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, classes, datasets, speed),
+               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results, speed, classes)}
     try:
         target.mkdir(parents=True, exist_ok=True)
         for name, content in outputs.items():
@@ -779,12 +603,6 @@ def _speed_file(spec, preset: str) -> dict[str, Any] | None:
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; measure it again with `fdgbench bench speedup --save`")
     return speed
-
-
-def _num_classes(dataset: str) -> int:
-    if dataset.startswith("synthetic:"):
-        return int(dataset.split(":")[1])
-    return 100 if dataset == "cifar100" else 10
 
 
 @cli.group()
@@ -875,7 +693,7 @@ def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: st
     def draw() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         # The stability map's blow-up threshold is a multiple of chance-level loss, ln(classes).
-        extra = {"num_classes": _num_classes(cells[0].config.dataset)} if kind == "stability" else {}
+        extra = {"num_classes": num_classes(cells[0].config.dataset)} if kind == "stability" else {}
         return getattr(plots, f"plot_{kind}")(spec, collect(spec, cells, root), target, preset, **extra)
 
     _write_plot(draw, f"{table} ({preset}), runs under {root}")

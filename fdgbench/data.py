@@ -104,6 +104,18 @@ def load_dataset(spec: str, data_dir: str | os.PathLike = "data", download: bool
     raise UserError(f"unknown dataset '{spec}'; known: {', '.join(DATASET_SPECS)}")
 
 
+def num_classes(spec: str, data_dir: str | os.PathLike = "data") -> int:
+    """How many classes ``spec``'s dataset has, without loading a CIFAR (an
+    image folder's count comes from its decoded copy, cached after its first
+    load)."""
+    known = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+    if spec in known:
+        return known[spec]
+    if spec.startswith("synthetic:") and spec.partition(":")[2].isdigit():
+        return int(spec.partition(":")[2])
+    return load_dataset(spec, data_dir, download=False).num_classes
+
+
 def _load_torchvision_cifar(name: str, data_dir: Path, download: bool) -> ImageDataset:
     import socket
 

@@ -38,7 +38,8 @@ import torch
 
 from .data import synthetic_dataset
 from .runs import RunDirectory
-from .train import RunConfig, Trainer
+from .config import RunConfig
+from .train import Trainer
 
 SPEED_MODELS = ("resnet56", "wrn28_10")
 

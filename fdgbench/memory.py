@@ -366,7 +366,7 @@ def memory_pools(cfg, num_stages: int) -> list[str]:
     """Which memory each stage draws on: its device on the sequential engine;
     on the distributed engine this machine's RAM for every CPU rank (spawned
     here), or the rank's own GPU."""
-    from .train import stage_devices
+    from .config import stage_devices
 
     devices = stage_devices(replace(cfg, splits=num_stages)) if cfg.engine == "sequential" else None
     if devices is None:  # rank k's device, as engines.launch.rank_device picks it (check_ranks_fit came first)

@@ -10,8 +10,7 @@ import signal
 import sys
 import time
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,190 +18,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
+from .config import RunConfig, check_budget, check_config, stage_devices
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .diagnose import GradientProbe
 from .engines.distributed import DistributedEngine
-from .engines.launch import check_ranks_fit, is_communication_error, rank_device, under_torchrun
+from .engines.launch import is_communication_error, rank_device, threads_per_rank
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer, write_trace
 from .errors import DivergedError, UserError
 from .memory import MemoryMonitor
-from .method import Method, make_method
+from .method import make_method
 from .models import build_model, count_parameters
 from .numerics import configure_numerics
 from .optim import SGDConfig
 from .replicas import ordered_mean_hook
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, config_hash, environment, write_atomically
-from .schedule import hold_span, steps_until_every_stage_updates
+from .schedule import hold_span
 from .stage import StageContext, summarize_totals
 from .tracking import WandbTracker
 
 # lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
 LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
-ENGINES = ("sequential", "distributed")
 CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
 FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill|stop" makes that rank fail there
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run's numbers; its hash names the run directory."""
-
-    method: str = "fdg"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    model: str = "resnet56"
-    splits: int = 2
-    partition: str = "auto"
-    split_at: tuple[str, ...] | None = None
-    dataset: str = "cifar10"
-    train_subset: int | None = None
-    test_subset: int | None = None
-    epochs: int = 300
-    max_steps: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    stage_devices: tuple[str, ...] | None = None
-    amp: str = "off"
-    channels_last: bool = False
-    threads: int | None = None  # intra-op threads of each process (each rank, on the distributed engine)
-    engine: str = "sequential"
-    warmup_epochs: int = 0  # the first N epochs warm up (the FDG authors' code's --warm-up: 3, constant)
-    warmup: str = "constant"  # constant: lr / 10 throughout; linear: 1% of lr rising to 100% (the ADL code's)
-    diagnose: int = 0  # every N iterations, compare each stage's applied gradient with the true one (diagnose.py)
-    # Bit-reproducible numerics where a faster kernel or reduction would not be
-    # (numerics.py): cuDNN deterministic, no TF32, replicas' gradients summed in order.
-    deterministic: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("split_at", "stage_devices"):
-            d[key] = list(d[key]) if d[key] is not None else None
-        # Fields added after runs were recorded are left out at their defaults,
-        # so the config (and the run directory's hash-based name) of every
-        # earlier run is unchanged.
-        for key, default in ADDED_LATER.items():
-            if d[key] == default:
-                del d[key]
-        return d
-
-
-ADDED_LATER = {"warmup_epochs": 0, "deterministic": False, "warmup": "constant", "diagnose": 0}
-WARMUPS = ("constant", "linear")
-
-
-def flag_name(field_name: str) -> str:
-    """How the command line spells a RunConfig field (``max_steps`` -> ``--max-steps``)."""
-    return "--" + field_name.replace("_", "-")
-
-
-def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None:
-    """Reject bad values before anything is loaded. ``name`` says how the user
-    wrote each field (a flag by default; a table spec passes its own keys)."""
-    for key in ("epochs", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(f"{name('max_steps')} must be at least 1, got {cfg.max_steps}")
-    if cfg.warmup_epochs < 0:
-        raise UserError(f"{name('warmup_epochs')} must be at least 0, got {cfg.warmup_epochs}")
-    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
-        raise UserError(f"{name('warmup_epochs')} {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the run "
-                        f"would never train at {name('lr')}; use fewer warm-up epochs")
-    if cfg.warmup not in WARMUPS:
-        raise UserError(f"{name('warmup')} must be {' or '.join(WARMUPS)}, got '{cfg.warmup}'")
-    if cfg.warmup != "constant" and not cfg.warmup_epochs:
-        raise UserError(f"{name('warmup')} {cfg.warmup} needs {name('warmup_epochs')} N (how long to warm up)")
-    if cfg.diagnose < 0:
-        raise UserError(f"{name('diagnose')} must be at least 0 (0: off), got {cfg.diagnose}")
-    if cfg.diagnose and cfg.engine != "sequential":
-        raise UserError(f"{name('diagnose')} runs on the sequential engine (its true gradient is one synchronous "
-                        f"pass through every stage); drop {name('engine')} {cfg.engine}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise UserError(f"{name('lr')} must be a positive finite number, got {cfg.lr}")
-    if not 0 <= cfg.momentum < 1:
-        raise UserError(f"{name('momentum')} must be in [0, 1), got {cfg.momentum}")
-    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
-        raise UserError(f"{name('weight_decay')} must be a non-negative finite number, got {cfg.weight_decay}")
-    if cfg.amp not in ("off", "bf16"):
-        raise UserError(f"{name('amp')} must be off or bf16, got '{cfg.amp}'")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise UserError(f"{name('threads')} must be at least 1, got {cfg.threads}")
-    if cfg.engine not in ENGINES:
-        raise UserError(f"unknown engine '{cfg.engine}' ({name('engine')}); known: {', '.join(ENGINES)}")
-    if cfg.engine == "distributed" and cfg.stage_devices:
-        raise UserError("--stage-devices is for the sequential engine; distributed ranks take one device each")
-    if cfg.split_at and cfg.partition not in ("auto", "explicit"):
-        # The cut points decide the stages; the strategy would be ignored yet recorded (and hashed).
-        raise UserError(f"--split-at gives the stages itself; --partition {cfg.partition} would be ignored: "
-                        f"drop one of the two")
-    devices = stage_devices(cfg)
-    if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
-        check_ranks_fit(devices[0], cfg.splits, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
-    method = make_method(cfg.method, **cfg.method_options)
-    if cfg.splits < 1:
-        raise UserError(f"{name('splits')} must be at least 1, got {cfg.splits}")
-    if method.data_parallel and cfg.batch_size % cfg.splits:
-        raise UserError(f"{cfg.method} splits each batch across {cfg.splits} replicas: {name('batch_size')} "
-                        f"{cfg.batch_size} must be a multiple of {cfg.splits}")
-    # Model name, K and split points are checked on a weightless (meta) model:
-    # instant even for ResNet-1202, and before any data is loaded.
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    num_stages = 1 if method.data_parallel else cfg.splits
-    cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
-    make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
-                   sample=torch.zeros(1, 3, 32, 32, device="meta"))
-    if cfg.max_steps is not None:
-        check_pipeline_depth(cfg, method, num_stages, cfg.max_steps, f"{name('max_steps')} is {cfg.max_steps}")
-
-
-def check_pipeline_depth(cfg: RunConfig, method: Method, num_stages: int, total_steps: int, budget: str) -> None:
-    """Refuse a run that ends before some stage has ever updated: it would
-    "finish" with that stage's weights as initialised."""
-    needed = steps_until_every_stage_updates(method.schedule, num_stages)
-    if total_steps < needed:
-        raise UserError(f"{cfg.method} with K={num_stages} updates every stage only from iteration {needed - 1} "
-                        f"on, so the run needs at least {needed} iterations; {budget}")
-
-
-def check_budget(cfg: RunConfig, method: Method, num_stages: int, steps_per_epoch: int, total_steps: int) -> None:
-    """The checks that need the data's iterations per epoch (once it is loaded)."""
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    if cfg.warmup_epochs and warmup_steps >= total_steps:
-        raise UserError(f"--warmup-epochs {cfg.warmup_epochs} ({warmup_steps} iterations) covers all {total_steps} "
-                        f"iterations of the run: it would never train at --lr; use fewer warm-up epochs")
-    # (--max-steps alone was checked before the data loaded; here the epochs are short.)
-    check_pipeline_depth(cfg, method, num_stages, total_steps, f"--epochs {cfg.epochs} of {steps_per_epoch} "
-                                                               f"iteration(s) each give {total_steps}")
-
-
-def parse_device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"unknown device '{text}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {text} requested but CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {text} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise UserError(f"unsupported device '{text}'; use cpu, cuda or cuda:N")
-    return device
-
-
-def stage_devices(cfg: RunConfig) -> list[torch.device]:
-    if cfg.stage_devices:
-        if len(cfg.stage_devices) != cfg.splits:
-            raise UserError(f"--stage-devices lists {len(cfg.stage_devices)} devices for {cfg.splits} stages")
-        return [parse_device(d) for d in cfg.stage_devices]
-    return [parse_device(cfg.device)] * cfg.splits
 
 
 def _from_rank0(value):
@@ -246,8 +85,11 @@ class Trainer:
         # This process among the run's processes (the sequential engine is one).
         self.process, self.processes = (0, 1) if rank is None else (rank, dist.get_world_size())
         self.resume = resume
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        # Ranks share their node's cores unless --threads says otherwise; the default is applied here, not
+        # recorded in the config, so a run directory's name does not depend on the machine's core count.
+        threads = cfg.threads or (threads_per_rank(self.processes) if rank is not None else None)
+        if threads:
+            torch.set_num_threads(threads)
         configure_numerics(cfg.deterministic)
         seed_everything(cfg.seed)
         self.method = make_method(cfg.method, **cfg.method_options)

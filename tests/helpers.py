@@ -50,7 +50,7 @@ def method_configs(k: int, **fields):
     staleness mode or (DGL, DNI) forward variant: every stage-state shape
     the engines and checkpoints must handle."""
     from fdgbench.method import all_methods
-    from fdgbench.train import RunConfig
+    from fdgbench.config import RunConfig
 
     out = []
     for m in all_methods():

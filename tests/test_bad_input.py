@@ -6,7 +6,7 @@ import torch
 from fdgbench.data import load_image_folder
 from fdgbench.method import make_method
 from fdgbench.schedule import steps_until_every_stage_updates
-from fdgbench.train import RunConfig, check_config
+from fdgbench.config import RunConfig, check_config
 
 from .conftest import ROOT
 from .test_data import _make_tree, _write_png

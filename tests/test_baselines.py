@@ -10,7 +10,8 @@ from fdgbench.data import synthetic_dataset
 from fdgbench.method import make_method
 from fdgbench.optim import SGDConfig
 from fdgbench.schedule import Op
-from fdgbench.train import RunConfig, Trainer
+from fdgbench.config import RunConfig
+from fdgbench.train import Trainer
 
 from .helpers import ToyStream, engine_for, half_sse
 

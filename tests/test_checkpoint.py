@@ -114,7 +114,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_on_the_sequential_engine(t
 def test_legacy_under_bf16_autocast_resumes_bit_identically(tmp_path):
     """The rebuilt graphs of a checkpoint make their own bf16 weight copies,
     which the backward refills from the live weights as the lost ones were."""
-    from fdgbench.train import RunConfig
+    from fdgbench.config import RunConfig
 
     cfg = RunConfig(method="fdg", method_options={"staleness": "legacy"}, model="tiny_resnet", splits=3,
                     dataset="synthetic", batch_size=BATCH, epochs=EPOCHS, lr=0.05, threads=1, amp="bf16",

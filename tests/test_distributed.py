@@ -17,7 +17,8 @@ from fdgbench.engines.launch import spawn_ranks
 from fdgbench.engines.trace import read_trace
 from fdgbench.method import all_methods
 from fdgbench.runs import RunDirectory
-from fdgbench.train import RunConfig, Trainer
+from fdgbench.config import RunConfig
+from fdgbench.train import Trainer
 
 from .helpers import method_configs
 

@@ -7,7 +7,7 @@ import torch
 
 from fdgbench.numerics import configure_numerics, numerics_settings
 from fdgbench.replicas import ordered_mean
-from fdgbench.train import RunConfig
+from fdgbench.config import RunConfig
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: make gpu-check runs for real")

@@ -13,7 +13,8 @@ from fdgbench.errors import UserError
 from fdgbench.memory import Linear, StageProbe, estimate
 from fdgbench.method import make_method
 from fdgbench.schedule import batches_held, release_ops
-from fdgbench.train import RunConfig, Trainer
+from fdgbench.config import RunConfig
+from fdgbench.train import Trainer
 
 TINY = ["--model", "tiny_resnet", "--dataset", "synthetic", "--epochs", "1", "--max-steps", "6", "--batch-size", "16",
         "--threads", "1"]

@@ -11,7 +11,8 @@ from fdgbench.method import all_methods, make_method
 from fdgbench.optim import SGDConfig
 from fdgbench.runs import RunDirectory
 from fdgbench.schedule import Op
-from fdgbench.train import RunConfig, Trainer
+from fdgbench.config import RunConfig
+from fdgbench.train import Trainer
 
 from .helpers import Scale, ToyStream, engine_for, half_sse
 

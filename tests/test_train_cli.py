@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from fdgbench.runs import RunDirectory, config_hash
-from fdgbench.train import LR_MILESTONES, RunConfig, lr_at
+from fdgbench.config import RunConfig
+from fdgbench.train import LR_MILESTONES, lr_at
 
 from .conftest import ROOT, needs_offline_cifar10
 
@@ -203,3 +204,31 @@ def test_demo_default_runs_on_real_cifar10(cli, tmp_path):
     status, out, err = cli("compare", "--out", tmp_path, "--data-dir", tmp_path / "data")
     assert status == 0, err
     assert "CIFAR-10" in out and "subset 10000 train / 2000 test" in out
+
+
+def test_a_run_directory_name_does_not_depend_on_the_machine(monkeypatch):
+    """The distributed engine's default threads per rank (cores / ranks) is
+    applied when the ranks start, not recorded in the config: the same
+    command names the same directory on a 2-core and a 64-core machine."""
+    from fdgbench.cli import training_options
+    import click
+
+    @click.command()
+    @training_options
+    def probe(**kw):
+        probe.config = RunConfig.from_options("fdg", kw)
+
+    names = set()
+    for cores in (2, 64):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        probe.main(["--engine", "distributed", "-K", "2", "--model", "resnet20"], standalone_mode=False)
+        assert probe.config.threads is None
+        names.add(RunDirectory.for_config("results", probe.config.to_dict()).path.name)
+    assert len(names) == 1
+
+
+def test_a_config_is_built_from_the_options_by_its_fields():
+    cfg = RunConfig.from_options("fdg", {"model": "resnet20", "splits": 3, "split_at": "L1.0, L2.0",
+                                         "beta": 0.5, "staleness": None, "out": "ignored"})
+    assert (cfg.model, cfg.splits, cfg.split_at) == ("resnet20", 3, ("L1.0", "L2.0"))
+    assert cfg.method_options == {"beta": 0.5} and cfg.epochs == RunConfig().epochs

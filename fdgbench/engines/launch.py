@@ -42,6 +42,14 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
+def threads_per_rank(world_size: int) -> int:
+    """Intra-op threads for one rank when the user set none: the node's cores
+    shared among the ranks on it (torchrun's LOCAL_WORLD_SIZE, else all of
+    ``world_size``, spawned on this node)."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, (os.cpu_count() or 1) // max(1, ranks_here))
+
+
 def backend_for(device: torch.device) -> str:
     """gloo on CPUs. On GPUs, NCCL for CUDA tensors and gloo beside it for CPU
     tensors: the object collectives (``broadcast_object_list``,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..runs import RunDirectory
+from .records import planned_records
 from .specs import Cell, TableSpec
 from .tables import Stability, seconds_per_iteration
 
@@ -23,12 +23,12 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
     ax, save = _figure(out, f"{spec.title}\n{row_id}, preset {preset}; dotted: the paper's final number (300 epochs)"
                        + where, "test error (%), median over seeds")
     mine = [c for c in cells if c.row.id == row_id]
+    planned = planned_records(mine, root)
     columns = list(dict.fromkeys(c.column.id for c in mine))
     palette = dict(zip(columns, sns.color_palette("tab10", len(columns))))
     drawn = 0
     for column in columns:
-        runs = [RunDirectory.for_config(root, c.config.to_dict()).metrics() for c in mine if c.column.id == column]
-        runs = [r for r in runs if r]
+        runs = [r for r in planned.loc[planned["column"] == column, "metrics"] if r]
         cell = next(c for c in mine if c.column.id == column)
         per_iteration = None
         if speed is not None:
@@ -61,14 +61,11 @@ def diagnostics_by_cell(cells: list[Cell], root: Path) -> dict[tuple[str, str], 
     """(row, column) -> the --diagnose records of its runs' epochs (seed 0's
     run where a cell has several: one curve per cell), in iteration order."""
     out: dict[tuple[str, str], list[dict]] = {}
-    for cell in cells:
-        key = (cell.row.id, cell.column.id)
-        if key in out:
-            continue
-        records = [d for m in RunDirectory.for_config(root, cell.config.to_dict()).metrics()
-                   for d in m.get("diagnostics", [])]
+    first_seeds = planned_records(cells, root).drop_duplicates(["row", "column"])
+    for row, column, metrics in zip(first_seeds["row"], first_seeds["column"], first_seeds["metrics"]):
+        records = [d for m in metrics for d in m.get("diagnostics", [])]
         if records:
-            out[key] = records
+            out[(row, column)] = records
     return out
 
 

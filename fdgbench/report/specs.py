@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import UserError
 from ..method import make_method
 from ..runs import PROJECT_ROOT
-from ..train import RunConfig, check_config, flag_name
+from ..config import RunConfig, check_config, flag_name
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..models import build_model, count_parameters
-from ..runs import RunDirectory
+from .records import planned_records
 from .specs import Cell, Column, Row, TableSpec
 
 STATISTICS = {"final": ("final_test_error", "final-epoch"), "best": ("best_test_error", "best-epoch")}
@@ -53,20 +53,18 @@ class CellResult:
 
 
 def collect(spec: TableSpec, cells: list[Cell], root: Path) -> list[CellResult]:
-    grouped: dict[tuple[str, str], CellResult] = {}
-    for cell in cells:
-        result = grouped.setdefault((cell.row.id, cell.column.id), CellResult(cell.row, cell.column, 0, [], 0))
-        result.expected += 1
-        run = RunDirectory.for_config(root, cell.config.to_dict())
-        if not run.is_done:
-            continue
-        summary = run.read_json("summary.json")
-        if summary["status"] == "finished":
-            result.finished.append(summary)
-            result.histories.append(run.metrics())
-        else:
-            result.diverged += 1
-    return list(grouped.values())
+    """Each (row, column) cell's runs, from the results root's records: the
+    cells' planned runs joined with what is recorded, grouped by cell in the
+    spec's order."""
+    planned = planned_records(cells, root)
+    first = {(c.row.id, c.column.id): c for c in reversed(cells)}
+    results = []
+    for (row, column), group in planned.groupby(["row", "column"], sort=False):
+        done = group[group["state"] == "done"]
+        cell = first[(row, column)]
+        results.append(CellResult(cell.row, cell.column, len(group), list(done["summary"]),
+                                  int((group["state"] == "diverged").sum()), list(done["metrics"])))
+    return results
 
 
 @dataclass

@@ -1,0 +1,178 @@
+"""Train one config into its run directory: skip it if done, resume it from
+its checkpoint, hold the directory's lock while it trains, refuse it if its
+estimated memory does not fit, and run it on the engine its config names
+(spawned ranks, or this process as one torchrun rank). The command line, the
+sweep launchers and the benchmarks all train through ``train_run``."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import checkpoint
+from .config import RunConfig, check_config, parse_device
+from .data import load_dataset
+from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
+from .engines.trace import Tracer
+from .errors import DivergedError, UserError
+from .runs import RunDirectory, config_hash
+from .tracking import WandbTracker
+from .train import Trainer, train_rank
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out, not what it computes (none of it is in the
+    config or the run directory's name)."""
+
+    out: str = "results"  # results root
+    force: bool = False  # start over even if done or checkpointed
+    data_dir: str = "data"
+    progress: bool | None = None
+    trace: bool = False
+    use_wandb: bool = False
+    wandb_project: str = "fdgbench"
+    ignore_memory_check: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> RunOptions:
+        return cls(**{k: options[k] for k in cls.__dataclass_fields__ if k in options})
+
+
+def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = None
+              ) -> tuple[dict[str, Any], Path, bool]:
+    """Train one config unless its run directory is done (resuming from its
+    checkpoint if it has one); returns the summary, the directory and whether
+    it was cached. ``datasets`` caches loaded data across calls (by spec).
+    A run recorded as diverged raises DivergedError, cached or not."""
+    check_config(cfg)
+    if cfg.engine == "distributed" and under_torchrun():
+        return _run_torchrun_rank(cfg, kw)
+    run = RunDirectory.for_config(kw.out, cfg.to_dict())
+    if run.is_done and not kw.force:
+        return _cached(run, done_summary(run))
+    run.ensure_writable()
+    with run.lock(), _removed_if_left_empty(run):  # the lock is held until the run ends: its ranks write under it
+        if run.is_done and not kw.force:  # finished by another process since the check above
+            return _cached(run, done_summary(run))
+        resume = _resume_point(run, cfg, kw)
+        datasets = {} if datasets is None else datasets
+        if cfg.dataset not in datasets:
+            datasets[cfg.dataset] = load_dataset(cfg.dataset, kw.data_dir)
+        if not kw.ignore_memory_check:
+            _check_memory(cfg, datasets[cfg.dataset])
+        if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
+            summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
+                                    (cfg, kw.data_dir, str(run.path), kw.progress, kw.trace, None,
+                                     _wandb_project(kw), resume))
+            return summaries[0], run.path, False
+        tracker = WandbTracker(_wandb_project(kw)) if kw.use_wandb else None  # fails before training if absent
+        trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw.trace else None, resume=resume)
+        print(trainer.describe(), file=sys.stderr, flush=True)
+        return trainer.fit(run, progress=kw.progress, tracker=tracker), run.path, False
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
+    """A run that fails before it writes anything (bad data, a budget the data
+    makes too short, Ctrl-C while decoding) leaves no directory behind, which
+    `sweep status` would count as an incomplete run. Used inside the run's
+    lock: its lock file is all such a directory holds, and no other process
+    is waiting for it (a second one is refused at once, not queued)."""
+    try:
+        yield
+    except BaseException:
+        run.remove_if_only_lock()
+        raise
+
+
+def _check_memory(cfg: RunConfig, data) -> None:
+    """Refuse (one line) a run whose estimated stage memory does not fit."""
+    from .memory import check_fits
+
+    train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
+    test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))
+    data_bytes = (train + test) * data.train_images[0].nbytes
+    steps = cfg.epochs * max(1, train // cfg.batch_size)
+    check_fits(cfg, tuple(data.train_images.shape[1:]), data.num_classes, data_bytes,
+               min(steps, cfg.max_steps or steps))
+
+
+def done_summary(run: RunDirectory) -> dict[str, Any]:
+    """A done run's summary. A checkpoint left beside a done run (killed
+    after ``done`` was written, before the checkpoint was removed) is removed
+    here, under the run's lock."""
+    if (run.path / checkpoint.FOLDER).exists():
+        with run.lock():
+            checkpoint.remove(run.path)
+    return run.read_json("summary.json")
+
+
+def _cached(run: RunDirectory, summary: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:
+    """``train_run``'s answer for a done run; one recorded as diverged raises
+    the error (and so gets the exit status) it raised when it ran."""
+    if summary.get("status") == "diverged":
+        raise DivergedError(f"{summary.get('message')}; recorded in {run.path}")
+    return summary, run.path, True
+
+
+def _resume_point(run: RunDirectory, cfg: RunConfig, kw: RunOptions) -> dict[str, Any] | None:
+    """The checkpoint an unfinished run continues from (None: start afresh,
+    also under --force), announced on stderr; one another run wrote is refused."""
+    resume = None if kw.force else checkpoint.latest(run.path, config_hash(cfg.to_dict()))
+    if resume is not None:
+        print(f"resuming {run.path.name} from its checkpoint after epoch {resume['epoch']} (--force starts over)",
+              file=sys.stderr, flush=True)
+    return resume
+
+
+def _wandb_project(kw: dict[str, Any]) -> str | None:
+    return (kw.wandb_project or "fdgbench") if kw.use_wandb else None
+
+
+def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], Path, bool]:
+    """This process is one rank that torchrun started (multi-node: torchrun's
+    flags). Rank 0 decides whether the run is already done."""
+    import torch.distributed as dist
+
+    device = parse_device(cfg.device)
+    check_ranks_fit(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                    torch.cuda.device_count() if device.type == "cuda" else 0)
+    init_process_group(device, int(os.environ["LOCAL_RANK"]))
+    try:
+        if dist.get_world_size() != cfg.splits:
+            raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "
+                            f"use --nproc-per-node {cfg.splits} (times the nodes)")
+        run = RunDirectory.for_config(kw.out, cfg.to_dict())
+        with contextlib.ExitStack() as held:
+            # (summary if done already, checkpoint to resume from, rank 0's error): every rank must
+            # learn of the error, or the others would wait for rank 0 until the collective times out.
+            decision: list[Any] = [None, None, None]
+            if dist.get_rank() == 0:
+                try:
+                    run.ensure_writable()
+                    held.enter_context(run.lock())  # rank 0 owns the directory for the whole run
+                    if run.is_done and not kw.force:
+                        decision[0] = done_summary(run)
+                    else:
+                        decision[1] = _resume_point(run, cfg, kw)
+                except UserError as exc:
+                    decision[2] = str(exc)
+            dist.broadcast_object_list(decision, src=0)
+            if decision[2] is not None:
+                raise UserError(decision[2])
+            if decision[0] is not None:
+                return _cached(run, decision[0])
+            if dist.get_rank() == 0:  # the directory's owner removes it if nothing was written
+                held.enter_context(_removed_if_left_empty(run))
+            summary = train_rank(dist.get_rank(), cfg, kw.data_dir, str(run.path), kw.progress, kw.trace,
+                                 local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
+                                 resume=decision[1])
+            return summary, run.path, False
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,201 @@
+"""Sweeps as library code: a table preset's runs as Jobs (config -> run
+directory -> state, the state read from the directory alone, as in
+DomainBed's sweep), and launchers that train the jobs not done yet: in this
+process, as ``fdgbench run`` subprocesses (several at once), or printed as
+commands for a scheduler. A launcher for a cluster is a class with the same
+``launch(jobs, options)``.
+
+Every reader of run state (``sweep status``, tables, plots, the sweep
+itself) asks ``run_state``."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .config import TUPLE_FIELDS, RunConfig
+from .data import load_dataset
+from .errors import DivergedError, RunInUseError, UserError
+from .execute import RunOptions, done_summary, train_run
+from .method import all_options
+from .report.specs import Cell, TableSpec, load_spec
+from .runs import RunDirectory
+
+RUNNING_S = 3600  # a run whose directory changed this recently counts as running (epochs can take long)
+STATES = ("done", "diverged", "running", "incomplete", "missing")
+
+
+def run_state(run: RunDirectory, now: float | None = None) -> str:
+    """done or diverged (recorded as such), running (written to in the last
+    RUNNING_S seconds: an epoch's metrics, a checkpoint, the start),
+    incomplete (an unfinished run left alone), or missing (no directory)."""
+    if run.is_done:
+        return "diverged" if run.read_json("summary.json").get("status") == "diverged" else "done"
+    if not run.path.exists():
+        return "missing"
+    written = [f.stat().st_mtime for f in run.path.iterdir()]
+    recent = written and (now if now is not None else time.time()) - max(written) < RUNNING_S
+    return "running" if recent else "incomplete"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a sweep: where its records go follows from its config."""
+
+    label: str
+    config: RunConfig
+    root: Path
+
+    @property
+    def run(self) -> RunDirectory:
+        return RunDirectory.for_config(self.root, self.config.to_dict())
+
+    @property
+    def state(self) -> str:
+        return run_state(self.run)
+
+
+def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path,
+                data_dir: str = "data") -> tuple[TableSpec, list[Cell], list[Job]]:
+    """The spec, its preset's cells and one Job per cell, under the preset's
+    results root (OUT/<table>-<preset>, or OUT/<the preset's runs>). A preset
+    with a ``fallback_dataset`` uses it where the spec's dataset cannot be
+    loaded (sweep, status and table all decide the same way)."""
+    spec = load_spec(table)
+    p = spec.preset(preset)
+    dataset = spec.dataset
+    if p.get("fallback_dataset"):
+        try:
+            load_dataset(spec.dataset, data_dir)
+        except UserError as exc:  # e.g. no CIFAR-100 here: the preset allows labelled synthetic data
+            print(f"note: {exc}; using {p['fallback_dataset']} as this preset allows", file=sys.stderr)
+            dataset = p["fallback_dataset"]
+    cells = spec.cells(preset, seeds, dataset)
+    root = Path(out) / p.get("runs", f"{spec.name}-{preset}")
+    jobs = [Job(f"{c.row.id} / {c.column.id} / seed {c.seed}", c.config, root) for c in cells]
+    return spec, cells, jobs
+
+
+def config_args(cfg: RunConfig) -> list[str]:
+    """``fdgbench run`` arguments that rebuild ``cfg`` exactly (every field
+    that differs from its default; the inverse of RunConfig.from_options)."""
+    args = ["--method", cfg.method]
+    default = RunConfig()
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("method", "method_options") or value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "nesterov":
+            args.append("--nesterov" if value else "--no-nesterov")
+        elif isinstance(value, bool):
+            args.append(flag)  # a flag whose default is off
+        else:
+            args += [flag, ",".join(value) if f.name in TUPLE_FIELDS else str(value)]
+    options = all_options()
+    for name, value in cfg.method_options.items():
+        option = options[name]
+        if option.type is bool:
+            if value:
+                args.append(option.flag)
+            continue
+        args += [option.flag, str(value)]
+    return args
+
+
+class Launcher(Protocol):
+    def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
+        """Train (or hand off) every job; returns counts for the closing line."""
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+class InProcessLauncher:
+    """One job after another in this process (data loaded once). A diverged
+    run is recorded and the sweep goes on; a run another process holds is
+    left to it, so sweeps started side by side share out a preset's runs."""
+
+    def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
+        counts = {"done before": 0, "finished": 0, "diverged": 0, "left to other processes": 0}
+        datasets: dict[str, Any] = {}
+        for i, job in enumerate(jobs, 1):
+            label = f"[{i}/{len(jobs)}] {job.label}"
+            if job.run.is_done:
+                counts["done before"] += 1
+                _say(f"{label}: done ({done_summary(job.run)['status']})")
+                continue
+            print(f"{label}: training", file=sys.stderr, flush=True)
+            try:
+                summary, _, _ = train_run(job.config, options, datasets)
+                counts["finished"] += 1
+                _say(f"{label}: final test error {summary['final_test_error']:.2f}%")
+            except DivergedError as exc:
+                counts["diverged"] += 1
+                _say(f"{label}: diverged ({exc})")
+            except RunInUseError as exc:
+                counts["left to other processes"] += 1
+                _say(f"{label}: another process is training it ({exc})")
+        return counts
+
+
+def run_command(job: Job, options: RunOptions) -> list[str]:
+    return ["fdgbench", "run", *config_args(job.config), "--out", str(job.root), "--data-dir", options.data_dir,
+            "--no-progress"]
+
+
+class PrintLauncher:
+    """Print one ``fdgbench run`` command per job not done, to hand to a
+    scheduler (a job array, ``xargs -P``); trains nothing."""
+
+    def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
+        todo = [job for job in jobs if not job.run.is_done]
+        for job in todo:
+            _say(shlex.join(run_command(job, options)))
+        return {"done before": len(jobs) - len(todo), "printed": len(todo)}
+
+
+class SubprocessLauncher:
+    """Each job not done as its own ``fdgbench run`` process, ``parallel`` at
+    a time (e.g. several runs sharing one GPU); each process's output goes
+    to ``<run directory>.log`` beside its run directory."""
+
+    def __init__(self, parallel: int = 1, python: str = sys.executable):
+        if parallel < 1:
+            raise UserError(f"--jobs must be at least 1, got {parallel}")
+        self.parallel, self.python = parallel, python
+
+    def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
+        todo = [job for job in jobs if not job.run.is_done]
+        counts = {"done before": len(jobs) - len(todo), "finished": 0, "diverged": 0, "failed": 0}
+        waiting, running = list(todo), []
+        while waiting or running:
+            while waiting and len(running) < self.parallel:
+                job = waiting.pop(0)
+                job.root.mkdir(parents=True, exist_ok=True)
+                log = open(job.root / f"{job.run.path.name}.log", "w")
+                command = [self.python, "-m", "fdgbench", *run_command(job, options)[1:]]
+                running.append((job, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+                print(f"{job.label}: started -> {job.run.path.name}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                job, process, log = entry
+                log.close()
+                running.remove(entry)
+                outcome = {0: "finished", 3: "diverged"}.get(process.returncode, "failed")
+                counts[outcome] += 1
+                _say(f"{job.label}: {outcome}" + ("" if outcome != "failed" else f" (exit {process.returncode}; "
+                                                  f"see {log.name})"))
+        return counts
+
+
+LAUNCHERS: dict[str, Callable[[int], Launcher]] = {
+    "in-process": lambda parallel: InProcessLauncher(),
+    "subprocess": lambda parallel: SubprocessLauncher(parallel),
+    "print": lambda parallel: PrintLauncher(),
+}
