@@ -19,7 +19,7 @@ import torch
 from .data import BatchStream, Normalizer, load_dataset, synthetic_dataset
 from .errors import UserError
 from .config import RunConfig, check_config, parse_device
-from .train import Trainer
+from .train import Run, build_run
 
 
 def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> None:
@@ -70,7 +70,7 @@ def bench_data(dataset: str, data_dir: str, batch_size: int, threads: int) -> No
     click.echo(f"  speedup {reference / ours:.1f}x (target >= 20x)")
 
 
-def _interleaved_medians(trainers: list[Trainer], warmups: list[int], iterations: int, rounds: int) -> list[float]:
+def _interleaved_medians(trainers: list[Run], warmups: list[int], iterations: int, rounds: int) -> list[float]:
     """Seconds per sequential-engine iteration of each trainer: a warm-up
     (pipeline fill, allocator and kernel caches), then ``rounds`` rounds
     that time ``iterations`` iterations of every trainer in turn, so drift
@@ -105,7 +105,7 @@ def bench_step(model: str, splits: list[int], batch_size: int, iterations: int, 
     for method, k, options in configs:
         cfg = RunConfig(method=method, method_options=options, model=model, splits=k, dataset="synthetic",
                         batch_size=batch_size, device=device, threads=threads)
-        trainers.append(Trainer(cfg, dataset=data))
+        trainers.append(build_run(cfg, dataset=data))
     medians = _interleaved_medians(trainers, [2 * k + 2 for _, k, _ in configs], iterations, rounds)
     click.echo(f"{model}, batch {batch_size}, {device}, {torch.get_num_threads()} thread(s), staleness {staleness}: "
                f"median over {rounds} interleaved rounds of {iterations} iterations")
@@ -140,7 +140,7 @@ def bench_precision(model: str, methods: list[str], splits: int, batch_size: int
             cfg = RunConfig(method=name, model=model, splits=splits, dataset="synthetic", batch_size=batch_size,
                             threads=threads, **fields)
             check_config(cfg)
-            trainers.append(Trainer(cfg, dataset=data))
+            trainers.append(build_run(cfg, dataset=data))
             labels.append((name, precision))
     medians = _interleaved_medians(trainers, [2 * splits + 2] * len(trainers), iterations, rounds)
     steps = 50_000 // batch_size  # the batch stream drops an epoch's last partial batch
@@ -225,7 +225,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
         cfg = RunConfig(method=method, method_options={"staleness": staleness} if staleness else {}, model=model,
                         splits=splits, dataset="synthetic", batch_size=batch_size, threads=threads)
         expected = estimate(cfg, image_shape, 10)
-        trainer = Trainer(cfg, dataset=data)
+        trainer = build_run(cfg, dataset=data)
         for t in range(trainer.hold_span + 3):
             trainer.memory.watch(t)
             trainer.engine.run_iteration(t)
@@ -268,7 +268,7 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
     saved_threads = torch.get_num_threads()
     try:
         tracer = Tracer()
-        trainer = Trainer(cfg, dataset=data, tracer=tracer)
+        trainer = build_run(cfg, dataset=data, tracer=tracer)
         for t in range(2 + iterations):
             if t == 2:
                 trainer.sync_compute()
@@ -314,7 +314,7 @@ def _timed_solo_steps(rank: int, model: str, batch_size: int, threads: int, iter
     import torch.distributed as dist
 
     cfg = RunConfig(method="bp", model=model, splits=1, dataset="synthetic", batch_size=batch_size, threads=threads)
-    trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=batch_size * 4, test=batch_size))
+    trainer = build_run(cfg, dataset=synthetic_dataset(10, train=batch_size * 4, test=batch_size))
     for t in range(2):
         trainer.engine.run_iteration(t)
     dist.barrier()
@@ -407,7 +407,7 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
     from .engines.trace import Tracer
 
     tracer = Tracer()
-    trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size), rank=rank,
+    trainer = build_run(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size), rank=rank,
                       tracer=tracer)
     for t in range(warmup):
         trainer.engine.run_iteration(t)
@@ -428,7 +428,7 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
 def _timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: int) -> float:
     saved = torch.get_num_threads()
     try:
-        trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size))
+        trainer = build_run(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size))
         for t in range(warmup):
             trainer.engine.run_iteration(t)
         trainer.sync_compute()

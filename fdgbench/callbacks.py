@@ -14,8 +14,9 @@ Hooks, each optional, in the order ``fit`` calls them:
 - ``on_progress(run, t, totals, images_per_s)``: every CHECK_EVERY iterations
   and at an epoch's end, after the divergence check.
 - ``on_epoch_end(run, directory, record, checkpoint_follows)``.
-- ``on_fit_end(run, directory, summary)``: a finished or diverged run.
-- ``teardown()``: always, however the loop ended."""
+- ``on_fit_end(run, directory, summary)``: a finished or diverged run; in
+  reverse order, so the run records, first to start, write ``done`` last.
+- ``teardown()``: always, however the loop ended; in reverse order."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from . import checkpoint
@@ -155,7 +157,7 @@ class TraceRecording(Callback):
             spans = [s for part in gathered for s in part]
         if run.engine.is_primary:
             meta = {"method": run.cfg.method, "model": run.cfg.model, "splits": run.cfg.splits,
-                    "engine": run.cfg.engine, "threads": summary.get("threads"),
+                    "engine": run.cfg.engine, "threads": torch.get_num_threads(),
                     "batch_size": run.cfg.batch_size, "steps_per_epoch": run.steps_per_epoch,
                     "partition": run.partition_text}
             write_atomically(directory.path / "trace.json", lambda tmp: write_trace(tmp, spans, meta))
@@ -184,11 +186,10 @@ class FaultInjection(Callback):
 
 
 def standard_callbacks(run: Run, progress: bool | None = None, tracker: WandbTracker | None = None) -> list[Callback]:
-    """The callbacks every run of the command line has, in their order: the
-    records before the checkpoint (a resume drops records past it), the
-    trace written before the summary."""
-    callbacks: list[Callback] = [FaultInjection.from_environment(), ProgressBar(progress),
-                                 TraceRecording() if run.tracer is not None else None,
-                                 WandbLogging(tracker) if tracker is not None else None,
-                                 RunRecords(), Checkpoints()]
+    """The callbacks every run of the command line has, in their order: an
+    epoch's records before its checkpoint (a resume drops records past it);
+    at the end, in reverse, the trace and the weights before ``done``."""
+    callbacks: list[Callback | None] = [RunRecords(), Checkpoints(), FaultInjection.from_environment(),
+                                        ProgressBar(progress), TraceRecording() if run.tracer is not None else None,
+                                        WandbLogging(tracker) if tracker is not None else None]
     return [c for c in callbacks if c is not None]

@@ -14,7 +14,7 @@ import click
 
 from . import checkpoint
 from .errors import DivergedError, UserError, WorkerFailedError
-from .method import all_methods, all_options, make_method
+from .method import all_methods, all_options, make_method, option_definitions
 from .partition import STRATEGIES
 from .engines.launch import under_torchrun
 from .runs import RunDirectory
@@ -94,19 +94,30 @@ def training_options(f: Callable) -> Callable:
         IGNORE_MEMORY_CHECK,
     ]
     for name, option in sorted(all_options().items(), reverse=True):
-        kwargs: dict[str, Any] = {"default": None, "help": f"[{_owners(name)}] {option.help} (default {option.default})"}
-        if option.type is bool:
-            kwargs["is_flag"] = True  # absent: None, so "not given" stays distinguishable
-        else:
-            kwargs["type"] = click.Choice(option.choices) if option.choices else option.type
-        options.append(click.option(option.flag, name, **kwargs))
+        options.append(_method_option(name, option))
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _owners(option_name: str) -> str:
-    return ",".join(m.name for m in all_methods() if any(o.name == option_name for o in m.options))
+def _method_option(name: str, option) -> Callable:
+    """One flag for a method option, whichever methods share its name: each
+    definition's choices, default and help, named by its methods (the
+    method given checks the value against its own definition)."""
+    definitions = option_definitions(name)
+    kinds = {d.type for d in definitions}
+    if len(kinds) != 1:  # one flag cannot parse two types
+        raise TypeError(f"methods define --{name.replace('_', '-')} with different types: {kinds}")
+    text = "; ".join(f"[{','.join(methods)}] {d.help}" + (f" ({'|'.join(d.choices)})" if d.choices else "")
+                     + f" (default {d.default})" for d, methods in definitions.items())
+    kwargs: dict[str, Any] = {"default": None, "help": text}
+    if option.type is bool:
+        kwargs["is_flag"] = True  # absent: None, so "not given" stays distinguishable
+    elif all(d.choices for d in definitions):
+        kwargs["type"] = click.Choice(list(dict.fromkeys(c for d in definitions for c in d.choices)))
+    else:
+        kwargs["type"] = option.type
+    return click.option(option.flag, name, **kwargs)
 
 
 def _config(method: str, kw: dict[str, Any]) -> RunConfig:

@@ -22,7 +22,8 @@ from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .runs import RunDirectory, config_hash
 from .tracking import WandbTracker
-from .train import Trainer, train_rank
+from .callbacks import standard_callbacks
+from .train import build_run, fit, train_rank
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = 
                                      _wandb_project(kw), resume))
             return summaries[0], run.path, False
         tracker = WandbTracker(_wandb_project(kw)) if kw.use_wandb else None  # fails before training if absent
-        trainer = Trainer(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw.trace else None, resume=resume)
+        trainer = build_run(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw.trace else None, resume=resume)
         print(trainer.describe(), file=sys.stderr, flush=True)
-        return trainer.fit(run, progress=kw.progress, tracker=tracker), run.path, False
+        return fit(trainer, run, standard_callbacks(trainer, kw.progress, tracker)), run.path, False
 
 
 @contextlib.contextmanager

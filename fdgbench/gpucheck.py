@@ -39,7 +39,7 @@ import torch
 from .data import synthetic_dataset
 from .runs import RunDirectory
 from .config import RunConfig
-from .train import Trainer
+from .train import Run, build_run
 
 SPEED_MODELS = ("resnet56", "wrn28_10")
 
@@ -58,9 +58,9 @@ def _rows_speed(iterations: int, batch_size: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _trainer(cfg: RunConfig) -> Trainer:
+def _trainer(cfg: RunConfig) -> Run:
     data = synthetic_dataset(10, train=cfg.batch_size * 8, test=cfg.batch_size)
-    return Trainer(cfg, dataset=data)
+    return build_run(cfg, dataset=data)
 
 
 def _time(cfg: RunConfig, iterations: int) -> tuple[float, float]:

@@ -63,14 +63,23 @@ def _storage_keys(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
     return out
 
 
+def _held(worker: Any) -> list[Any]:
+    """What a worker keeps: its attributes and its local modules and optimizers
+    (StageWorker.add_local), each once."""
+    found = [*vars(worker).values()]
+    for local in getattr(worker, "locals", {}).values():
+        found += [local.module, local.optimizer]
+    return list({id(v): v for v in found}.values())
+
+
 def _modules(worker: Any) -> list[nn.Module]:
     """The stage's module and any extra nets the method's worker keeps."""
-    return [v for v in vars(worker).values() if isinstance(v, nn.Module)]
+    return [v for v in _held(worker) if isinstance(v, nn.Module)]
 
 
 def _optimizer_tensors(worker: Any) -> list[torch.Tensor]:
     out = []
-    for v in vars(worker).values():
+    for v in _held(worker):
         opt = getattr(v, "sgd", v)  # StageOptimizer wraps a torch SGD (None for a stage without weights)
         if isinstance(opt, torch.optim.Optimizer):
             out += [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]

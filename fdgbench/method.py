@@ -119,9 +119,22 @@ def make_method(name: str, **options: Any) -> Method:
 
 
 def all_options() -> dict[str, MethodOption]:
-    """Every registered method's options, by name (shared ones listed once)."""
+    """Every registered method's options, by name (shared ones listed once;
+    their definitions per method: ``option_definitions``)."""
     out: dict[str, MethodOption] = {}
     for method in all_methods():
         for option in method.options:
             out.setdefault(option.name, option)
+    return out
+
+
+def option_definitions(name: str) -> dict[MethodOption, list[str]]:
+    """Each distinct definition of the option ``name`` and the methods that
+    use it: two methods may share a flag (``--staleness``) with their own
+    choices, default and help, and each method checks its own."""
+    out: dict[MethodOption, list[str]] = {}
+    for method in all_methods():
+        for option in method.options:
+            if option.name == name:
+                out.setdefault(option, []).append(method.name)
     return out

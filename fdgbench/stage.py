@@ -122,6 +122,16 @@ def summarize_totals(totals: torch.Tensor) -> dict[str, float]:
     return {"loss": loss_sum / count, "error": 100.0 * (1.0 - correct / count), "images": int(count)}
 
 
+@dataclass(frozen=True)
+class LocalModule:
+    """A method's own module at a stage and its optimizer (StageWorker.add_local)."""
+
+    module: nn.Module
+    optimizer: Any  # StageOptimizer or a torch.optim optimizer: step, state_dict, load_state_dict (+ set_lr)
+    follows_schedule: bool
+    steps_with_stage: bool
+
+
 class StageWorker:
     """A stage trained by back-propagating a (possibly delayed) gradient.
 
@@ -150,6 +160,16 @@ class StageWorker:
         self.input_grad = input_grad and not ctx.is_first  # whether a gradient goes back to stage k-1
         self.metrics = TrainMetrics(ctx.device)
         self.meters: dict[str, MeanMeter] = {}
+        self.locals: dict[str, LocalModule] = {}
+
+    def add_local(self, name: str, module: nn.Module, optimizer: Any, follows_schedule: bool = True,
+                  steps_with_stage: bool = True) -> None:
+        """A module of the method's own at this stage (an auxiliary classifier,
+        a synthetic-gradient net) with its optimizer: checkpointed and restored
+        as ``name`` / ``name``_optimizer, its lr set from the schedule
+        (``follows_schedule``) and stepped in ``update`` (``steps_with_stage``),
+        so a method writes none of that itself."""
+        self.locals[name] = LocalModule(module, optimizer, follows_schedule, steps_with_stage)
 
     def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Forward ``batch``; returns the activation to send on (detached), or
@@ -181,9 +201,15 @@ class StageWorker:
 
     def update(self) -> None:
         self.optimizer.step()
+        for local in self.locals.values():
+            if local.steps_with_stage:
+                local.optimizer.step()
 
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_lr(lr * self.lr_scale)
+        for local in self.locals.values():
+            if local.follows_schedule:
+                local.optimizer.set_lr(lr)
 
     # -- checkpoints: everything a stage carries from one iteration to the next ----------------------
 
@@ -197,9 +223,12 @@ class StageWorker:
         """This stage between two iterations. The epoch's training metrics and
         meters have just been read out (so are empty) and are not included.
         Methods with extra state (auxiliary nets, stored activations) add to it."""
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "grads": [None if p.grad is None else p.grad.detach() for p in self.module.parameters()],
-                "held": self.store.held_state()}
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "grads": [None if p.grad is None else p.grad.detach() for p in self.module.parameters()],
+                 "held": self.store.held_state()}
+        for name, local in self.locals.items():
+            state[name], state[f"{name}_optimizer"] = local.module.state_dict(), local.optimizer.state_dict()
+        return state
 
     def restore_state(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
@@ -207,3 +236,6 @@ class StageWorker:
         for p, grad in zip(self.module.parameters(), state["grads"]):
             p.grad = None if grad is None else grad.to(p.device)
         self.store.restore_held(to_device(state["held"], self.device))
+        for name, local in self.locals.items():
+            local.module.load_state_dict(state[name])
+            local.optimizer.load_state_dict(state[f"{name}_optimizer"])

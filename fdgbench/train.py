@@ -4,9 +4,7 @@ directory's records."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,7 +22,7 @@ from .diagnose import GradientProbe
 from .engines.distributed import DistributedEngine
 from .engines.launch import is_communication_error, rank_device, threads_per_rank
 from .engines.sequential import Observer, SequentialEngine
-from .engines.trace import Tracer, write_trace
+from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .memory import MemoryMonitor
 from .method import make_method
@@ -33,15 +31,15 @@ from .numerics import configure_numerics
 from .optim import SGDConfig
 from .replicas import ordered_mean_hook
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
-from .runs import RunDirectory, config_hash, environment, write_atomically
+from .runs import RunDirectory, config_hash, environment
 from .schedule import hold_span
 from .stage import StageContext, summarize_totals
+from .callbacks import Callback, standard_callbacks
 from .tracking import WandbTracker
 
 # lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
 LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
 CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
-FAULT_ENV = "FDGBENCH_FAULT"  # test hook: "RANK:ITERATION:raise|kill|stop" makes that rank fail there
 
 
 def _from_rank0(value):
@@ -63,8 +61,9 @@ def lr_at(t: int, base_lr: float, planned_steps: int, warmup_steps: int = 0, war
     return scheduled * (0.1 if warmup == "constant" else 0.01 + 0.99 * t / warmup_steps)
 
 
-class Trainer:
-    """Builds every piece of a run from its config; ``fit`` trains and records.
+class Run:
+    """Every piece of a run, built once from its config (``build_run``);
+    ``fit`` trains it.
 
     With ``rank`` (a torch.distributed process group is up, one rank per
     stage) this process builds the same model and partition as every other
@@ -79,6 +78,10 @@ class Trainer:
                  observer: Observer | None = None, rank: int | None = None, local_rank: int | None = None,
                  tracer: Tracer | None = None, resume: dict[str, Any] | None = None):
         check_config(cfg)
+        # The config names the engine; a distributed run's process is one rank of it (the group is up).
+        if (cfg.engine == "distributed") != (rank is not None):
+            raise ValueError(f"a {cfg.engine}-engine run is built " + ("with a rank" if rank is not None else
+                             "without its rank: build it in each rank of a torch.distributed group"))
         self.cfg = cfg
         self.config_hash = config_hash(cfg.to_dict())  # the run directory's name; checkpoints carry it
         self.rank = rank
@@ -139,7 +142,7 @@ class Trainer:
         self.test_labels = self.dataset.test_labels
         self.tracer = tracer
         self.probe = GradientProbe(cfg.diagnose, self.workers, self.stream) if cfg.diagnose else None
-        if rank is None:
+        if cfg.engine == "sequential":
             self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages,
                                            self.probe)
         else:
@@ -154,9 +157,8 @@ class Trainer:
         self.hold_span = hold_span(self.method.schedule, self.num_stages)
         self.memory = MemoryMonitor(self.workers, self.stage_indices, self.devices, self.method.schedule,
                                     self.num_stages)
-        self._fault = _parse_fault(os.environ.get(FAULT_ENV))
         # Repeated on every metrics line, so a line read on its own says whose it is.
-        self._identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
+        self.identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
                           "splits": cfg.splits, "seed": cfg.seed}
 
     def _make_worker(self, k: int, stage: nn.Module, output_shape: tuple[int, ...]):
@@ -189,115 +191,25 @@ class Trainer:
         role = "replicas" if self.method.data_parallel else "ranks, one per stage"
         return f"distributed engine ({dist.get_backend()}), {self.processes} {role}, {threads} thread(s) each"
 
-    def fit(self, run: RunDirectory, progress: bool | None = None, tracker: WandbTracker | None = None) -> dict[str, Any]:
-        """Train to the end (or divergence), writing the run directory (rank 0
-        of a distributed run writes the records; every rank its stage's
-        weights) and, with a tracker, logging to it."""
-        primary = self.engine.is_primary
-        tracker = tracker if primary else None
-        if self.resume is not None:
-            history = self._restore(run)
-        else:
-            history = []
-            self.steps_done = 0
-            if primary:
-                run.start(self.cfg.to_dict(), environment(self.devices, self.cfg.seed))
-                checkpoint.remove(run.path)
-        if tracker is not None:
-            tracker.start(run.path.name, run.path, self.cfg.to_dict(), resumed_from=len(history) or None)
-        status, message = "finished", None
-        bar = _progress_bar(self.total_steps, progress) if primary else None
-        if bar is not None:
-            bar.update(self.steps_done)
-        train_seconds = sum(h["epoch_seconds"] for h in history)
-        self.checkpoint_seconds = 0.0
-        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        if self.tracer is not None:
-            self.sync_compute()  # the origin events must not wait behind earlier work
-            self._barrier()
-            self.tracer.start(self.devices)
-        try:
-            for epoch in range(len(history), epochs):
-                first = epoch * self.steps_per_epoch
-                last = min(first + self.steps_per_epoch, self.total_steps)
-                checkpointing = epoch + 1 < epochs  # the last epoch ends the run instead
-                self.sync_compute()
-                t0 = time.perf_counter()
-                for t in range(first, last):
-                    lr = lr_at(t, self.cfg.lr, self.planned_steps, self.warmup_steps, self.cfg.warmup)
-                    for w in self.workers:
-                        w.set_lr(lr)
-                        w.keep_forward_weights(checkpointing and t >= last - self.hold_span)
-                    self.memory.watch(t)
-                    if self._fault and self._fault[:2] == (self.process, t):
-                        _inject(self._fault[2], t)
-                    self.engine.run_iteration(t)
-                    self.steps_done = t + 1
-                    if (t + 1) % CHECK_EVERY == 0 or t + 1 == last:
-                        self._check_progress(t, bar, t0, first)
-                self.sync_compute()
-                seconds = time.perf_counter() - t0
-                if self.tracer is not None:
-                    self.tracer.resolve()
-                train_seconds += seconds
-                train = summarize_totals(self.engine.train_totals())
-                self.engine.reset_train_metrics()
-                if not math.isfinite(train["loss"]) and train["images"]:
-                    raise DivergedError(f"training loss is {train['loss']} in epoch {epoch + 1}")
-                meters = self.engine.take_meters()
-                test = self.engine.evaluate(self.test_images, self.test_labels, self.normalizer)
-                record = {**self._identity, "epoch": epoch + 1, "iteration": last, "lr": lr,
-                          "train_loss": train["loss"],
-                          "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
-                          "epoch_seconds": seconds, "images_per_s": (last - first) * self.cfg.batch_size / seconds,
-                          **meters, **({"diagnostics": self.probe.take()} if self.probe is not None else {})}
-                history.append(record)
-                if primary:
-                    run.append_metrics(record)  # before the checkpoint: a resume drops records past it
-                if tracker is not None:
-                    tracker.log(record)
-                if checkpointing:
-                    self._save_checkpoint(run, epoch + 1, last)
-        except DivergedError as exc:  # every rank raises it at the same check (the totals are shared)
-            status, message = "diverged", str(exc)
-        finally:
-            if bar is not None:
-                bar.close()
-        self.engine.finish(self.steps_done)
-        if not (self.method.data_parallel and self.rank):  # replicas are equal: rank 0 saves the one
-            for k, stage in zip(self.stage_indices, self.stages):
-                run.save_stage(k, stage.state_dict())
-        if self.tracer is not None:
-            self._write_trace(run)
-        summary = {**self._summary(history, status, message, train_seconds), **self._memory_record()}
-        if primary:
-            run.finish(summary)
-            checkpoint.remove(run.path)
-        if tracker is not None:
-            tracker.finish(summary)
-        if status == "diverged":
-            raise DivergedError(f"{message}; recorded in {run.path}")
-        return summary
-
-    def _save_checkpoint(self, run: RunDirectory, epochs_done: int, next_t: int) -> None:
+    def save_checkpoint(self, run: RunDirectory, epochs_done: int, next_t: int) -> None:
         """Every process writes its part, then rank 0 points latest.json at
         them, then each removes its older parts (checkpoint.py)."""
         start = time.perf_counter()
         state = {"epoch": epochs_done, "iteration": next_t, "engine": self.engine.checkpoint_state(),
                  "rng": checkpoint.rng_state(self.devices), checkpoint.HASH: self.config_hash}
         checkpoint.save_part(run.path, epochs_done, self.process, state)
-        self._barrier()
+        self.barrier()
         if self.engine.is_primary:
             checkpoint.publish(run.path, {
                 "epoch": epochs_done, "iteration": next_t,
                 "ranks": self.processes, checkpoint.HASH: self.config_hash,
                 "partition": {"starts": list(self.partition.starts), "strategy": self.partition.strategy},
                 "written": datetime.now(timezone.utc).isoformat()})
-        self._barrier()
+        self.barrier()
         checkpoint.prune(run.path, epochs_done, self.process)
         self.checkpoint_seconds += time.perf_counter() - start
 
-    def _restore(self, run: RunDirectory) -> list[dict[str, Any]]:
+    def restore(self, run: RunDirectory) -> list[dict[str, Any]]:
         """Load this process's part of the checkpoint ``self.resume`` names;
         returns the history of the epochs before it (rank 0's records)."""
         info = self.resume
@@ -329,32 +241,7 @@ class Trainer:
                             f"{epochs_done}; --force starts the run over")
         return history
 
-    def _write_trace(self, run: RunDirectory) -> None:
-        spans = self.tracer.spans
-        if self.rank is not None:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, spans)
-            spans = [s for part in gathered for s in part]
-        if self.engine.is_primary:
-            meta = {"method": self.cfg.method, "model": self.cfg.model, "splits": self.cfg.splits,
-                    "engine": self.cfg.engine, "threads": torch.get_num_threads(),
-                    "batch_size": self.cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
-                    "partition": self.partition_text}
-            write_atomically(run.path / "trace.json", lambda tmp: write_trace(tmp, spans, meta))
-
-    def _check_progress(self, t: int, bar, t0: float, first: int) -> None:
-        m = summarize_totals(self.engine.train_totals())
-        if m["images"] and not math.isfinite(m["loss"]):
-            # The epoch's summed loss was finite at the previous check, so it turned in between.
-            since = max(first, t // CHECK_EVERY * CHECK_EVERY)
-            raise DivergedError(f"training loss is {m['loss']} by iteration {t} (first non-finite in iterations "
-                                f"{since}-{t}; the loss is checked every {CHECK_EVERY} iterations)")
-        if bar is not None:
-            bar.update(t + 1 - bar.n)
-            rate = (t + 1 - first) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 - m['error']:.1f}%", img_s=f"{rate:.0f}")
-
-    def _memory_record(self) -> dict[str, Any]:
+    def memory_record(self) -> dict[str, Any]:
         """Every stage's measured memory (memory.MemoryMonitor), from every rank."""
         record = self.memory.record()
         if self.rank is not None:
@@ -366,11 +253,11 @@ class Trainer:
                     record.setdefault(key, value)
         return record
 
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
         if self.rank is not None:
             dist.barrier()
 
-    def _summary(self, history: list[dict[str, Any]], status: str, message: str | None,
+    def summary(self, history: list[dict[str, Any]], status: str, message: str | None,
                  train_seconds: float) -> dict[str, Any]:
         errors = [h["test_error"] for h in history]
         best = min(range(len(errors)), key=errors.__getitem__) if errors else None
@@ -414,6 +301,96 @@ class Trainer:
                 torch.cuda.current_stream(d).synchronize()
 
 
+def build_run(cfg: RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None, **kw: Any) -> Run:
+    """Check ``cfg``, load its data (unless ``dataset`` is given) and build the
+    model, partition, stages, workers, batch stream, test set and engine,
+    once (Run's keyword arguments: observer, rank, local_rank, tracer, resume)."""
+    return Run(cfg, data_dir, dataset, **kw)
+
+
+def fit(run: Run, directory: RunDirectory, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train ``run`` to the end (or divergence) into ``directory``: an epoch
+    loop of the schedule's iterations at the paper's lr schedule, the
+    divergence check, an evaluation after every epoch; everything else is
+    ``callbacks`` (default: ``standard_callbacks``: records, checkpoints,
+    progress bar, trace, faults). Returns the summary; a diverged run is
+    recorded and raises DivergedError."""
+    callbacks = standard_callbacks(run) if callbacks is None else callbacks
+    history = run.restore(directory) if run.resume is not None else []
+    if run.resume is None:
+        run.steps_done = 0
+    run.checkpoint_seconds = 0.0
+    train_seconds = sum(h["epoch_seconds"] for h in history)
+    epochs = math.ceil(run.total_steps / run.steps_per_epoch)
+    status, message = "finished", None
+    try:
+        for c in callbacks:
+            c.on_fit_start(run, directory, history)
+        try:
+            for epoch in range(len(history), epochs):
+                record = _train_epoch(run, epoch, epoch + 1 < epochs, callbacks)
+                train_seconds += record["epoch_seconds"]
+                history.append(record)
+                for c in callbacks:
+                    c.on_epoch_end(run, directory, record, epoch + 1 < epochs)  # the last epoch ends the run
+        except DivergedError as exc:  # every rank raises it at the same check (the totals are shared)
+            status, message = "diverged", str(exc)
+        run.engine.finish(run.steps_done)
+        summary = {**run.summary(history, status, message, train_seconds), **run.memory_record()}
+        for c in reversed(callbacks):
+            c.on_fit_end(run, directory, summary)
+    finally:
+        for c in reversed(callbacks):
+            c.teardown()
+    if status == "diverged":
+        raise DivergedError(f"{message}; recorded in {directory.path}")
+    return summary
+
+
+def _train_epoch(run: Run, epoch: int, checkpoint_follows: bool, callbacks: list[Callback]) -> dict[str, Any]:
+    """One epoch's iterations and its evaluation; returns its metrics record."""
+    first = epoch * run.steps_per_epoch
+    last = min(first + run.steps_per_epoch, run.total_steps)
+    run.sync_compute()
+    t0 = time.perf_counter()
+    for t in range(first, last):
+        lr = lr_at(t, run.cfg.lr, run.planned_steps, run.warmup_steps, run.cfg.warmup)
+        for w in run.workers:
+            w.set_lr(lr)
+        for c in callbacks:
+            c.on_iteration(run, t, last if checkpoint_follows else None)
+        run.memory.watch(t)
+        run.engine.run_iteration(t)
+        run.steps_done = t + 1
+        if (t + 1) % CHECK_EVERY == 0 or t + 1 == last:
+            totals = summarize_totals(run.engine.train_totals())
+            _check_finite(totals, t, first)
+            rate = (t + 1 - first) * run.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+            for c in callbacks:
+                c.on_progress(run, t, totals, rate)
+    run.sync_compute()
+    seconds = time.perf_counter() - t0
+    train = summarize_totals(run.engine.train_totals())  # checked at the epoch's last iteration above
+    run.engine.reset_train_metrics()
+    meters = run.engine.take_meters()
+    test = run.engine.evaluate(run.test_images, run.test_labels, run.normalizer)
+    return {**run.identity, "epoch": epoch + 1, "iteration": last, "lr": lr, "train_loss": train["loss"],
+            "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
+            "epoch_seconds": seconds, "images_per_s": (last - first) * run.cfg.batch_size / seconds,
+            **meters, **({"diagnostics": run.probe.take()} if run.probe is not None else {})}
+
+
+def _check_finite(totals: dict[str, Any], t: int, first: int) -> None:
+    """The divergence check, the one place a run is found diverged: the
+    epoch's summed training loss, every CHECK_EVERY iterations and at the
+    epoch's end."""
+    if totals["images"] and not math.isfinite(totals["loss"]):
+        # The epoch's summed loss was finite at the previous check, so it turned in between.
+        since = max(first, t // CHECK_EVERY * CHECK_EVERY)
+        raise DivergedError(f"training loss is {totals['loss']} by iteration {t} (first non-finite in iterations "
+                            f"{since}-{t}; the loss is checked every {CHECK_EVERY} iterations)")
+
+
 def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress: bool | None, trace: bool,
                local_rank: int | None = None, wandb_project: str | None = None,
                resume: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -425,26 +402,12 @@ def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress
     dist.barrier()
     if rank != 0:
         dataset = load_dataset(cfg.dataset, data_dir)
-    trainer = Trainer(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None,
-                      resume=resume)
+    trainer = build_run(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None,
+                        resume=resume)
     if rank == 0:
         print(trainer.describe(), file=sys.stderr, flush=True)
     tracker = WandbTracker(wandb_project) if wandb_project and rank == 0 else None
-    return trainer.fit(RunDirectory(run_path), progress, tracker)
-
-
-def _parse_fault(text: str | None):
-    if not text:
-        return None
-    rank, iteration, mode = text.split(":")
-    return int(rank), int(iteration), mode
-
-
-def _inject(mode: str, t: int) -> None:
-    if mode in ("kill", "stop"):  # stop: the process hangs (SIGSTOP) without dying
-        os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
-        return
-    raise RuntimeError(f"fault injected by {FAULT_ENV} at iteration {t}")
+    return fit(trainer, RunDirectory(run_path), standard_callbacks(trainer, progress, tracker))
 
 
 def seed_everything(seed: int) -> None:
@@ -456,11 +419,3 @@ def seed_everything(seed: int) -> None:
         numpy.random.seed(seed % 2**32)
     except ImportError:
         pass
-
-
-def _progress_bar(total: int, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, unit="it", dynamic_ncols=True, leave=False) if enabled else None

@@ -8,9 +8,11 @@ is the last stage's classifier. Auxiliary nets have their own SGD on the
 stage's schedule. ``sync`` and ``pipelined`` give the same numbers (only the
 timing differs), since no stage's computation depends on another's state.
 """
-import torch.nn.functional as F
+import math
 
-from fdgbench.auxnets import aux_classifier
+import torch.nn.functional as F
+from torch import nn
+
 from fdgbench.method import Method, register
 from fdgbench.optim import StageOptimizer
 from fdgbench.schedule import local_plan
@@ -19,12 +21,33 @@ from fdgbench.stage import MeanMeter, StageWorker
 from .variants import VARIANT, forward_batch
 
 
+def _conv_bn_relu_1x1(channels: int) -> list[nn.Module]:
+    return [nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+
+
+def _linear_bn_relu(width: int) -> list[nn.Module]:
+    return [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+
+
+def aux_classifier(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """DGL's reference auxiliary net ("MLP-SR"): average-pool to ceil(H/4),
+    three 1x1 conv + BN + ReLU at the input's width C, average-pool to 2x2,
+    three Linear(4C, 4C) + BN1d + ReLU, and a linear classifier."""
+    if len(shape) != 3:
+        raise ValueError(f"auxiliary classifiers need a (C, H, W) boundary, got {shape}")
+    c, h, _ = shape
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(math.ceil(h / 4)), *_conv_bn_relu_1x1(c), *_conv_bn_relu_1x1(c), *_conv_bn_relu_1x1(c),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        *_linear_bn_relu(4 * c), *_linear_bn_relu(4 * c), *_linear_bn_relu(4 * c), nn.Linear(4 * c, num_classes))
+
+
 class LocalLossWorker(StageWorker):
     def __init__(self, ctx):
         super().__init__(ctx, input_grad=False)
         with ctx.seeded():
             self.aux = aux_classifier(ctx.output_shape, ctx.num_classes).to(ctx.device, memory_format=ctx.memory_format)
-        self.aux_optimizer = StageOptimizer(list(self.aux.parameters()), ctx.optim)
+        self.add_local("aux", self.aux, StageOptimizer(list(self.aux.parameters()), ctx.optim))
         self.meters = {"aux_loss": MeanMeter(), "aux_error": MeanMeter()}
 
     def forward(self, batch, x, labels):
@@ -40,23 +63,6 @@ class LocalLossWorker(StageWorker):
     def local_backward(self, batch):
         self.store.backward(batch, None)
         return None
-
-    def update(self):
-        super().update()
-        self.aux_optimizer.step()
-
-    def set_lr(self, lr):
-        super().set_lr(lr)
-        self.aux_optimizer.set_lr(lr)
-
-    def checkpoint_state(self):
-        return {**super().checkpoint_state(), "aux": self.aux.state_dict(),
-                "aux_optimizer": self.aux_optimizer.state_dict()}
-
-    def restore_state(self, state):
-        super().restore_state(state)
-        self.aux.load_state_dict(state["aux"])
-        self.aux_optimizer.load_state_dict(state["aux_optimizer"])
 
 
 @register

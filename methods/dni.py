@@ -19,8 +19,8 @@ order 1/B and the stages diverge (measured on the tiny test net: training
 loss 4 -> 250 in ten epochs). The reported sg_loss is in these units.
 """
 import torch
+from torch import nn
 
-from fdgbench.auxnets import SyntheticGradient
 from fdgbench.checkpoint import to_device
 from fdgbench.method import Method, MethodOption, positive, register
 from fdgbench.schedule import local_plan
@@ -34,13 +34,50 @@ SG_KERNEL = MethodOption("sg_kernel", int, 5, "conv kernel of the synthetic-grad
                          "paper, or 3)", check=lambda k: None if k in (3, 5) else f"must be 3 or 5, got {k}")
 
 
+class SyntheticGradient(nn.Module):
+    """DNI's synthetic-gradient model: predicts dL/dh from h (and, for cDNI,
+    the one-hot label as extra input channels). For conv activations, three
+    resolution-preserving convs (BN + ReLU after the first two); the last
+    conv's weight and bias start at zero, so the first predictions are zero."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, conditioned: bool, kernel: int = 5):
+        super().__init__()
+        self.num_classes = num_classes if conditioned else 0
+        c = shape[0]
+        if len(shape) == 3:
+            pad = kernel // 2
+
+            def layer(cin: int) -> nn.Conv2d:
+                return nn.Conv2d(cin, c, kernel, padding=pad)
+
+            self.net = nn.Sequential(layer(c + self.num_classes), nn.BatchNorm2d(c), nn.ReLU(),
+                                     layer(c), nn.BatchNorm2d(c), nn.ReLU(), layer(c))
+        elif len(shape) == 1:
+            self.net = nn.Sequential(nn.Linear(c + self.num_classes, c), nn.BatchNorm1d(c), nn.ReLU(),
+                                     nn.Linear(c, c), nn.BatchNorm1d(c), nn.ReLU(), nn.Linear(c, c))
+        else:
+            raise ValueError(f"synthetic gradients need a (C, H, W) or (C,) boundary, got {shape}")
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_classes:
+            onehot = nn.functional.one_hot(labels, self.num_classes).to(h.dtype)
+            if h.dim() == 4:
+                onehot = onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])
+            h = torch.cat([h, onehot], dim=1)
+        return self.net(h)
+
+
 class SyntheticGradientWorker(StageWorker):
     def __init__(self, ctx, conditioned: bool, sg_lr: float, kernel: int):
         super().__init__(ctx)
         with ctx.seeded():
             self.sg = SyntheticGradient(ctx.output_shape, ctx.num_classes, conditioned, kernel).to(
                 ctx.device, memory_format=ctx.memory_format)
+        # Adam at its own fixed lr, stepped when the true gradient arrives (backward), not with the stage.
         self.sg_optimizer = torch.optim.Adam(self.sg.parameters(), lr=sg_lr)
+        self.add_local("sg", self.sg, self.sg_optimizer, follows_schedule=False, steps_with_stage=False)
         self.meters = {"sg_loss": MeanMeter()}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -68,14 +105,11 @@ class SyntheticGradientWorker(StageWorker):
         self.meters["sg_loss"].add(loss)
         return None
 
-    def checkpoint_state(self):
-        return {**super().checkpoint_state(), "sg": self.sg.state_dict(),
-                "sg_optimizer": self.sg_optimizer.state_dict(), "outputs": self._outputs}
+    def checkpoint_state(self):  # the outputs still waiting for their true gradient
+        return {**super().checkpoint_state(), "outputs": self._outputs}
 
     def restore_state(self, state):
         super().restore_state(state)
-        self.sg.load_state_dict(state["sg"])
-        self.sg_optimizer.load_state_dict(state["sg_optimizer"])
         self._outputs = to_device(state["outputs"], self.device)
 
 

@@ -11,7 +11,7 @@ from fdgbench.method import make_method
 from fdgbench.optim import SGDConfig
 from fdgbench.schedule import Op
 from fdgbench.config import RunConfig
-from fdgbench.train import Trainer
+from fdgbench.train import build_run
 
 from .helpers import ToyStream, engine_for, half_sse
 
@@ -21,7 +21,7 @@ DATA = synthetic_dataset(10, train=256, test=64)
 def _trainer(method, k, observer=None, lr=0.05, **options):
     cfg = RunConfig(method=method, method_options=options, model="tiny_resnet", splits=k, dataset="synthetic",
                     batch_size=32, epochs=3, lr=lr)
-    return Trainer(cfg, dataset=DATA, observer=observer)
+    return build_run(cfg, dataset=DATA, observer=observer)
 
 
 def _events(method, k, steps, **options):

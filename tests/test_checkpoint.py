@@ -19,7 +19,7 @@ from fdgbench.engines.launch import spawn_ranks
 from fdgbench.method import make_method
 from fdgbench.runs import RunDirectory, config_hash
 from fdgbench.schedule import hold_span
-from fdgbench.train import Trainer
+from fdgbench.train import build_run, fit
 
 from .helpers import method_configs
 
@@ -65,21 +65,21 @@ def _interrupt(trainer, at):
 
 def _train_clean_and_interrupted(rank, configs, root):
     """Per config: an uninterrupted run, and a run interrupted at STOP_AT and
-    resumed by a fresh Trainer from the checkpoint on disk (``rank``: this
+    resumed by a fresh Run from the checkpoint on disk (``rank``: this
     process's rank on the distributed engine, or None)."""
     for i, cfg in enumerate(configs):
-        Trainer(cfg, dataset=_data(), rank=rank).fit(RunDirectory(Path(root) / f"clean{i}"), progress=False)
+        fit(build_run(cfg, dataset=_data(), rank=rank), RunDirectory(Path(root) / f"clean{i}"))
         cut = RunDirectory(Path(root) / f"cut{i}")
-        trainer = Trainer(cfg, dataset=_data(), rank=rank)
+        trainer = build_run(cfg, dataset=_data(), rank=rank)
         _interrupt(trainer, STOP_AT)
         try:
-            trainer.fit(cut, progress=False)
+            fit(trainer, cut)
             raise AssertionError("the run was not interrupted")
         except Interrupted:
             pass
         saved = checkpoint.latest(cut.path)
         assert saved["epoch"] == STOP_AT // STEPS_PER_EPOCH and saved["iteration"] == 6
-        Trainer(cfg, dataset=_data(), rank=rank, resume=saved).fit(cut, progress=False)
+        fit(build_run(cfg, dataset=_data(), rank=rank, resume=saved), cut)
 
 
 def _same(a, b):
@@ -142,10 +142,10 @@ def test_the_checkpoint_holds_batches_in_flight_with_the_weights_of_their_forwar
     that differ from the live ones, and a message in flight per boundary and
     direction."""
     cfg = next(c for c in _configs(3) if c.method == "fdg" and c.method_options["staleness"] == "legacy")
-    trainer = Trainer(cfg, dataset=_data())
+    trainer = build_run(cfg, dataset=_data())
     _interrupt(trainer, STOP_AT)
     with pytest.raises(Interrupted):
-        trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
+        fit(trainer, RunDirectory(tmp_path / "run"))
     state = checkpoint.load_part(tmp_path / "run", 2, 0, config_hash(cfg.to_dict()))["engine"]
     stage0 = state["stages"][0]
     assert [h["batch"] for h in stage0["held"]] == [2, 3, 4, 5]  # FDG: stage 0 back-propagates batch t-4

@@ -12,6 +12,7 @@ from fdgbench.engines.sequential import SequentialEngine
 from fdgbench.method import make_method
 from fdgbench.optim import SGDConfig
 from fdgbench.stage import StageContext
+from fdgbench.train import fit
 
 from .helpers import Scale, ToyStream, half_sse
 from .test_methods import _run, _trainer, _variants
@@ -120,7 +121,7 @@ def test_diagnostics_reach_the_epoch_records(tmp_path):
     from fdgbench.runs import RunDirectory
 
     trainer = _trainer("fdg", 2, diagnose=4, epochs=2)
-    trainer.fit(RunDirectory(tmp_path / "run"), progress=False)
+    fit(trainer, RunDirectory(tmp_path / "run"))
     metrics = RunDirectory(tmp_path / "run").metrics()
     steps = trainer.steps_per_epoch
     first_update = {0: 2, 1: 1}  # FDG, K = 2: stage 1 updates from iteration 1, stage 0 from 2

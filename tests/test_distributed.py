@@ -18,7 +18,7 @@ from fdgbench.engines.trace import read_trace
 from fdgbench.method import all_methods
 from fdgbench.runs import RunDirectory
 from fdgbench.config import RunConfig
-from fdgbench.train import Trainer
+from fdgbench.train import build_run, fit
 
 from .helpers import method_configs
 
@@ -40,14 +40,14 @@ def _configs(k):
 def _train_distributed(rank, configs, root):
     for i, cfg in enumerate(configs):
         cfg = RunConfig(**{**cfg.__dict__, "engine": "distributed"})
-        Trainer(cfg, dataset=_data(), rank=rank).fit(RunDirectory(Path(root) / f"d{i}"), progress=False)
+        fit(build_run(cfg, dataset=_data(), rank=rank), RunDirectory(Path(root) / f"d{i}"))
 
 
 def _train_sequential(configs, root):
     threads = torch.get_num_threads()
     try:
         for i, cfg in enumerate(configs):
-            Trainer(cfg, dataset=_data()).fit(RunDirectory(Path(root) / f"s{i}"), progress=False)
+            fit(build_run(cfg, dataset=_data()), RunDirectory(Path(root) / f"s{i}"))
     finally:
         torch.set_num_threads(threads)
 

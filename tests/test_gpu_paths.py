@@ -57,7 +57,7 @@ def test_sync_compute_waits_for_the_compute_stream_never_the_whole_device(monkey
     # complete only when the peer posts its receive in its next iteration.
     from types import SimpleNamespace
 
-    from fdgbench.train import Trainer
+    from fdgbench.train import Run
 
     waited = []
 
@@ -68,5 +68,5 @@ def test_sync_compute_waits_for_the_compute_stream_never_the_whole_device(monkey
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda d: SimpleNamespace(synchronize=lambda: waited.append(d)))
     gpus = [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")]
-    Trainer.sync_compute(SimpleNamespace(devices=gpus))
+    Run.sync_compute(SimpleNamespace(devices=gpus))
     assert waited == [torch.device("cuda", 0), torch.device("cuda", 1)]  # each GPU once, the CPU not at all

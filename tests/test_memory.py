@@ -14,7 +14,7 @@ from fdgbench.memory import Linear, StageProbe, estimate
 from fdgbench.method import make_method
 from fdgbench.schedule import batches_held, release_ops
 from fdgbench.config import RunConfig
-from fdgbench.train import Trainer
+from fdgbench.train import build_run
 
 TINY = ["--model", "tiny_resnet", "--dataset", "synthetic", "--epochs", "1", "--max-steps", "6", "--batch-size", "16",
         "--threads", "1"]
@@ -65,7 +65,7 @@ def test_linear_fit_predicts_a_larger_batch():
     cfg = RunConfig(method="fdg", method_options={"staleness": "stash"}, model="tiny_resnet", splits=2)
     fitted = estimate(cfg, (3, 32, 32), 10)
     method = make_method("fdg", staleness="stash")
-    trainer = Trainer(RunConfig(method="fdg", method_options={"staleness": "stash"}, model="tiny_resnet", splits=2,
+    trainer = build_run(RunConfig(method="fdg", method_options={"staleness": "stash"}, model="tiny_resnet", splits=2,
                                 dataset="synthetic", batch_size=16, threads=1),
                       dataset=synthetic_dataset(10, train=32, test=16))
     releases = release_ops(method.schedule, 2)
@@ -85,7 +85,7 @@ TOLERANCE = 0.01  # the batch-scaling error above; the schedule's counts are exa
 def test_the_estimate_matches_the_measured_bytes(method, options):
     cfg = RunConfig(method=method, method_options=options, model="tiny_resnet", splits=3, dataset="synthetic",
                     batch_size=16, threads=1)
-    trainer = Trainer(cfg, dataset=synthetic_dataset(10, train=64, test=16))
+    trainer = build_run(cfg, dataset=synthetic_dataset(10, train=64, test=16))
     for t in range(2 * trainer.hold_span + 3):
         trainer.memory.watch(t)
         trainer.engine.run_iteration(t)
@@ -118,7 +118,7 @@ def test_every_run_records_stage_memory(cli, tmp_path):
 
 def test_the_monitor_measures_only_its_window(tiny_data):
     cfg = RunConfig(method="fdg", model="tiny_resnet", splits=2, dataset="synthetic", batch_size=16, threads=1)
-    trainer = Trainer(cfg, dataset=tiny_data)
+    trainer = build_run(cfg, dataset=tiny_data)
     for t in range(trainer.memory.window + 2):
         trainer.memory.watch(t)
         trainer.engine.run_iteration(t)

@@ -131,6 +131,8 @@ def test_table2_smoke_preset_end_to_end(tmp_path):
                    str(tmp_path / "curves"))
     assert plotted.returncode == 0, plotted.stderr
     assert all((tmp_path / f"curves.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    drawn = (tmp_path / "curves.svg").read_text()
+    assert "BP (n=1)" in drawn and "FDG b=1 (n=1)" in drawn  # one line per column, its seeds counted
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])

@@ -232,3 +232,16 @@ def test_a_config_is_built_from_the_options_by_its_fields():
                                          "beta": 0.5, "staleness": None, "out": "ignored"})
     assert (cfg.model, cfg.splits, cfg.split_at) == ("resnet20", 3, ("L1.0", "L2.0"))
     assert cfg.method_options == {"beta": 0.5} and cfg.epochs == RunConfig().epochs
+
+
+def test_methods_sharing_an_option_name_keep_their_own_choices_and_help(cli):
+    """--staleness is FDG's (legacy|stash|replay) and DDG's (legacy|stash):
+    the flag's help gives each definition with its methods, and each method
+    checks the value against its own."""
+    status, out, _ = cli("run", "--help")
+    text = " ".join(out.split())
+    assert "[fdg,adl] what a delayed backward sees" in text and "[ddg] legacy (authors' PyTorch-1.0" in text
+    assert "(legacy|stash|replay) (default legacy); [ddg]" in text and "(legacy|stash) (default legacy)" in text
+    status, _, err = cli("run", "--method", "ddg", "--staleness", "replay", "--model", "tiny_resnet",
+                         "--dataset", "synthetic", "--max-steps", "5")
+    assert status == 2 and "--staleness must be one of legacy, stash, got 'replay'" in err
