@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .engines.trace import write_trace
+from .resume import save_checkpoint
 from .runs import RunDirectory, environment, write_atomically
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class Checkpoints(Callback):
 
     def on_epoch_end(self, run, directory, record, checkpoint_follows):
         if checkpoint_follows:
-            run.save_checkpoint(directory, record["epoch"], record["iteration"])
+            save_checkpoint(run, directory, record["epoch"], record["iteration"])
 
 
 class ProgressBar(Callback):

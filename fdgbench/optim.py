@@ -56,3 +56,19 @@ class StageOptimizer:
         for p, alias in zip(self.params, self._targets):
             p.grad = None
             alias.grad = None
+
+
+# lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
+LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
+
+
+def lr_at(t: int, base_lr: float, planned_steps: int, warmup_steps: int = 0, warmup: str = "constant") -> float:
+    """The paper's step schedule; during a warm-up, ``constant``: a tenth of
+    it (as the FDG authors' code and He et al.'s ResNet-110 warm up), or
+    ``linear``: from 1% of it at iteration 0 rising by equal steps to 100%
+    at the warm-up's end (as the ADL code does over its first 5 epochs)."""
+    drops = sum(t >= round(f * planned_steps) for f in LR_MILESTONES)
+    scheduled = base_lr * 0.1 ** drops
+    if t >= warmup_steps:
+        return scheduled
+    return scheduled * (0.1 if warmup == "constant" else 0.01 + 0.99 * t / warmup_steps)

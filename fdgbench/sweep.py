@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from . import checkpoint
 from .config import TUPLE_FIELDS, RunConfig
 from .data import load_dataset
 from .errors import DivergedError, RunInUseError, UserError
@@ -27,6 +28,7 @@ from .runs import RunDirectory
 
 RUNNING_S = 3600  # a run whose directory changed this recently counts as running (epochs can take long)
 STATES = ("done", "diverged", "running", "incomplete", "missing")
+RECORDED = ("done", "diverged")  # the states of a run that has finished, one way or the other
 
 
 def run_state(run: RunDirectory, now: float | None = None) -> str:
@@ -126,7 +128,7 @@ class InProcessLauncher:
         datasets: dict[str, Any] = {}
         for i, job in enumerate(jobs, 1):
             label = f"[{i}/{len(jobs)}] {job.label}"
-            if job.run.is_done:
+            if job.state in RECORDED:
                 counts["done before"] += 1
                 _say(f"{label}: done ({done_summary(job.run)['status']})")
                 continue
@@ -154,7 +156,7 @@ class PrintLauncher:
     scheduler (a job array, ``xargs -P``); trains nothing."""
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        todo = [job for job in jobs if not job.run.is_done]
+        todo = [job for job in jobs if job.state not in RECORDED]
         for job in todo:
             _say(shlex.join(run_command(job, options)))
         return {"done before": len(jobs) - len(todo), "printed": len(todo)}
@@ -171,7 +173,7 @@ class SubprocessLauncher:
         self.parallel, self.python = parallel, python
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        todo = [job for job in jobs if not job.run.is_done]
+        todo = [job for job in jobs if job.state not in RECORDED]
         counts = {"done before": len(jobs) - len(todo), "finished": 0, "diverged": 0, "failed": 0}
         waiting, running = list(todo), []
         while waiting or running:
@@ -199,3 +201,49 @@ LAUNCHERS: dict[str, Callable[[int], Launcher]] = {
     "subprocess": lambda parallel: SubprocessLauncher(parallel),
     "print": lambda parallel: PrintLauncher(),
 }
+
+
+def describe(job: Job) -> str:
+    """A job's state in a dry run's words."""
+    state = job.state
+    if state in RECORDED:
+        return f"done ({'finished' if state == 'done' else state})"
+    saved = checkpoint.latest(job.run.path)
+    text = (f"incomplete, resumes after epoch {saved['epoch']}" if saved else
+            "incomplete, starts over (no checkpoint)" if job.run.path.exists() else "missing")
+    return f"{text} -> {job.run.path.name}"
+
+
+@dataclass
+class Progress:
+    """Where a sweep stands: runs by state, how many can resume, and the
+    training time left at each model's median epoch time so far (None: no
+    epoch recorded yet; ``unknown``: models with runs left and no epoch)."""
+
+    counts: dict[str, int]
+    resumable: int
+    seconds_left: float | None
+    unknown: list[str]
+    remaining: int  # runs not done
+
+
+def progress(cells: list[Cell], root: Path) -> Progress:
+    from .report.records import planned_records
+
+    planned = planned_records(cells, root)
+    planned["model"] = [c.config.model for c in cells]
+    planned["epochs"] = [c.config.epochs if not c.config.max_steps else 1 for c in cells]
+    finished = planned["state"].isin(RECORDED)
+    counts = {"done": int(finished.sum()),
+              **{s: int((planned["state"] == s).sum()) for s in ("running", "incomplete", "missing")}}
+    resumable = sum(checkpoint.latest(root / run) is not None
+                    for run in planned.loc[planned["state"].isin(["running", "incomplete"]), "run"])
+    # Seconds per epoch, per model, over every epoch recorded so far; the epochs each unfinished run has left.
+    epochs = planned.explode("metrics").dropna(subset=["metrics"])
+    seconds = (epochs["metrics"].map(lambda m: m["epoch_seconds"]).groupby(epochs["model"]).median()
+               if len(epochs) else {})
+    left = planned[~finished]
+    remaining = list(zip(left["model"], (left["epochs"] - left["metrics"].map(len)).clip(lower=0)))
+    return Progress(counts, resumable,
+                    sum(seconds[m] * e for m, e in remaining if m in seconds) if len(seconds) else None,
+                    sorted({m for m, e in remaining if e and m not in seconds}), len(remaining))

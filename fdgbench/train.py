@@ -4,10 +4,8 @@ directory's records."""
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -15,50 +13,29 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint
 from .config import RunConfig, check_budget, check_config, stage_devices
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .diagnose import GradientProbe
 from .engines.distributed import DistributedEngine
-from .engines.launch import is_communication_error, rank_device, threads_per_rank
+from .engines.launch import from_rank0, rank_device, threads_per_rank
 from .engines.sequential import Observer, SequentialEngine
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .memory import MemoryMonitor
 from .method import make_method
 from .models import build_model, count_parameters
-from .numerics import configure_numerics
-from .optim import SGDConfig
+from .numerics import configure_numerics, seed_everything
+from .optim import SGDConfig, lr_at
 from .replicas import ordered_mean_hook
+from .resume import restore
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
-from .runs import RunDirectory, config_hash, environment
+from .runs import RunDirectory, config_hash
 from .schedule import hold_span
 from .stage import StageContext, summarize_totals
 from .callbacks import Callback, standard_callbacks
 from .tracking import WandbTracker
 
-# lr / 10 at epochs 150, 225 and 275 of 300: fractions of the planned iterations.
-LR_MILESTONES = (150 / 300, 225 / 300, 275 / 300)
 CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence check)
-
-
-def _from_rank0(value):
-    """Rank 0's ``value`` (any picklable object), on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def lr_at(t: int, base_lr: float, planned_steps: int, warmup_steps: int = 0, warmup: str = "constant") -> float:
-    """The paper's step schedule; during a warm-up, ``constant``: a tenth of
-    it (as the FDG authors' code and He et al.'s ResNet-110 warm up), or
-    ``linear``: from 1% of it at iteration 0 rising by equal steps to 100%
-    at the warm-up's end (as the ADL code does over its first 5 epochs)."""
-    drops = sum(t >= round(f * planned_steps) for f in LR_MILESTONES)
-    scheduled = base_lr * 0.1 ** drops
-    if t >= warmup_steps:
-        return scheduled
-    return scheduled * (0.1 if warmup == "constant" else 0.01 + 0.99 * t / warmup_steps)
 
 
 class Run:
@@ -119,7 +96,7 @@ class Run:
             self.partition = make_partition(model, self.num_stages, cfg.partition,
                                             list(cfg.split_at) if cfg.split_at else None, sample=sample)
             if rank is not None and self.num_stages > 1:
-                self.partition = _from_rank0(self.partition)  # measured (time) partitions differ between ranks
+                self.partition = from_rank0(self.partition)  # measured (time) partitions differ between ranks
         self.partition_text = self.partition.describe(model.block_names)
         self.block_names = list(model.block_names)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
@@ -190,56 +167,6 @@ class Run:
             return f"sequential engine, {threads} thread(s)"
         role = "replicas" if self.method.data_parallel else "ranks, one per stage"
         return f"distributed engine ({dist.get_backend()}), {self.processes} {role}, {threads} thread(s) each"
-
-    def save_checkpoint(self, run: RunDirectory, epochs_done: int, next_t: int) -> None:
-        """Every process writes its part, then rank 0 points latest.json at
-        them, then each removes its older parts (checkpoint.py)."""
-        start = time.perf_counter()
-        state = {"epoch": epochs_done, "iteration": next_t, "engine": self.engine.checkpoint_state(),
-                 "rng": checkpoint.rng_state(self.devices), checkpoint.HASH: self.config_hash}
-        checkpoint.save_part(run.path, epochs_done, self.process, state)
-        self.barrier()
-        if self.engine.is_primary:
-            checkpoint.publish(run.path, {
-                "epoch": epochs_done, "iteration": next_t,
-                "ranks": self.processes, checkpoint.HASH: self.config_hash,
-                "partition": {"starts": list(self.partition.starts), "strategy": self.partition.strategy},
-                "written": datetime.now(timezone.utc).isoformat()})
-        self.barrier()
-        checkpoint.prune(run.path, epochs_done, self.process)
-        self.checkpoint_seconds += time.perf_counter() - start
-
-    def restore(self, run: RunDirectory) -> list[dict[str, Any]]:
-        """Load this process's part of the checkpoint ``self.resume`` names;
-        returns the history of the epochs before it (rank 0's records)."""
-        info = self.resume
-        epochs_done, next_t = int(info["epoch"]), int(info["iteration"])
-        if info["ranks"] != self.processes:
-            raise UserError(f"the checkpoint in {run.path} was written by {info['ranks']} process(es), "
-                            f"this run has {self.processes}; --force starts the run over")
-        if next_t != epochs_done * self.steps_per_epoch:
-            raise UserError(f"the checkpoint in {run.path} is at iteration {next_t}, not at the end of epoch "
-                            f"{epochs_done} of this run's data; --force starts the run over")
-        state = checkpoint.load_part(run.path, epochs_done, self.process, self.config_hash)
-        try:
-            self.engine.restore_state(state["engine"])
-            checkpoint.set_rng_state(state["rng"])
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-            if is_communication_error(exc):  # a peer went away: not this part's fault
-                raise
-            raise checkpoint.damaged_part(run.path, epochs_done, self.process, exc) from None
-        self.steps_done = next_t
-        if self.probe is not None:
-            self.probe.restored()
-        history = None
-        if self.engine.is_primary:
-            history = run.resume(epochs_done, environment(self.devices, self.cfg.seed))
-        if self.rank is not None:
-            history = _from_rank0(history)
-        if len(history) != epochs_done:
-            raise UserError(f"{run.path}/metrics.jsonl has {len(history)} epochs, the checkpoint "
-                            f"{epochs_done}; --force starts the run over")
-        return history
 
     def memory_record(self) -> dict[str, Any]:
         """Every stage's measured memory (memory.MemoryMonitor), from every rank."""
@@ -316,7 +243,7 @@ def fit(run: Run, directory: RunDirectory, callbacks: list[Callback] | None = No
     progress bar, trace, faults). Returns the summary; a diverged run is
     recorded and raises DivergedError."""
     callbacks = standard_callbacks(run) if callbacks is None else callbacks
-    history = run.restore(directory) if run.resume is not None else []
+    history = restore(run, directory) if run.resume is not None else []
     if run.resume is None:
         run.steps_done = 0
     run.checkpoint_seconds = 0.0
@@ -408,14 +335,3 @@ def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress
         print(trainer.describe(), file=sys.stderr, flush=True)
     tracker = WandbTracker(wandb_project) if wandb_project and rank == 0 else None
     return fit(trainer, RunDirectory(run_path), standard_callbacks(trainer, progress, tracker))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy
-
-        numpy.random.seed(seed % 2**32)
-    except ImportError:
-        pass

@@ -198,6 +198,9 @@ def test_gantt_plot_of_a_traced_run_and_its_errors(tmp_path):
     plotted = _cli("plot", "gantt", str(run), "--iterations", "4")
     assert plotted.returncode == 0, plotted.stderr
     assert all((run / f"gantt.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    drawn = (run / "gantt.svg").read_text()
+    assert "stage 0" in drawn and "stage 1" in drawn and "dgl" in drawn  # one row per stage, the run named
+    assert "forward" in drawn and "backward" in drawn  # the legend names what was drawn
     missing = _cli("plot", "gantt", str(tmp_path))
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'trace.json'} not found; record the run with --trace"]

@@ -86,3 +86,5 @@ def test_simulated_timeline_follows_the_schedule_and_draws(tmp_path):
         assert all(end <= nxt + 1e-12 for (_, end), (nxt, _) in zip(mine, mine[1:]))
     paths = draw_gantt(pred.spans, tmp_path / "sim", "simulated fdg K=4", count=4)
     assert all(p.stat().st_size > 1000 for p in paths)
+    drawn = paths[1].read_text()
+    assert all(f"stage {k}" in drawn for k in range(4)) and "simulated fdg K=4" in drawn

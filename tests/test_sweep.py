@@ -17,6 +17,7 @@ from fdgbench.report.specs import SPEC_DIR, load_spec
 from fdgbench.runs import RunDirectory
 from fdgbench.sweep import config_args, preset_jobs, run_state
 
+from .conftest import ROOT
 from .test_checkpoint import SPEC
 
 
@@ -103,3 +104,13 @@ def test_run_state_and_the_records_frame_come_from_the_directory_alone(tmp_path)
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fdgbench", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_the_python_example_in_the_usage_docs_runs_as_written(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "usage.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # it writes results/ where it runs
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert printed.returncode == 0, printed.stderr
+    assert "epoch 2: test error" in printed.stdout and "fdg" in printed.stdout and "done" in printed.stdout

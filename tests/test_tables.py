@@ -198,6 +198,10 @@ def test_ablation_plots_from_run_directories(kind, table, tmp_path):
     result = _cli("plot", kind, table, "--preset", "smoke", "--out", str(tmp_path), "--plot-out", str(tmp_path / "p"))
     assert result.returncode == 0, result.stderr
     assert all((tmp_path / f"p.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    drawn = (tmp_path / "p.svg").read_text()
+    expected = ({f"{r.id} (ours)" for r in spec.rows if r.id in spec.preset("smoke").get("rows", [r.id])}
+                if kind == "beta" else {c.column.id for c in spec.cells("smoke")})
+    assert all(label in drawn for label in expected), expected  # a line per row / a bar colour per column
     empty = _cli("plot", kind, table, "--preset", "smoke", "--out", str(tmp_path / "none"))
     assert empty.returncode == 2 and "no finished runs to plot" in empty.stderr
 

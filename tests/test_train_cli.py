@@ -7,7 +7,7 @@ import pytest
 
 from fdgbench.runs import RunDirectory, config_hash
 from fdgbench.config import RunConfig
-from fdgbench.train import LR_MILESTONES, lr_at
+from fdgbench.optim import LR_MILESTONES, lr_at
 
 from .conftest import ROOT, needs_offline_cifar10
 

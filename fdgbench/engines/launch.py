@@ -42,6 +42,13 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object), on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def threads_per_rank(world_size: int) -> int:
     """Intra-op threads for one rank when the user set none: the node's cores
     shared among the ranks on it (torchrun's LOCAL_WORLD_SIZE, else all of

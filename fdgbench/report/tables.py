@@ -6,15 +6,18 @@ Missing and diverged cells are marked, never dropped. Markdown, LaTeX
 from __future__ import annotations
 
 import csv
+import json
 import io
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..models import build_model, count_parameters
 from .records import planned_records
 from .specs import Cell, Column, Row, TableSpec
@@ -370,3 +373,49 @@ def render_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: d
                          fmt(None if best is None or r.paper is None else best - r.paper),
                          "|".join(sorted({s["dataset"] for s in r.finished}))] + _tta_fields(tta, r, fmt))
     return buf.getvalue()
+
+
+SPEED_KEYS = ("seconds_per_iteration", "hardware", "workers", "amp", "channels_last", "measured")
+
+
+def load_speed(spec: TableSpec, preset: str) -> dict[str, Any] | None:
+    """The preset's ``speed`` file (`bench speedup --save`, path relative to the
+    spec), for time-to-accuracy; None where the preset names none or it is not
+    measured yet (the table says so)."""
+    name = spec.preset(preset).get("speed")
+    if name is None:
+        return None
+    path = spec.path.parent / name
+    if not path.is_file():
+        print(f"note: no time-to-accuracy yet: {path} not found (made by `fdgbench bench speedup ... --save`)",
+              file=sys.stderr)
+        return None
+    try:
+        speed = json.loads(path.read_text())
+        missing = [k for k in SPEED_KEYS if k not in speed]
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path} is not a speed record ({exc}); measure it again with `fdgbench bench speedup "
+                        f"--save`") from None
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; measure it again with `fdgbench bench speedup --save`")
+    return speed
+
+
+def write_tables(spec: TableSpec, preset: str, cells: list[Cell], root: Path, target: Path,
+                 classes: int) -> tuple[list[Path], int, int]:
+    """The preset's tables as Markdown, LaTeX and CSV under ``target``; returns
+    the files, the cells with finished runs and the cells."""
+    results = collect(spec, cells, root)
+    datasets = sorted({s["dataset"] for r in results for s in r.finished})
+    text = spec.preset(preset).get("description", "the paper's protocol")
+    speed = load_speed(spec, preset)
+    outputs = {f"{spec.name}-{preset}.md": render_markdown(spec, preset, text, results, classes, datasets, speed),
+               f"{spec.name}-{preset}.tex": render_latex(spec, preset, text, results, classes, datasets, speed),
+               f"{spec.name}-{preset}.csv": render_csv(spec, preset, results, speed, classes)}
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, content in outputs.items():
+            (target / name).write_text(content)
+    except OSError as exc:
+        raise UserError(f"cannot write the tables under {target}: {exc.strerror or exc}") from None
+    return [target / n for n in outputs], sum(bool(r.finished) for r in results), len(results)

@@ -1,0 +1,104 @@
+"""`bench simulate`: predicted iteration time, utilisation and speedup for each method and K."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import statistics
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .profile import load_or_profile, profile_path
+
+
+
+
+@dataclass
+class GridPoint:
+    """One method at one K in the simulator's grid."""
+
+    prediction: Any  # engines.simulate.Prediction
+    speedup: float  # over BP on one worker
+    balance: float | None  # slowest stage / mean (None for data-parallel)
+    starred: bool  # auxiliary nets not costed
+
+
+def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
+                  bandwidth_gbps: float | None = None, latency_us: float | None = None, refresh: bool = False):
+    """Per method, the simulator's prediction at each K (None where K exceeds
+    the blocks), stages balanced by the block profile; with the profile and
+    link used."""
+    from ..engines.simulate import Link, has_auxiliary_nets, simulate, simulate_data_parallel, stage_costs
+    from ..method import make_method
+    from ..partition import Partition, balance, balanced_starts
+
+    profile = load_or_profile(model, batch_size, device, threads, refresh=refresh)
+    blocks = profile["blocks"]
+    measured = profile["link"]
+    link = Link(measured["latency_s"] if latency_us is None else latency_us * 1e-6,
+                measured["bandwidth_Bps"] if bandwidth_gbps is None else bandwidth_gbps * 1e9)
+    costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
+    whole = stage_costs(blocks, [range(len(blocks))])[0]
+    bp_one = whole.forward + whole.backward + whole.update
+    grid: dict[str, list[GridPoint | None]] = {name: [] for name in methods}
+    for k in splits:
+        partition = Partition(balanced_starts(costs, k), len(blocks), "time") if k <= len(blocks) else None
+        for name in methods:
+            method = make_method(name)
+            if partition is None:
+                grid[name].append(None)
+            elif method.data_parallel:
+                pred = simulate_data_parallel(whole, k, profile["parameter_bytes"], link)
+                grid[name].append(GridPoint(pred, bp_one / pred.iteration_s, None, False))
+            else:
+                pred = simulate(method, stage_costs(blocks, partition.ranges()), link)
+                grid[name].append(GridPoint(pred, bp_one / pred.iteration_s, balance(costs, partition),
+                                            has_auxiliary_nets(method, k)))
+    return grid, profile, link, bp_one
+
+
+def predicted_speedups(model: str, splits: list[int], methods: list[str], batch_size: int, device: str,
+                       threads: int) -> dict[str, list[float | None]]:
+    grid = simulate_grid(model, splits, methods, batch_size, device, threads)[0]
+    return {name: [p.speedup if p else None for p in points] for name, points in grid.items()}
+
+
+def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
+                   bandwidth_gbps: float | None, latency_us: float | None, reprofile: bool,
+                   gantt: Path | None) -> None:
+    """Predicted speedups over BP on one worker, per method and K, with stages
+    balanced by the profile's measured block times."""
+    from ..report.gantt import draw_gantt
+
+    grid, profile, link, bp_one = simulate_grid(model, splits, methods, batch_size, device, threads, bandwidth_gbps,
+                                                latency_us, reprofile)
+    blocks = profile["blocks"]
+    click.echo(f"{model}, batch {batch_size}: block profile {profile_path(model, batch_size, device, threads)} "
+               f"({device}, {threads} thread(s) per worker); BP on one worker {1000 * bp_one:.0f} ms/iter; link "
+               f"{link.latency_s * 1e6:.0f} us + {link.bandwidth_Bps / 1e9:.2f} GB/s"
+               f"{'' if bandwidth_gbps is None and latency_us is None else ' (given)'}")
+    click.echo(f"{'K':>3} {'method':<6} {'ms/iter':>8} {'speedup':>8} {'util min/mean':>14} {'balance':>8}")
+    drawn = starred = False
+    for i, k in enumerate(splits):
+        if k > len(blocks):
+            click.echo(f"{k:>3} {model} has {len(blocks)} blocks, so K={k} is not possible (no row)")
+            continue
+        for name in methods:
+            point = grid[name][i]
+            pred = point.prediction
+            util = f"{min(pred.utilisation):.2f}/{statistics.mean(pred.utilisation):.2f}"
+            star = "*" if point.starred else " "
+            starred |= point.starred
+            bal = "-" if point.balance is None else f"{point.balance:8.2f}"
+            click.echo(f"{k:>3} {name:<6} {1000 * pred.iteration_s:8.0f} {point.speedup:7.2f}x{star}"
+                       f"{util:>14} {bal:>8}")
+            if gantt is not None and not drawn and name == "fdg":
+                paths = draw_gantt(pred.spans, gantt, f"simulated: fdg {model} K={k}, batch {batch_size}, "
+                                   f"{threads} thread(s) per worker", count=6)
+                click.echo(f"    timeline: {' '.join(map(str, paths))}")
+                drawn = True
+    click.echo("speedup = BP on one worker (sum of all blocks) / predicted time per iteration; util = busy "
+               "fraction of each worker in steady state; dp's all-reduce is not overlapped with its backward "
+               "(a pessimistic model)")
+    if starred:
+        click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")

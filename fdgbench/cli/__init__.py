@@ -1,0 +1,92 @@
+"""fdgbench command line: run, compare, sweep, table, plot, bench, schedule,
+list. Each submodule parses one family of commands and calls the library;
+this one holds the group, the entry point and how errors become exit statuses."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from ..engines.launch import under_torchrun
+from ..errors import DivergedError, UserError, WorkerFailedError
+from .options import training_options  # noqa: F401  (tests and extensions build on the shared options)
+
+__all__ = ["cli", "main", "training_options"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli() -> None:
+    """fdgbench: decoupled neural-network training, benchmarked against backprop."""
+
+
+
+from . import bench, info, plots, sweeps, train  # noqa: E402,F401  (registers their commands on ``cli``)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, ``kill``), raised in the main thread
+    so that it unwinds like Ctrl-C: spawned ranks are stopped, the checkpoint
+    is kept, and the same command resumes."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input is one ``error:`` line and exit status 2; a
+    diverged run exits 3; Ctrl-C exits 130 and SIGTERM 143 (128 + signal)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        result = cli.main(args=argv, prog_name="fdgbench", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and Terminated) into Abort
+            return _interrupted(exc.__cause__)
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return 2
+    except UserError as exc:
+        click.echo(f"error: {_rank_prefix()}{exc}", err=True)
+        return 2
+    except DivergedError as exc:
+        click.echo(f"diverged: {_rank_prefix()}{exc}", err=True)
+        return 3
+    except WorkerFailedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    click.echo("interrupted (the same command resumes an unfinished run from its last epoch's checkpoint)",
+               err=True)
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _rank_prefix() -> str:
+    return f"rank {os.environ['RANK']}: " if under_torchrun() else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Options shared by several commands: a run's config (RunConfig's fields and every method's options), a sweep's table and preset, and the parsing of comma-separated lists."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..config import ENGINES, WARMUPS, RunConfig
+from ..engines.launch import under_torchrun
+from ..errors import UserError
+from ..method import all_options, make_method, option_definitions
+from ..partition import STRATEGIES
+
+DEFAULT_DATA_DIR = "data"
+DEFAULT_RESULTS = "results"
+
+
+def csv_list(text: str | None) -> tuple[str, ...] | None:
+    return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
+
+
+# Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
+IGNORE_MEMORY_CHECK = click.option(
+    "--ignore-memory-check", is_flag=True,
+    help="start even if the estimated per-stage memory exceeds what the device has free (--force does not)")
+
+
+def training_options(f: Callable) -> Callable:
+    """Options shared by ``run`` and ``compare``: everything in a RunConfig
+    except the method, with the paper's protocol as defaults."""
+    options = [
+        click.option("--model", default="resnet56", show_default=True, help="see `fdgbench list models`"),
+        click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K"),
+        click.option("--partition", default="auto", show_default=True,
+                     help=f"{'|'.join(STRATEGIES)}; auto = the paper's split if known, else FLOPs-balanced"),
+        click.option("--split-at", help="explicit cut points: first blocks of stages 1..K-1, e.g. L2.4 or 19"),
+        click.option("--dataset", default="cifar10", show_default=True, help="see `fdgbench list datasets`"),
+        click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR",
+                     help="torchvision downloads and decoded-image caches"),
+        click.option("--train-subset", type=int, help="train on this many images (fixed subset)"),
+        click.option("--test-subset", type=int, help="evaluate on this many test images (fixed subset)"),
+        click.option("--epochs", type=int, default=300, show_default=True,
+                     help="lr / 10 at 50%, 75% and 91.7% of the epochs (150/225/275 of 300)"),
+        click.option("--max-steps", type=int, help="stop after this many iterations (smoke runs)"),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--lr", type=float, default=0.1, show_default=True),
+        click.option("--warmup-epochs", type=int, default=0, show_default=True,
+                     help="warm up over the first N epochs, then train at --lr (the FDG authors' code has a 3-epoch "
+                          "--warm-up, off by default; the paper states none)"),
+        click.option("--warmup", default="constant", show_default=True, type=click.Choice(WARMUPS),
+                     help="constant: lr/10 throughout the warm-up (the FDG authors' code); linear: 1%% of lr rising "
+                          "to 100%% (the ADL code's, always on there over 5 epochs)"),
+        click.option("--diagnose", type=int, default=0, show_default=True, metavar="N",
+                     help="every N iterations, record per stage the cosine and norm ratio of the applied gradient to "
+                          "the true gradient of the same batches at the current weights, and the weights' age "
+                          "(sequential engine; 0: off)"),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option("--weight-decay", type=float, default=5e-4, show_default=True),
+        click.option("--nesterov/--no-nesterov", default=False, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
+        click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
+        click.option("--amp", default="off", show_default=True, help="off or bf16 (autocast, fp32 weights)"),
+        click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
+        click.option("--deterministic", is_flag=True,
+                     help="bit-reproducible numerics: cuDNN deterministic, no TF32, data-parallel gradients summed "
+                          "in rank order (for parity and resume checks on GPUs; slower)"),
+        click.option("--engine", default="sequential", show_default=True, type=click.Choice(ENGINES),
+                     help="sequential: every stage in this process; distributed: one torch.distributed rank per "
+                          "stage (under torchrun, or spawned here)"),
+        click.option("--threads", "--threads-per-stage", "threads", type=int,
+                     help="torch intra-op threads of each process (each rank on the distributed engine; default "
+                          "there: this machine's cores / K)"),
+        click.option("--trace", is_flag=True, help="record every action's start and end per stage into trace.json "
+                     "(Chrome/Perfetto format; `fdgbench plot gantt RUN_DIR` draws it)"),
+        click.option("--out", default=DEFAULT_RESULTS, show_default=True, help="results root directory"),
+        click.option("--wandb", "use_wandb", is_flag=True,
+                     help="also log config and per-epoch metrics to Weights & Biases (honours WANDB_MODE)"),
+        click.option("--wandb-project", default="fdgbench", show_default=True),
+        click.option("--force", is_flag=True, help="start over even if the run directory is done or has a "
+                     "checkpoint (an unfinished run otherwise resumes from its last epoch's checkpoint)"),
+        click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
+        IGNORE_MEMORY_CHECK,
+    ]
+    for name, option in sorted(all_options().items(), reverse=True):
+        options.append(_method_option(name, option))
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _method_option(name: str, option) -> Callable:
+    """One flag for a method option, whichever methods share its name: each
+    definition's choices, default and help, named by its methods (the
+    method given checks the value against its own definition)."""
+    definitions = option_definitions(name)
+    kinds = {d.type for d in definitions}
+    if len(kinds) != 1:  # one flag cannot parse two types
+        raise TypeError(f"methods define --{name.replace('_', '-')} with different types: {kinds}")
+    text = "; ".join(f"[{','.join(methods)}] {d.help}" + (f" ({'|'.join(d.choices)})" if d.choices else "")
+                     + f" (default {d.default})" for d, methods in definitions.items())
+    kwargs: dict[str, Any] = {"default": None, "help": text}
+    if option.type is bool:
+        kwargs["is_flag"] = True  # absent: None, so "not given" stays distinguishable
+    elif all(d.choices for d in definitions):
+        kwargs["type"] = click.Choice(list(dict.fromkeys(c for d in definitions for c in d.choices)))
+    else:
+        kwargs["type"] = option.type
+    return click.option(option.flag, name, **kwargs)
+
+
+def config_from(method: str, kw: dict[str, Any]) -> RunConfig:
+    return RunConfig.from_options(method, kw)
+
+
+def is_primary() -> bool:
+    """False in torchrun's ranks other than 0, which print nothing of their own."""
+    return not under_torchrun() or os.environ.get("RANK") == "0"
+
+
+
+
+def positive_ints(text: str, flag: str) -> list[int]:
+    values = []
+    for s in csv_list(text) or ():
+        if not s.isdigit() or int(s) < 1:
+            raise UserError(f"{flag} takes positive integers, got '{s}'")
+        values.append(int(s))
+    if not values:
+        raise UserError(f"{flag} needs at least one value")
+    return values
+
+
+def method_names(text: str) -> list[str]:
+    names = list(csv_list(text) or ())
+    if not names:
+        raise UserError("--methods needs at least one method name")
+    for name in names:
+        make_method(name)  # unknown names fail here, before any work
+    return names
+
+
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to
+    its ``run`` subcommand (``fdgbench sweep table2`` = ``sweep run table2``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def sweep_options(f: Callable) -> Callable:
+    for option in reversed([
+        click.argument("table"),
+        click.option("--preset", default="full", show_default=True,
+                     help="full = the paper's protocol; quick / smoke cut models, epochs and data (see the spec)"),
+        click.option("--seeds", type=int, help="seeds per cell (default: the preset's)"),
+        click.option("--out", default=DEFAULT_RESULTS, show_default=True,
+                     help="results root; the sweep's runs go to OUT/<table>-<preset> (or OUT/<the preset's runs>)"),
+    ]):
+        f = option(f)
+    return f
+
+
+def sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR):
+    """The spec, its preset's cells and their results root (sweep.preset_jobs)."""
+    from ..sweep import preset_jobs
+
+    spec, cells, jobs = preset_jobs(table, preset, seeds, out, data_dir)
+    return spec, cells, jobs[0].root if jobs else Path(out)
+
+

@@ -1,0 +1,102 @@
+"""`fdgbench sweep` and `fdgbench table`: a paper table's runs and its tables."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..data import num_classes
+from ..execute import RunOptions
+
+from . import cli
+from .options import DEFAULT_DATA_DIR, IGNORE_MEMORY_CHECK, DefaultCommandGroup, sweep_cells, sweep_options
+
+
+@cli.group(cls=DefaultCommandGroup)
+def sweep() -> None:
+    """Run a paper table's sweep (`fdgbench sweep TABLE --preset P`), or see its status."""
+
+
+@sweep.command("run")
+@sweep_options
+@click.option("--dry-run", is_flag=True, help="list the runs and the state of each; train nothing")
+@click.option("--launcher", default="in-process", show_default=True, type=click.Choice(["in-process", "subprocess",
+              "print"]), help="in-process: one run after another here; subprocess: each run its own `fdgbench run` "
+                              "process, --jobs at a time; print: print those commands (for a scheduler)")
+@click.option("--jobs", "parallel", type=int, default=1, show_default=True,
+              help="runs at once (subprocess launcher), e.g. several small runs sharing one GPU")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR")
+@click.option("--device", help="where every run trains (default: the preset's device, else cpu)")
+@click.option("--progress/--no-progress", default=None)
+@click.option("--wandb", "use_wandb", is_flag=True, help="also log every run to Weights & Biases")
+@click.option("--wandb-project", default="fdgbench", show_default=True)
+@IGNORE_MEMORY_CHECK
+def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, launcher: str, parallel: int,
+              device: str | None, **kw: Any) -> None:
+    """Train every run of TABLE's preset that is not done; a diverged run is
+    recorded and the sweep goes on. A run another process is training (its
+    directory's lock is held) is left to it, so several sweeps of one preset
+    started side by side on one results root share out its runs."""
+    from ..sweep import LAUNCHERS, describe, preset_jobs
+
+    spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"])
+    if device is not None:
+        cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
+        jobs = [replace(j, config=replace(j.config, device=device)) for j in jobs]
+    for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
+        # on a machine without the preset's GPU, runs that another machine trains: it checks all but the device
+        spec.check(preset, replace(c, config=replace(c.config, device="cpu")) if dry_run else c)
+    p = spec.preset(preset)
+    root = jobs[0].root
+    click.echo(f"{spec.title}, preset {preset}: {len(jobs)} runs -> {root}"
+               + (f" ({p['description']})" if p.get("description") else ""))
+    if dry_run:
+        for i, job in enumerate(jobs, 1):
+            click.echo(f"[{i}/{len(jobs)}] {job.label}: {describe(job)}")
+        return
+    if preset == "full" and launcher != "print":
+        from ..bench import estimate_sweep_seconds
+
+        todo = [j.config for j in jobs if not j.run.is_done]
+        seconds = estimate_sweep_seconds(todo, kw["data_dir"])
+        click.echo(f"estimated total: {seconds / 3600:.1f} h for {len(todo)} runs on this machine (3 timed BP "
+                   f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "
+                   f"`fdgbench sweep status` refines it as epochs finish")
+    counts = LAUNCHERS[launcher](parallel).launch(jobs, RunOptions.from_options({**kw, "out": str(root)}))
+    click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; tables: fdgbench table {table} "
+               f"--preset {preset}")
+
+
+@sweep.command("status")
+@sweep_options
+def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
+    """Done / running / incomplete / missing runs, and the estimated time left."""
+    from ..sweep import progress
+
+    spec, cells, root = sweep_cells(table, preset, seeds, out)
+    p = progress(cells, root)
+    click.echo(f"{spec.title}, preset {preset}, {root}: " + ", ".join(f"{v} {k}" for k, v in p.counts.items())
+               + f" (of {len(cells)})" + (f" ({p.resumable} can resume from a checkpoint)" if p.resumable else ""))
+    if p.remaining and p.seconds_left is None:
+        click.echo("estimated time left: unknown until a run finishes its first epoch")
+    elif p.remaining:
+        click.echo(f"estimated time left: {p.seconds_left / 3600:.1f} h of training (median epoch time per model so "
+                   f"far)" + (f"; no epoch finished yet for {', '.join(p.unknown)}, so they are not counted"
+                              if p.unknown else ""))
+
+
+@cli.command("table")
+@sweep_options
+@click.option("--tables-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="where the tables go (default: results/ beside the spec, i.e. paper_tables/results)")
+def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: Path | None) -> None:
+    """Collect TABLE's run directories into Markdown, LaTeX and CSV beside the spec."""
+    from ..report.specs import spec_path
+    from ..report.tables import write_tables
+
+    spec, cells, root = sweep_cells(table, preset, seeds, out)
+    paths, filled, total = write_tables(spec, preset, cells, root, tables_dir or spec_path(table).parent / "results",
+                                        num_classes(cells[0].config.dataset))
+    click.echo(f"{spec.name} ({preset}): {filled} of {total} cells have finished runs; " + " ".join(map(str, paths)))
