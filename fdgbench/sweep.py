@@ -152,14 +152,17 @@ def run_command(job: Job, options: RunOptions) -> list[str]:
 
 
 class PrintLauncher:
-    """Print one ``fdgbench run`` command per job not done, to hand to a
-    scheduler (a job array, ``xargs -P``); trains nothing."""
+    """Print one ``fdgbench run`` command per job missing or left incomplete
+    (not one another process is training), to hand to a scheduler (a job
+    array, ``xargs -P``); trains nothing."""
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        todo = [job for job in jobs if job.state not in RECORDED]
+        states = [job.state for job in jobs]
+        todo = [job for job, state in zip(jobs, states) if state in ("missing", "incomplete")]
         for job in todo:
             _say(shlex.join(run_command(job, options)))
-        return {"done before": len(jobs) - len(todo), "printed": len(todo)}
+        return {"done before": sum(s in RECORDED for s in states), "running elsewhere": states.count("running"),
+                "printed": len(todo)}
 
 
 class SubprocessLauncher:
