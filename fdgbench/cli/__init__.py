@@ -26,6 +26,11 @@ def cli() -> None:
 from . import bench, info, plots, sweeps, train  # noqa: E402,F401  (registers their commands on ``cli``)
 
 
+# How each error reaches the user: its word, the exit status, whether a torchrun rank names itself
+# (a worker failure names its rank in its message already).
+EXITS = {UserError: ("error", 2, True), DivergedError: ("diverged", 3, True), WorkerFailedError: ("error", 1, False)}
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler's stop, ``kill``), raised in the main thread
     so that it unwinds like Ctrl-C: spawned ranks are stopped, the checkpoint
@@ -65,15 +70,10 @@ def _main(argv: list[str] | None) -> int:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         return 2
-    except UserError as exc:
-        click.echo(f"error: {_rank_prefix()}{exc}", err=True)
-        return 2
-    except DivergedError as exc:
-        click.echo(f"diverged: {_rank_prefix()}{exc}", err=True)
-        return 3
-    except WorkerFailedError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
+    except (UserError, DivergedError, WorkerFailedError) as exc:
+        word, status, prefix = next(v for kind, v in EXITS.items() if isinstance(exc, kind))
+        click.echo(f"{word}: {_rank_prefix() if prefix else ''}{exc}", err=True)
+        return status
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
 
