@@ -19,6 +19,12 @@ from .schedule import steps_until_every_stage_updates
 ENGINES = ("sequential", "distributed")
 TUPLE_FIELDS = ("split_at", "stage_devices")
 
+
+def comma_list(text: str | None) -> tuple[str, ...] | None:
+    """``"a, b"`` -> ``("a", "b")``; None for nothing given (how the command line writes a list)."""
+    return tuple(s.strip() for s in text.split(",") if s.strip()) or None if text else None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run's numbers; its hash names the run directory."""
@@ -66,7 +72,7 @@ class RunConfig:
                 continue
             value = options[f.name]
             if f.name in TUPLE_FIELDS and isinstance(value, str):
-                value = tuple(s.strip() for s in value.split(",") if s.strip()) or None
+                value = comma_list(value)
             values[f.name] = value
         return cls(method=method, method_options=method_options, **values)
 

@@ -132,7 +132,7 @@ def _resume_point(run: RunDirectory, cfg: RunConfig, kw: RunOptions) -> dict[str
     return resume
 
 
-def _wandb_project(kw: dict[str, Any]) -> str | None:
+def _wandb_project(kw: RunOptions) -> str | None:
     return (kw.wandb_project or "fdgbench") if kw.use_wandb else None
 
 

@@ -19,9 +19,8 @@ use atomics, and Ampere-and-later GPUs run float32 matmuls and convs in TF32.
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import random
+from typing import Any
 
 import torch
 

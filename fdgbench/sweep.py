@@ -13,12 +13,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import checkpoint
-from .config import TUPLE_FIELDS, RunConfig
+from .config import TUPLE_FIELDS, RunConfig, flag_name
 from .data import load_dataset
 from .errors import DivergedError, RunInUseError, UserError
 from .execute import RunOptions, done_summary, train_run
@@ -27,7 +27,6 @@ from .report.specs import Cell, TableSpec, load_spec
 from .runs import RunDirectory
 
 RUNNING_S = 3600  # a run whose directory changed this recently counts as running (epochs can take long)
-STATES = ("done", "diverged", "running", "incomplete", "missing")
 RECORDED = ("done", "diverged")  # the states of a run that has finished, one way or the other
 
 
@@ -61,12 +60,17 @@ class Job:
         return run_state(self.run)
 
 
-def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path,
-                data_dir: str = "data") -> tuple[TableSpec, list[Cell], list[Job]]:
+def preset_root(spec: TableSpec, preset: str, out: str | Path) -> Path:
+    """Where a preset's runs go: OUT/<table>-<preset>, or OUT/<the preset's runs>."""
+    return Path(out) / spec.preset(preset).get("runs", f"{spec.name}-{preset}")
+
+
+def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path, data_dir: str = "data",
+                device: str | None = None) -> tuple[TableSpec, list[Cell], list[Job]]:
     """The spec, its preset's cells and one Job per cell, under the preset's
-    results root (OUT/<table>-<preset>, or OUT/<the preset's runs>). A preset
-    with a ``fallback_dataset`` uses it where the spec's dataset cannot be
-    loaded (sweep, status and table all decide the same way)."""
+    results root (``preset_root``); ``device``, where given, replaces the
+    preset's. A preset with a ``fallback_dataset`` uses it where the spec's
+    dataset cannot be loaded (sweep, status and table all decide the same way)."""
     spec = load_spec(table)
     p = spec.preset(preset)
     dataset = spec.dataset
@@ -77,7 +81,9 @@ def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path,
             print(f"note: {exc}; using {p['fallback_dataset']} as this preset allows", file=sys.stderr)
             dataset = p["fallback_dataset"]
     cells = spec.cells(preset, seeds, dataset)
-    root = Path(out) / p.get("runs", f"{spec.name}-{preset}")
+    if device is not None:
+        cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
+    root = preset_root(spec, preset, out)
     jobs = [Job(f"{c.row.id} / {c.column.id} / seed {c.seed}", c.config, root) for c in cells]
     return spec, cells, jobs
 
@@ -91,7 +97,7 @@ def config_args(cfg: RunConfig) -> list[str]:
         value = getattr(cfg, f.name)
         if f.name in ("method", "method_options") or value == getattr(default, f.name):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if f.name == "nesterov":
             args.append("--nesterov" if value else "--no-nesterov")
         elif isinstance(value, bool):

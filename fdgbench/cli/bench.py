@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from ..config import parse_device
+from ..config import comma_list, parse_device
 from ..errors import UserError
 
 from . import cli
-from .options import DEFAULT_DATA_DIR, csv_list, method_names, positive_ints
+from .options import DEFAULT_DATA_DIR, method_names, positive_ints
 
 
 @cli.group()
@@ -45,7 +45,7 @@ def bench_step(model: str, splits: str, batch_size: int, iterations: int, rounds
     from ..bench import bench_step as run_bench
 
     ks = []
-    for s in csv_list(splits) or ():
+    for s in comma_list(splits) or ():
         if not s.isdigit() or int(s) < 1:
             raise UserError(f"--splits takes positive integers, got '{s}'")
         ks.append(int(s))

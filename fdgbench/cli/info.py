@@ -1,7 +1,6 @@
 """`fdgbench list` and `fdgbench schedule show`."""
 from __future__ import annotations
 
-
 import click
 
 from ..errors import UserError

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from ..config import ENGINES, WARMUPS, RunConfig
+from ..config import ENGINES, WARMUPS, comma_list
 from ..engines.launch import under_torchrun
 from ..errors import UserError
 from ..method import all_options, make_method, option_definitions
@@ -15,10 +14,6 @@ from ..partition import STRATEGIES
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
-
-
-def csv_list(text: str | None) -> tuple[str, ...] | None:
-    return tuple(s.strip() for s in text.split(",") if s.strip()) if text else None
 
 
 # Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
@@ -84,21 +79,22 @@ def training_options(f: Callable) -> Callable:
         click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
         IGNORE_MEMORY_CHECK,
     ]
-    for name, option in sorted(all_options().items(), reverse=True):
-        options.append(_method_option(name, option))
+    for name in sorted(all_options(), reverse=True):
+        options.append(_method_option(name))
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _method_option(name: str, option) -> Callable:
+def _method_option(name: str) -> Callable:
     """One flag for a method option, whichever methods share its name: each
     definition's choices, default and help, named by its methods (the
     method given checks the value against its own definition)."""
     definitions = option_definitions(name)
+    option = next(iter(definitions))
     kinds = {d.type for d in definitions}
     if len(kinds) != 1:  # one flag cannot parse two types
-        raise TypeError(f"methods define --{name.replace('_', '-')} with different types: {kinds}")
+        raise TypeError(f"methods define {option.flag} with different types: {kinds}")
     text = "; ".join(f"[{','.join(methods)}] {d.help}" + (f" ({'|'.join(d.choices)})" if d.choices else "")
                      + f" (default {d.default})" for d, methods in definitions.items())
     kwargs: dict[str, Any] = {"default": None, "help": text}
@@ -111,20 +107,14 @@ def _method_option(name: str, option) -> Callable:
     return click.option(option.flag, name, **kwargs)
 
 
-def config_from(method: str, kw: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_options(method, kw)
-
-
 def is_primary() -> bool:
     """False in torchrun's ranks other than 0, which print nothing of their own."""
     return not under_torchrun() or os.environ.get("RANK") == "0"
 
 
-
-
 def positive_ints(text: str, flag: str) -> list[int]:
     values = []
-    for s in csv_list(text) or ():
+    for s in comma_list(text) or ():
         if not s.isdigit() or int(s) < 1:
             raise UserError(f"{flag} takes positive integers, got '{s}'")
         values.append(int(s))
@@ -134,14 +124,12 @@ def positive_ints(text: str, flag: str) -> list[int]:
 
 
 def method_names(text: str) -> list[str]:
-    names = list(csv_list(text) or ())
+    names = list(comma_list(text) or ())
     if not names:
         raise UserError("--methods needs at least one method name")
     for name in names:
         make_method(name)  # unknown names fail here, before any work
     return names
-
-
 
 
 class DefaultCommandGroup(click.Group):
@@ -169,9 +157,9 @@ def sweep_options(f: Callable) -> Callable:
 
 def sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR):
     """The spec, its preset's cells and their results root (sweep.preset_jobs)."""
-    from ..sweep import preset_jobs
+    from ..sweep import preset_jobs, preset_root
 
-    spec, cells, jobs = preset_jobs(table, preset, seeds, out, data_dir)
-    return spec, cells, jobs[0].root if jobs else Path(out)
+    spec, cells, _ = preset_jobs(table, preset, seeds, out, data_dir)
+    return spec, cells, preset_root(spec, preset, out)
 
 

@@ -39,17 +39,14 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     recorded and the sweep goes on. A run another process is training (its
     directory's lock is held) is left to it, so several sweeps of one preset
     started side by side on one results root share out its runs."""
-    from ..sweep import LAUNCHERS, describe, preset_jobs
+    from ..sweep import LAUNCHERS, RECORDED, describe, preset_jobs, preset_root
 
-    spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"])
-    if device is not None:
-        cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
-        jobs = [replace(j, config=replace(j.config, device=device)) for j in jobs]
+    spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"], device)
     for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
         # on a machine without the preset's GPU, runs that another machine trains: it checks all but the device
         spec.check(preset, replace(c, config=replace(c.config, device="cpu")) if dry_run else c)
     p = spec.preset(preset)
-    root = jobs[0].root
+    root = preset_root(spec, preset, out)
     click.echo(f"{spec.title}, preset {preset}: {len(jobs)} runs -> {root}"
                + (f" ({p['description']})" if p.get("description") else ""))
     if dry_run:
@@ -59,7 +56,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     if preset == "full" and launcher != "print":
         from ..bench import estimate_sweep_seconds
 
-        todo = [j.config for j in jobs if not j.run.is_done]
+        todo = [j.config for j in jobs if j.state not in RECORDED]
         seconds = estimate_sweep_seconds(todo, kw["data_dir"])
         click.echo(f"estimated total: {seconds / 3600:.1f} h for {len(todo)} runs on this machine (3 timed BP "
                    f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "

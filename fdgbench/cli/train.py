@@ -5,13 +5,13 @@ from typing import Any
 
 import click
 
-from ..config import check_config
+from ..config import RunConfig, check_config, comma_list
 from ..errors import DivergedError, UserError
 from ..execute import RunOptions, train_run
 from ..runs import RunDirectory
 
 from . import cli
-from .options import config_from, csv_list, is_primary, training_options
+from .options import is_primary, training_options
 
 
 @cli.command()
@@ -19,7 +19,7 @@ from .options import config_from, csv_list, is_primary, training_options
 @training_options
 def run(method: str, **kw: Any) -> None:
     """Train one configuration (paper defaults for everything not given)."""
-    cfg = config_from(method, kw)
+    cfg = RunConfig.from_options(method, kw)
     summary, path, cached = train_run(cfg, RunOptions.from_options(kw))
     if not is_primary():
         return
@@ -49,10 +49,10 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
         # The subset sizes are CIFAR-10's; another dataset keeps its own size.
         if is_default(key) and (is_default("dataset") or not key.endswith("_subset")):
             kw[key] = value
-    names = csv_list(methods)
+    names = comma_list(methods)
     if not names:
         raise UserError("--methods needs at least one method name")
-    configs = [config_from(name, dict(kw)) for name in names]
+    configs = [RunConfig.from_options(name, kw) for name in names]
     for cfg in configs:  # every config is checked before the first one trains
         check_config(cfg)
     datasets: dict[str, Any] = {}

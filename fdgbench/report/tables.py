@@ -6,8 +6,8 @@ Missing and diverged cells are marked, never dropped. Markdown, LaTeX
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import math
 import statistics
 import sys
