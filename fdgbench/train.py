@@ -280,6 +280,7 @@ def _train_epoch(run: Run, epoch: int, checkpoint_follows: bool, callbacks: list
     last = min(first + run.steps_per_epoch, run.total_steps)
     run.sync_compute()
     t0 = time.perf_counter()
+    totals: dict[str, Any] = {}  # the epoch's training totals: read (and checked) at its last iteration too
     for t in range(first, last):
         lr = lr_at(t, run.cfg.lr, run.planned_steps, run.warmup_steps, run.cfg.warmup)
         for w in run.workers:
@@ -297,12 +298,11 @@ def _train_epoch(run: Run, epoch: int, checkpoint_follows: bool, callbacks: list
                 c.on_progress(run, t, totals, rate)
     run.sync_compute()
     seconds = time.perf_counter() - t0
-    train = summarize_totals(run.engine.train_totals())  # checked at the epoch's last iteration above
-    run.engine.reset_train_metrics()
+    run.engine.reset_train_metrics()  # not read again: on the distributed engine a read is an all-reduce
     meters = run.engine.take_meters()
     test = run.engine.evaluate(run.test_images, run.test_labels, run.normalizer)
-    return {**run.identity, "epoch": epoch + 1, "iteration": last, "lr": lr, "train_loss": train["loss"],
-            "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"],
+    return {**run.identity, "epoch": epoch + 1, "iteration": last, "lr": lr, "train_loss": totals["loss"],
+            "train_error": totals["error"], "test_loss": test["loss"], "test_error": test["error"],
             "epoch_seconds": seconds, "images_per_s": (last - first) * run.cfg.batch_size / seconds,
             **meters, **({"diagnostics": run.probe.take()} if run.probe is not None else {})}
 
