@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .runs import write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PAD = 4  # random-crop padding, as in He et al. and the FDG paper
@@ -170,13 +171,12 @@ def load_image_folder(path: Path, cache_dir: Path) -> ImageDataset:
             cache.unlink(missing_ok=True)
     files = _tar_members(path) if path.is_file() else _tree_members(path)
     ds = _decode_folder(path, files)
-    try:
+    blob = {"name": ds.name, "description": ds.description, "classes": list(ds.classes),
+            "tensors": [ds.train_images, ds.train_labels, ds.test_images, ds.test_labels]}
+    try:  # runs started side by side may both decode; each writes its own temporary file
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"name": ds.name, "description": ds.description, "classes": list(ds.classes),
-                    "tensors": [ds.train_images, ds.train_labels, ds.test_images, ds.test_labels]}, tmp)
-        tmp.replace(cache)
-    except OSError as exc:
+        write_atomically(cache, lambda tmp: torch.save(blob, tmp))
+    except (OSError, UserError) as exc:
         print(f"note: could not cache decoded images in {cache.parent} ({exc}); they will be decoded again",
               file=sys.stderr)
     return ds

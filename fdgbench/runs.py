@@ -39,7 +39,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     the whole new one, never half of it. On any failure the temporary file is
     removed (a full disk must not leave debris that fills it further), and an
     OS error (e.g. No space left on device) is one line naming ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers must not share one
     try:
         write(tmp)
         tmp.replace(path)

@@ -190,7 +190,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_files(n
 
     def open_on_full_disk(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        return _FullDisk(f) if isinstance(file, (str, os.PathLike)) and Path(file).name == f".{name}.tmp" else f
+        return _FullDisk(f) if isinstance(file, (str, os.PathLike)) and Path(file).name == f".{name}.{os.getpid()}.tmp" else f
 
     monkeypatch.setattr(io, "open", open_on_full_disk)
     status, _, err = cli(*SHORT, "--out", tmp_path)

@@ -145,16 +145,22 @@ def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports
     try:
         init_process_group(torch.device(device), rank, rank, world_size, init_file)
         result = target(rank, *args)
-        reports.put((rank, "ok", result))
+        dist.destroy_process_group()
+        report, status = (rank, "ok", result), 0
     except BaseException as exc:  # reported to the parent as one line; the traceback only on request
         detail = traceback.format_exc() if os.environ.get("FDGBENCH_DEBUG") else None
-        reports.put((rank, "error", (type(exc).__name__, _first_line(exc), is_communication_error(exc), detail)))
-        reports.close()
-        reports.join_thread()
-        os._exit(1)  # skip process-group teardown, which can block on a dead peer
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # no process-group teardown on this path: it can block on a dead peer
+        report, status = (rank, "error", (type(exc).__name__, _first_line(exc), is_communication_error(exc), detail)), 1
+    reports.put(report)
+    reports.close()
+    reports.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Straight out, past the interpreter's and the C++ libraries' teardown:
+    # the rank's work is done and reported, and a native thread still joinable
+    # at static destruction aborts the process ("terminate called without an
+    # active exception", seen once in CI from a rank that had finished).
+    os._exit(status)
 
 
 def _die_with_parent(parent_pid: int) -> None:
