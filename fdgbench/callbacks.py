@@ -75,7 +75,7 @@ class RunRecords(Callback):
             directory.append_metrics(record)  # before the checkpoint: a resume drops records past it
 
     def on_fit_end(self, run, directory, summary):
-        if not (run.method.data_parallel and run.rank):  # replicas are equal: rank 0 saves the one
+        if run.replica == 0:  # the replicas' weights are equal: replica 0 saves them
             for k, stage in zip(run.stage_indices, run.stages):
                 directory.save_stage(k, stage.state_dict())
         if run.engine.is_primary:

@@ -14,6 +14,7 @@ from .errors import UserError
 from .method import Method, all_options, make_method
 from .models import build_model
 from .partition import make_partition
+from .placement import Placement
 from .schedule import steps_until_every_stage_updates
 
 ENGINES = ("sequential", "distributed")
@@ -33,6 +34,7 @@ class RunConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     model: str = "resnet56"
     splits: int = 2
+    replicas: int = 1  # each stage's data-parallel replicas (placement.py); the run has splits x replicas workers
     partition: str = "auto"
     split_at: tuple[str, ...] | None = None
     dataset: str = "cifar10"
@@ -56,7 +58,7 @@ class RunConfig:
     warmup: str = "constant"  # constant: lr / 10 throughout; linear: 1% of lr rising to 100% (the ADL code's)
     diagnose: int = 0  # every N iterations, compare each stage's applied gradient with the true one (diagnose.py)
     # Bit-reproducible numerics where a faster kernel or reduction would not be
-    # (numerics.py): cuDNN deterministic, no TF32, replicas' gradients summed in order.
+    # (numerics.py): cuDNN deterministic, no TF32, replicas' gradients summed in order (placement.py).
     deterministic: bool = False
 
     @classmethod
@@ -89,7 +91,7 @@ class RunConfig:
         return d
 
 
-ADDED_LATER = {"warmup_epochs": 0, "deterministic": False, "warmup": "constant", "diagnose": 0}
+ADDED_LATER = {"warmup_epochs": 0, "deterministic": False, "warmup": "constant", "diagnose": 0, "replicas": 1}
 WARMUPS = ("constant", "linear")
 
 
@@ -138,20 +140,25 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         # The cut points decide the stages; the strategy would be ignored yet recorded (and hashed).
         raise UserError(f"--split-at gives the stages itself; --partition {cfg.partition} would be ignored: "
                         f"drop one of the two")
+    method = make_method(cfg.method, **cfg.method_options)
+    for key in ("splits", "replicas"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
+    placement = placement_of(cfg)
     devices = stage_devices(cfg)
     if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
-        check_ranks_fit(devices[0], cfg.splits, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
-    method = make_method(cfg.method, **cfg.method_options)
-    if cfg.splits < 1:
-        raise UserError(f"{name('splits')} must be at least 1, got {cfg.splits}")
-    if method.data_parallel and cfg.batch_size % cfg.splits:
-        raise UserError(f"{cfg.method} splits each batch across {cfg.splits} replicas: {name('batch_size')} "
-                        f"{cfg.batch_size} must be a multiple of {cfg.splits}")
+        check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
+    if cfg.batch_size % placement.replicas:
+        raise UserError(f"{cfg.method} splits each batch across {placement.replicas} replicas: {name('batch_size')} "
+                        f"{cfg.batch_size} must be a multiple of {placement.replicas}")
+    if placement.replicas > 1 and cfg.diagnose:
+        raise UserError(f"{name('diagnose')} measures one stage's gradient, and {cfg.method} here has "
+                        f"{placement.replicas} replicas of each: run the diagnosis with one replica")
     # Model name, K and split points are checked on a weightless (meta) model:
     # instant even for ResNet-1202, and before any data is loaded.
     with torch.device("meta"):
         model = build_model(cfg.model)
-    num_stages = 1 if method.data_parallel else cfg.splits
+    num_stages = placement.stages
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
     make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
                    sample=torch.zeros(1, 3, 32, 32, device="meta"))
@@ -192,6 +199,11 @@ def parse_device(text: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"unsupported device '{text}'; use cpu, cuda or cuda:N")
     return device
+
+
+def placement_of(cfg: RunConfig) -> Placement:
+    """The run's stages x replicas (its method decides what K counts)."""
+    return make_method(cfg.method, **cfg.method_options).placement(cfg.splits, cfg.replicas)
 
 
 def stage_devices(cfg: RunConfig) -> list[torch.device]:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from . import checkpoint
-from .config import RunConfig, check_config, parse_device
+from .config import RunConfig, check_config, parse_device, placement_of
 from .data import load_dataset
 from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
 from .engines.trace import Tracer
@@ -68,7 +68,7 @@ def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = 
         if not kw.ignore_memory_check:
             _check_memory(cfg, datasets[cfg.dataset])
         if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
-            summaries = spawn_ranks(cfg.splits, parse_device(cfg.device), train_rank,
+            summaries = spawn_ranks(placement_of(cfg).ranks, parse_device(cfg.device), train_rank,
                                     (cfg, kw.data_dir, str(run.path), kw.progress, kw.trace, None,
                                      _wandb_project(kw), resume))
             return summaries[0], run.path, False
@@ -146,9 +146,11 @@ def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], 
                     torch.cuda.device_count() if device.type == "cuda" else 0)
     init_process_group(device, int(os.environ["LOCAL_RANK"]))
     try:
-        if dist.get_world_size() != cfg.splits:
-            raise UserError(f"torchrun started {dist.get_world_size()} ranks but --splits is {cfg.splits}; "
-                            f"use --nproc-per-node {cfg.splits} (times the nodes)")
+        placement = placement_of(cfg)
+        if dist.get_world_size() != placement.ranks:
+            raise UserError(f"torchrun started {dist.get_world_size()} ranks but the run places "
+                            f"{placement.describe()} = {placement.ranks} ranks; use --nproc-per-node "
+                            f"{placement.ranks} (times the nodes)")
         run = RunDirectory.for_config(kw.out, cfg.to_dict())
         with contextlib.ExitStack() as held:
             # (summary if done already, checkpoint to resume from, rank 0's error): every rank must

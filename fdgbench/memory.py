@@ -281,7 +281,7 @@ def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | N
     from .method import make_method
 
     method = make_method(cfg.method, **cfg.method_options)
-    num_stages = 1 if method.data_parallel else cfg.splits
+    num_stages = method.placement(cfg.splits, cfg.replicas).stages
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
     # On the CPU, one thread: fastest at these batches (the meta device's Python shape functions are slower
@@ -313,8 +313,7 @@ def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: 
     for k, stage in enumerate(stages):
         ctx = StageContext(k, num_stages, stage, cpu, SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay,
                                                                 cfg.nesterov),
-                           output_shape=shapes[k], num_classes=num_classes, seed=cfg.seed,
-                           replicas=cfg.splits if method.data_parallel else 1)
+                           output_shape=shapes[k], num_classes=num_classes, seed=cfg.seed)
         worker = method.make_worker(ctx)
         in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
         graph, output = {}, {}
@@ -405,9 +404,12 @@ def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=None) -> 
 
     available = available or available_bytes
     batch = cfg.batch_size
-    if cfg.engine == "distributed" and make_method(cfg.method, **cfg.method_options).data_parallel:
-        batch = max(1, batch // cfg.splits)  # a replica per rank, each on its own shard of the batch
-        stages = stages * cfg.splits
+    replicas = make_method(cfg.method, **cfg.method_options).placement(cfg.splits, cfg.replicas).replicas
+    if cfg.engine == "distributed" and replicas > 1:
+        # A rank per stage and replica, each on its own shard of the batch. (The sequential engine replays the
+        # shards through one copy of each stage, holding what the whole batch would.)
+        batch = max(1, batch // replicas)
+        stages = stages * replicas
     pools = memory_pools(cfg, len(stages))
     if cfg.engine == "distributed":  # one new process per stage (rank), each with the data on its device
         extra = [data_bytes + RUNTIME_BYTES] * len(stages)
@@ -474,7 +476,8 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, availab
     # More stages help only where they spread over more memory: on one pool the sum over stages only
     # grows with K (as many activations, more batches in flight), so it is not tried there.
     spread = cfg.engine == "distributed" and pools[0] != "cpu"
-    if spread and not make_method(cfg.method, **cfg.method_options).data_parallel:
+    stages_are_k = make_method(cfg.method, **cfg.method_options).placement(cfg.splits, 1).stages == cfg.splits
+    if spread and stages_are_k:  # (dp's K counts replicas of one stage: more of them hold no less each)
         for k in sorted({cfg.splits + 1, 2 * cfg.splits}):
             if k > blocks:
                 continue

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from .errors import UserError
+from .placement import Placement
 from .schedule import IterationPlan
 from .stage import StageContext, StageWorker
 from .staleness import STALENESS_MODES
@@ -57,9 +58,6 @@ class Method:
     summary: ClassVar[str]
     breaks: ClassVar[tuple[str, ...]] = ()  # which of LOCKINGS the method breaks
     options: ClassVar[tuple[MethodOption, ...]] = ()
-    # True: the model stays whole and K replicas share each batch (the
-    # engine gives every worker the whole model; K counts workers, not stages).
-    data_parallel: ClassVar[bool] = False
 
     def __init__(self, **values: Any):
         known = {o.name: o for o in self.options}
@@ -91,6 +89,12 @@ class Method:
 
     def make_worker(self, ctx: StageContext) -> StageWorker:
         raise NotImplementedError
+
+    def placement(self, splits: int, replicas: int) -> Placement:
+        """Where ``-K splits --replicas R`` puts the workers: K stages of R
+        replicas each (placement.py). A method whose K counts something else
+        (dp: K replicas of the whole model) says so here."""
+        return Placement(splits, replicas)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -77,7 +77,8 @@ class RunDirectory:
 
     @classmethod
     def for_config(cls, root: str | os.PathLike, config: dict[str, Any]) -> "RunDirectory":
-        name = f"{config['method']}-{config['model']}-K{config['splits']}-{config_hash(config)}"
+        replicas = f"R{config['replicas']}" if config.get("replicas", 1) > 1 else ""
+        name = f"{config['method']}-{config['model']}-K{config['splits']}{replicas}-{config_hash(config)}"
         return cls(Path(root) / name)
 
     @property

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .config import RunConfig, check_budget, check_config, stage_devices
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
@@ -26,7 +25,7 @@ from .method import make_method
 from .models import build_model, count_parameters
 from .numerics import configure_numerics, seed_everything
 from .optim import SGDConfig, lr_at
-from .replicas import ordered_mean_hook
+from .placement import ReplicaStream, replay_shards, replica_groups, steps_outside_update, sync_replicas
 from .resume import restore
 from .partition import Partition, build_stages, make_partition, stage_output_shapes
 from .runs import RunDirectory, config_hash
@@ -43,9 +42,10 @@ class Run:
     ``fit`` trains it.
 
     With ``rank`` (a torch.distributed process group is up, one rank per
-    stage) this process builds the same model and partition as every other
-    rank but keeps and trains only its own stage, on the distributed engine;
-    otherwise all stages live here, on the sequential engine.
+    stage and replica: placement.py) this process builds the same model and
+    partition as every other rank but keeps and trains only its own stage's
+    replica, on the distributed engine; otherwise all stages (and their
+    replicas, replayed shard by shard) live here, on the sequential engine.
 
     ``resume`` (a run directory's ``checkpoint.latest``) continues that run:
     its recorded stage boundaries are used (a measured partition could come
@@ -73,8 +73,10 @@ class Run:
         configure_numerics(cfg.deterministic)
         seed_everything(cfg.seed)
         self.method = make_method(cfg.method, **cfg.method_options)
-        # A data-parallel method keeps the model whole and replicates it K times.
-        self.num_stages = 1 if self.method.data_parallel else cfg.splits
+        self.placement = self.method.placement(cfg.splits, cfg.replicas)
+        self.num_stages = self.placement.stages
+        # This process's replica (replica 0 saves the weights and scores the test set).
+        self.replica = 0 if rank is None else self.placement.replica_of(rank)
         devices = stage_devices(cfg)
         if rank is not None:
             devices = [rank_device(devices[0], rank if local_rank is None else local_rank)] * self.num_stages
@@ -104,17 +106,22 @@ class Run:
         self.output_shapes = shapes = stage_output_shapes(
             all_stages, tuple(self.dataset.train_images.shape[1:]), [self.devices[0]] * len(all_stages))
         # The stages this process trains: all of them, or the rank's own.
-        self.stage_indices = list(range(self.num_stages)) if rank is None or self.num_stages == 1 else [rank]
+        self.stage_indices = list(range(self.num_stages)) if rank is None else [self.placement.stage_of(rank)]
         self.stages = [all_stages[k].to(self.devices[k], memory_format=self.memory_format)
                        for k in self.stage_indices]
         del all_stages, model
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        # Every rank creates the replica groups here, before the engine's groups (one order on every rank).
+        self._replica_group = (replica_groups(self.placement, self.devices[0])
+                               if rank is not None and self.placement.replicas > 1 else None)
         self.workers = [self._make_worker(k, stage, shapes[k]) for k, stage in zip(self.stage_indices, self.stages)]
         mean, std = self.dataset.channel_stats()
         self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
         self.stream = BatchStream(self.dataset.train_images.to(self.devices[0]),
                                   self.dataset.train_labels.to(self.devices[0]), cfg.batch_size, cfg.seed,
                                   self.normalizer)
+        if rank is not None and self.placement.replicas > 1:  # this rank trains its replica's shard of each batch
+            self.stream = ReplicaStream(self.stream, self.placement.replicas, self.replica)
         self.test_images = self.dataset.test_images.to(self.devices[0])
         self.test_labels = self.dataset.test_labels
         self.tracer = tracer
@@ -123,7 +130,7 @@ class Run:
             self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages,
                                            self.probe)
         else:
-            self.engine = DistributedEngine(self.method, self.workers[0], self.stages[0], self.stream, self.num_stages,
+            self.engine = DistributedEngine(self.method, self.workers[0], self.stages[0], self.stream, self.placement,
                                             tuple(self.dataset.train_images.shape[1:]), self.memory_format, tracer)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.planned_steps = cfg.epochs * self.steps_per_epoch
@@ -139,19 +146,22 @@ class Run:
                           "splits": cfg.splits, "seed": cfg.seed}
 
     def _make_worker(self, k: int, stage: nn.Module, output_shape: tuple[int, ...]):
-        cfg, replicated = self.cfg, self.method.data_parallel
-        module = stage
-        if replicated and self.rank is not None:  # this rank is one replica; DDP averages the gradients
-            device = self.devices[k]
-            module = DistributedDataParallel(stage, device_ids=[device] if device.type == "cuda" else None)
-            if cfg.deterministic:  # sum the replicas' gradients in rank order, as the sequential replay does
-                module.register_comm_hook(None, ordered_mean_hook)
-        ctx = StageContext(k, self.num_stages, module, self.devices[k],
+        cfg = self.cfg
+        ctx = StageContext(k, self.num_stages, stage, self.devices[k],
                            SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov), amp_dtype=self.amp_dtype,
                            output_shape=output_shape, num_classes=self.dataset.num_classes, seed=cfg.seed,
-                           replicas=cfg.splits if replicated else 1, replica=self.rank if replicated else None,
                            memory_format=self.memory_format)
-        return self.method.make_worker(ctx)
+        worker = self.method.make_worker(ctx)
+        replicas = self.placement.replicas
+        if replicas == 1:
+            return worker
+        outside = steps_outside_update(worker)
+        if outside:
+            raise UserError(f"{cfg.method} cannot run {replicas} replicas: its {', '.join(outside)} step(s) outside "
+                            f"the stage's update, so the replicas' copies would drift apart; use --replicas 1")
+        if self.rank is None:
+            return replay_shards(worker, replicas)
+        return sync_replicas(worker, self._replica_group, cfg.deterministic)
 
     def describe(self) -> str:
         c = self.cfg
@@ -165,8 +175,8 @@ class Run:
         threads = torch.get_num_threads()
         if self.rank is None:
             return f"sequential engine, {threads} thread(s)"
-        role = "replicas" if self.method.data_parallel else "ranks, one per stage"
-        return f"distributed engine ({dist.get_backend()}), {self.processes} {role}, {threads} thread(s) each"
+        return (f"distributed engine ({dist.get_backend()}), {self.processes} ranks "
+                f"({self.placement.describe()}), {threads} thread(s) each")
 
     def memory_record(self) -> dict[str, Any]:
         """Every stage's measured memory (memory.MemoryMonitor), from every rank."""
@@ -175,7 +185,7 @@ class Run:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, record)
             record = {}
-            for part in gathered:  # data-parallel replicas all report stage 0: rank 0's is kept
+            for part in gathered:  # replicas report the same stage: replica 0's (the lower ranks) is kept
                 for key, value in part.items():
                     record.setdefault(key, value)
         return record

@@ -61,14 +61,16 @@ def schedule_show(method: str, splits: int, iterations: int, messages: bool) -> 
     if splits < 1 or iterations < 1:
         raise UserError("--splits and --iterations must be at least 1")
     m = make_method(method)
-    stages = 1 if m.data_parallel else splits
+    placement = m.placement(splits, 1)
+    stages = placement.stages
     try:
         validate(m.schedule, stages, max(iterations, 4 * stages))
     except ScheduleError as exc:
         raise UserError(f"invalid schedule: {exc}") from None
     click.echo(f"{method}, K={splits}: {m.summary}")
-    if m.data_parallel:
-        click.echo(f"each of the {splits} replicas runs this one-stage schedule on its shard of every batch:")
+    if placement.replicas > 1:
+        click.echo(f"each of the {placement.replicas} replicas runs this {stages}-stage schedule on its shard of "
+                   f"every batch:")
     click.echo(format_grid(m.schedule, stages, iterations, messages))
     click.echo(legend())
 

@@ -28,6 +28,9 @@ def training_options(f: Callable) -> Callable:
     options = [
         click.option("--model", default="resnet56", show_default=True, help="see `fdgbench list models`"),
         click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K"),
+        click.option("--replicas", "-R", type=int, default=1, show_default=True,
+                     help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
+                          "batch, gradients averaged at each update)"),
         click.option("--partition", default="auto", show_default=True,
                      help=f"{'|'.join(STRATEGIES)}; auto = the paper's split if known, else FLOPs-balanced"),
         click.option("--split-at", help="explicit cut points: first blocks of stages 1..K-1, e.g. L2.4 or 19"),

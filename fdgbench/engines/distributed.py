@@ -1,6 +1,10 @@
-"""The distributed engine: one torch.distributed rank per stage.
+"""The distributed engine: one torch.distributed rank per stage and replica.
 
-Rank k runs stage k's action list from the same schedule the sequential
+Ranks are placed as stages x replicas (placement.py): rank r*K + k is stage
+k of replica r, and each replica is a pipeline of K consecutive ranks that
+exchanges messages within itself only (its stages' replica groups average
+gradients at UPDATE, inside the workers). Below, "rank k" is stage k of one
+replica. Rank k runs stage k's action list from the same schedule the sequential
 engine runs, iteration after iteration. Sends are non-blocking (``isend``),
 so a latency-1 message never holds its sender back; every receive of an
 iteration is posted (``irecv``) when the iteration starts and waited for at
@@ -33,13 +37,9 @@ Message shapes are exchanged once up front: rank k receives its input's
 gradient) to learn its output's, and passes that on. Gradients have the
 shape of the activation they belong to.
 
-A data-parallel method (``Method.data_parallel``) has one stage, replicated
-on every rank; its worker splits the batch and DDP averages the gradients,
-so the engine only runs stage 0's plan everywhere and sends nothing.
-
 Rank 0 owns the run directory; training totals are summed over ranks
-(all_reduce), per-stage meters gathered, and the test set is scored by
-pipelining it through the stages.
+(all_reduce), replica 0's per-stage meters gathered, and the test set is
+scored by pipelining it through replica 0's stages.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ from torch import nn
 from ..data import EVAL_BATCH, BatchStream, Normalizer, eval_batches
 from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
+from ..placement import Placement
 from ..schedule import COMPUTE, RECVS, SENDS, Action, Op, message_key
 from ..stage import StageWorker
 from .compute import run_compute
@@ -63,25 +64,27 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 class DistributedEngine:
     def __init__(self, method: Method, worker: StageWorker, stage: nn.Module, stream: BatchStream,
-                 num_stages: int, input_shape: tuple[int, ...],
+                 placement: Placement, input_shape: tuple[int, ...],
                  memory_format: torch.memory_format = torch.preserve_format, tracer: Tracer | None = None):
         self.method, self.worker, self.stage, self.stream = method, worker, stage, stream
         self.workers = [worker]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.num_stages = num_stages
-        self.data_parallel = num_stages == 1 and self.world_size > 1
-        if not self.data_parallel and num_stages != self.world_size:
-            raise ValueError(f"{num_stages} stages on {self.world_size} ranks")
-        self.k = 0 if self.data_parallel else self.rank
+        if placement.ranks != self.world_size:
+            raise ValueError(f"{placement.describe()} on {self.world_size} ranks")
+        self.num_stages = placement.stages
+        self.k, self.replica = placement.stage_of(self.rank), placement.replica_of(self.rank)
         self.is_primary = self.rank == 0
         self.device, self.amp_dtype, self.memory_format = worker.device, worker.ctx.amp_dtype, memory_format
         self.tracer = tracer
-        # One group per boundary and direction; every rank creates all of them, in the same order.
-        boundaries = range(num_stages - 1)
-        self._act_groups = [dist.new_group([b, b + 1]) for b in boundaries]
-        self._grad_groups = [dist.new_group([b, b + 1]) for b in boundaries]
-        # Evaluation has its own groups: training activations may still be in flight when it starts.
-        self._eval_groups = [dist.new_group([b, b + 1]) for b in boundaries]
+        # One group per boundary and direction in each replica; every rank creates all of them, in one order,
+        # and keeps its replica's.
+        groups = {}
+        for r in range(placement.replicas):
+            pairs = [[placement.rank_of(b, r), placement.rank_of(b + 1, r)] for b in range(self.num_stages - 1)]
+            # Evaluation has its own groups: training activations may still be in flight when it starts.
+            groups[r] = [[dist.new_group(pair) for pair in pairs] for _ in ("act", "grad", "eval")]
+        self._act_groups, self._grad_groups, self._eval_groups = groups[self.replica]
+        self._scorer = placement.rank_of(self.num_stages - 1, 0)  # replica 0's last stage scores the test set
         self._warm_up_groups()
         # gloo's waits are unbounded unless given a timeout; NCCL's watchdog has the group's (see above).
         self._wait_timeout = dist_timeout() if dist.get_backend() == "gloo" else None
@@ -100,7 +103,7 @@ class DistributedEngine:
         training starts."""
         one = torch.ones(1, device=self.device)
         for b in range(self.num_stages - 1):
-            if self.rank in (b, b + 1):
+            if self.k in (b, b + 1):
                 for groups in (self._act_groups, self._grad_groups, self._eval_groups):
                     dist.all_reduce(one, group=groups[b])
 
@@ -222,20 +225,19 @@ class DistributedEngine:
         self.worker.metrics.reset()
 
     def take_meters(self) -> dict[str, float]:
-        mine = {} if self.data_parallel and self.rank else {
-            f"stage{self.k}_{name}": meter.take() for name, meter in self.worker.meters.items()}
+        taken = {f"stage{self.k}_{name}": meter.take() for name, meter in self.worker.meters.items()}
+        mine = taken if self.replica == 0 else {}  # replicas' meters measure shards of the same batches
         gathered: list[dict[str, float]] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(gathered, mine)
         return {key: value for part in gathered for key, value in part.items()}
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer) -> dict[str, float]:
-        """Score the test set by pipelining it through the stages (eval mode).
-        Data-parallel replicas are equal, so rank 0 alone scores its own."""
-        scorer = 0 if self.data_parallel else self.world_size - 1
+        """Score the test set by pipelining it through replica 0's stages (eval
+        mode); the replicas' weights are equal."""
         result: list[Any] = [None]
-        if self.rank == scorer or not self.data_parallel:
+        if self.replica == 0:
             result[0] = self._evaluate_stage(images, labels, normalizer)
-        dist.broadcast_object_list(result, src=scorer)
+        dist.broadcast_object_list(result, src=self._scorer)
         return result[0]
 
     def _evaluate_stage(self, images, labels, normalizer) -> dict[str, float] | None:
