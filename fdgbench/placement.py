@@ -214,6 +214,8 @@ class _ReplicaSync:
             else:
                 dist.all_reduce(flat, group=self.replica_group)
                 flat.div_(replicas)
+            # A blocking collective makes the current (compute) stream wait for NCCL's, so on GPUs the copies
+            # below, queued on the compute stream, read the finished mean.
             offset = 0
             for g in same:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -153,17 +153,18 @@ def test_adl_sums_or_averages_the_accumulated_gradients():
 
 
 def test_cdni_synthetic_gradient_loss_decreases():
-    """A few hundred steps on the tiny net (lr 0.01: at 0.05 DNI's tiny net
-    can collapse): M_0's regression error on the true gradients falls
-    (measured: 0.074 over the first 50 steps, 0.014 over the last 50)."""
+    """150 steps on the tiny net (lr 0.01: at 0.05 DNI's tiny net can
+    collapse): M_0's regression error on the true gradients falls (measured
+    under ATEN_CPU_CAPABILITY default, avx2 and avx512: 0.0737 over the first
+    50 steps, 0.0254 over the last 50, a ratio of 0.34-0.35; 0.014 by step 300)."""
     trainer = _trainer("cdni", 2, variant="sync", lr=0.01)
     meter = trainer.workers[0].meters["sg_loss"]
     for t in range(50):
         trainer.engine.run_iteration(t)
     early = meter.take()
-    for t in range(50, 300):
+    for t in range(50, 150):
         trainer.engine.run_iteration(t)
-        if t == 249:
+        if t == 99:
             meter.take()
     late = meter.take()
     print(f"sg_loss: first 50 steps {early:.4f}, last 50 steps {late:.4f}")

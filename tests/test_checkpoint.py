@@ -43,7 +43,7 @@ def _data():
 
 
 def _configs(k, engine="sequential"):
-    # deterministic: dp's replicas sum their gradients in rank order (replicas.py), whatever buckets DDP forms.
+    # deterministic: dp's replicas sum their gradients in replica order (placement.py).
     return method_configs(k, model="tiny_resnet", dataset="synthetic", batch_size=BATCH, epochs=EPOCHS, lr=0.05,
                           threads=1, engine=engine, deterministic=True)
 
@@ -128,10 +128,8 @@ def test_interrupted_and_resumed_equals_uninterrupted_on_the_distributed_engine(
     configs = _configs(k, engine="distributed")
     spawn_ranks(k, torch.device("cpu"), _train_clean_and_interrupted, (configs, str(tmp_path)))
     for i, cfg in enumerate(configs):
-        # dp too: DDP regroups its gradient buckets after its first iteration
-        # (a resumed process's first iteration runs with the initial grouping),
-        # but with --deterministic every element is the same rank-ordered sum
-        # whatever bucket carries it.
+        # dp too: with --deterministic every gradient element is the same
+        # replica-ordered sum, however the all-reduce would order it.
         _assert_resumed_equals_clean(RunDirectory(tmp_path / f"clean{i}"), RunDirectory(tmp_path / f"cut{i}"),
                                      1 if cfg.method == "dp" else k, f"{cfg.method} {cfg.method_options}")
 

@@ -32,7 +32,7 @@ def _data():
 
 
 def _configs(k):
-    # deterministic: dp's replicas sum their gradients in rank order (replicas.py), as the sequential replay does.
+    # deterministic: dp's replicas sum their gradients in replica order (placement.py), as the sequential replay does.
     return method_configs(k, model="tiny_resnet", dataset="synthetic", batch_size=BATCH, epochs=STEPS, lr=0.05,
                           threads=1, deterministic=True)
 
@@ -163,8 +163,8 @@ def test_a_hung_rank_stops_the_run_within_the_timeout(tmp_path):
 
 def test_channels_last_messages_keep_their_layout_and_match_the_sequential_engine(tmp_path):
     # FDG sends channels-last activations and gradients both ways (and through
-    # evaluation); dp at K=2 uses DDP's own all-reduce (not --deterministic),
-    # which equals the sequential replay at two replicas (replicas.py).
+    # evaluation); dp at K=2 uses the all-reduce's own sum (not --deterministic),
+    # which equals the sequential replay at two replicas (placement.py).
     configs = [RunConfig(**{**cfg.__dict__, "channels_last": True, "deterministic": False})
                for cfg in _configs(2) if cfg.method in ("fdg", "dp") and cfg.method_options.get("staleness") != "replay"]
     spawn_ranks(2, torch.device("cpu"), _train_distributed, (configs, str(tmp_path)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdgbench.numerics import configure_numerics, numerics_settings
-from fdgbench.replicas import ordered_mean
+from fdgbench.placement import ordered_mean
 from fdgbench.config import RunConfig
 
 

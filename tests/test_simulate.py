@@ -2,7 +2,7 @@
 Gantt chart drawn from its spans."""
 import pytest
 
-from fdgbench.engines.simulate import Link, StageCosts, simulate, simulate_data_parallel, stage_costs
+from fdgbench.engines.simulate import Link, StageCosts, simulate, stage_costs
 from fdgbench.method import make_method
 from fdgbench.report.gantt import draw_gantt
 
@@ -63,11 +63,24 @@ def test_a_replayed_forward_is_charged_to_the_delayed_stages():
 
 
 def test_data_parallel_splits_compute_and_pays_the_all_reduce():
-    whole = StageCosts(forward=2.0, backward=4.0, update=1.0)
-    assert simulate_data_parallel(whole, 1, 8e9, FREE).iteration_s == pytest.approx(7.0)
+    # dp = BP placed as one stage of K replicas (placement.py).
+    whole = StageCosts(forward=2.0, backward=4.0, update=1.0, parameter_bytes=8e9)
+    bp = make_method("bp")
+    assert simulate(bp, [whole], FREE, replicas=1).iteration_s == pytest.approx(7.0)
     link = Link(latency_s=0.0, bandwidth_Bps=1e9)
     # (2 + 4) / 2 compute, ring all-reduce 2 (K-1)/K x 8 GB / 1 GB/s = 8 s, update 1.
-    assert simulate_data_parallel(whole, 2, 8e9, link).iteration_s == pytest.approx(12.0)
+    assert simulate(bp, [whole], link, replicas=2).iteration_s == pytest.approx(12.0)
+
+
+def test_replicas_of_pipelined_stages_halve_compute_and_messages_and_all_reduce_each_stage():
+    # FDG x DP, K = 2, R = 2: each stage's B and F on half the batch (1 + 0.5), its update
+    # of the whole stage (0.5) after the all-reduce: 2 (R-1)/R x 1 GB / 1 GB/s + 2 (R-1) x 0.1 s
+    # = 1.2 s; the messages (1 MB / 2 at 1 GB/s + 0.1 s) arrive before they are needed.
+    stages = [StageCosts(forward=1.0, backward=2.0, update=0.5, output_bytes=1e6, parameter_bytes=1e9)] * 2
+    link = Link(latency_s=0.1, bandwidth_Bps=1e9)
+    pred = simulate(make_method("fdg"), stages, link, replicas=2)
+    assert pred.iteration_s == pytest.approx(1.0 + 0.5 + 0.5 + 1.2)
+    assert simulate(make_method("fdg"), stages, FREE, replicas=1).iteration_s == pytest.approx(3.5)
 
 
 def test_stage_costs_sum_a_profile_over_a_partition():

@@ -57,7 +57,8 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
     med = summarize_spans(tracer.spans)
     blocks = [{"name": name, "forward_s": med[(i, "forward")], "backward_s": med[(i, "backward")],
                "update_s": med.get((i, "update"), 0.0),
-               "output_bytes": 4 * batch_size * math.prod(trainer.output_shapes[i])}
+               "output_bytes": 4 * batch_size * math.prod(trainer.output_shapes[i]),
+               "parameter_bytes": 4 * sum(p.numel() for p in trainer.stages[i].parameters())}
               for i, name in enumerate(trainer.block_names)]
     params = sum(p.numel() for s in trainer.stages for p in s.parameters())
     return {"model": model, "batch_size": batch_size, "device": device, "threads": threads,
@@ -73,7 +74,9 @@ def load_or_profile(model: str, batch_size: int, device: str, threads: int, refr
         build_model(model)  # an unknown name fails here, before "profiling ..." is announced
     path = profile_path(model, batch_size, device, threads)
     if path.is_file() and not refresh:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
+        if all("parameter_bytes" in b for b in saved["blocks"]):  # older profiles lack what replicas all-reduce
+            return saved
     click.echo(f"profiling {model} (batch {batch_size}, {device}, {threads} thread(s)) -> {path}", err=True)
     profile = profile_blocks(model, batch_size, device, threads)
     profile["link"] = measure_link(device, max(b["output_bytes"] for b in profile["blocks"][:-1] or profile["blocks"]))

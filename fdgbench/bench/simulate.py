@@ -24,11 +24,12 @@ class GridPoint:
 
 
 def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
-                  bandwidth_gbps: float | None = None, latency_us: float | None = None, refresh: bool = False):
-    """Per method, the simulator's prediction at each K (None where K exceeds
-    the blocks), stages balanced by the block profile; with the profile and
-    link used."""
-    from ..engines.simulate import Link, has_auxiliary_nets, simulate, simulate_data_parallel, stage_costs
+                  bandwidth_gbps: float | None = None, latency_us: float | None = None, refresh: bool = False,
+                  replicas: int = 1):
+    """Per method, the simulator's prediction at each K with ``replicas`` of
+    each stage (None where K exceeds the blocks), stages balanced by the
+    block profile; with the profile and link used."""
+    from ..engines.simulate import Link, has_auxiliary_nets, simulate, stage_costs
     from ..method import make_method
     from ..partition import Partition, balance, balanced_starts
 
@@ -42,18 +43,17 @@ def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size:
     bp_one = whole.forward + whole.backward + whole.update
     grid: dict[str, list[GridPoint | None]] = {name: [] for name in methods}
     for k in splits:
-        partition = Partition(balanced_starts(costs, k), len(blocks), "time") if k <= len(blocks) else None
         for name in methods:
             method = make_method(name)
-            if partition is None:
+            placement = method.placement(k, replicas)
+            if k > len(blocks):  # no row at this K (for any method: the rows compare methods at one K)
                 grid[name].append(None)
-            elif method.data_parallel:
-                pred = simulate_data_parallel(whole, k, profile["parameter_bytes"], link)
-                grid[name].append(GridPoint(pred, bp_one / pred.iteration_s, None, False))
-            else:
-                pred = simulate(method, stage_costs(blocks, partition.ranges()), link)
-                grid[name].append(GridPoint(pred, bp_one / pred.iteration_s, balance(costs, partition),
-                                            has_auxiliary_nets(method, k)))
+                continue
+            partition = Partition(balanced_starts(costs, placement.stages), len(blocks), "time")
+            pred = simulate(method, stage_costs(blocks, partition.ranges()), link, replicas=placement.replicas)
+            grid[name].append(GridPoint(pred, bp_one / pred.iteration_s,
+                                        balance(costs, partition) if placement.stages > 1 else None,
+                                        has_auxiliary_nets(method, placement.stages)))
     return grid, profile, link, bp_one
 
 
@@ -65,18 +65,22 @@ def predicted_speedups(model: str, splits: list[int], methods: list[str], batch_
 
 def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
                    bandwidth_gbps: float | None, latency_us: float | None, reprofile: bool,
-                   gantt: Path | None) -> None:
-    """Predicted speedups over BP on one worker, per method and K, with stages
-    balanced by the profile's measured block times."""
+                   gantt: Path | None, replicas: int = 1) -> None:
+    """Predicted speedups over BP on one worker, per method and K (with
+    ``replicas`` of each stage), with stages balanced by the profile's
+    measured block times."""
     from ..report.gantt import draw_gantt
 
     grid, profile, link, bp_one = simulate_grid(model, splits, methods, batch_size, device, threads, bandwidth_gbps,
-                                                latency_us, reprofile)
+                                                latency_us, reprofile, replicas)
     blocks = profile["blocks"]
     click.echo(f"{model}, batch {batch_size}: block profile {profile_path(model, batch_size, device, threads)} "
                f"({device}, {threads} thread(s) per worker); BP on one worker {1000 * bp_one:.0f} ms/iter; link "
                f"{link.latency_s * 1e6:.0f} us + {link.bandwidth_Bps / 1e9:.2f} GB/s"
                f"{'' if bandwidth_gbps is None and latency_us is None else ' (given)'}")
+    if replicas > 1:
+        click.echo(f"each stage has {replicas} replicas (K x {replicas} workers; dp: 1 stage x {replicas}K), "
+                   f"each on 1/{replicas} of the batch, gradients all-reduced at every update")
     click.echo(f"{'K':>3} {'method':<6} {'ms/iter':>8} {'speedup':>8} {'util min/mean':>14} {'balance':>8}")
     drawn = starred = False
     for i, k in enumerate(splits):

@@ -10,7 +10,7 @@ from ..config import comma_list, parse_device
 from ..errors import UserError
 
 from . import cli
-from .options import DEFAULT_DATA_DIR, method_names, positive_ints
+from .options import DEFAULT_DATA_DIR, REPLICAS, method_names, positive_ints
 
 
 @cli.group()
@@ -114,9 +114,11 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
                    "time-to-accuracy)")
 @click.option("--reuse-profile", is_flag=True,
               help="predict from the saved block profile instead of profiling again in this invocation")
+@click.option("--replicas", default="1", show_default=True,
+              help="replica counts R to measure (each method on K x R ranks; dp on K x R replicas)")
 def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterations: int, partition: str,
                   device: str, threads_per_stage: int, all_threads: int, amp: str, channels_last: bool,
-                  save: Path | None, reuse_profile: bool) -> None:
+                  save: Path | None, reuse_profile: bool, replicas: str) -> None:
     """Images/s of each method on K ranks vs BP on one worker (same threads per
     worker) and vs BP with all cores, with the simulator's prediction beside."""
     from ..bench import bench_speedup as run_bench
@@ -124,7 +126,8 @@ def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterat
     if min(iterations, batch_size, threads_per_stage, all_threads) < 1:
         raise UserError("--iterations, --batch-size and the thread counts must be at least 1")
     run_bench(model, positive_ints(splits, "--splits"), method_names(methods), batch_size, iterations, partition,
-              device, threads_per_stage, all_threads, amp, channels_last, save, reuse_profile)
+              device, threads_per_stage, all_threads, amp, channels_last, save, reuse_profile,
+              positive_ints(replicas, "--replicas"))
 
 
 @bench.command("simulate")
@@ -139,19 +142,21 @@ def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterat
 @click.option("--reprofile", is_flag=True, help="measure the block profile again instead of reading the saved one")
 @click.option("--gantt", type=click.Path(dir_okay=False, path_type=Path),
               help="also draw the predicted FDG timeline at the first K here (.png and .svg)")
+@REPLICAS
 def bench_simulate(model: str, splits: str, methods: str, batch_size: int, device: str, threads: int,
-                   bandwidth: float | None, latency_us: float | None, reprofile: bool, gantt: Path | None) -> None:
+                   bandwidth: float | None, latency_us: float | None, reprofile: bool, gantt: Path | None,
+                   replicas: int) -> None:
     """Predicted iteration time, utilisation and speedup over BP on one worker
     for each method and K, from a saved block profile (measured once)."""
     from ..bench import bench_simulate as run_bench
 
     if bandwidth is not None and bandwidth <= 0 or latency_us is not None and latency_us < 0:
         raise UserError("--bandwidth must be positive and --latency-us non-negative")
-    if min(batch_size, threads) < 1:
-        raise UserError("--batch-size and --threads must be at least 1")
+    if min(batch_size, threads, replicas) < 1:
+        raise UserError("--batch-size, --threads and --replicas must be at least 1")
     parse_device(device)
     run_bench(model, positive_ints(splits, "--splits"), method_names(methods), batch_size, device, threads,
-              bandwidth, latency_us, reprofile, gantt)
+              bandwidth, latency_us, reprofile, gantt, replicas)
 
 
 @cli.command("gpu-check")

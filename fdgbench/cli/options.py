@@ -17,6 +17,9 @@ DEFAULT_RESULTS = "results"
 
 
 # Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
+REPLICAS = click.option("--replicas", "-R", type=int, default=1, show_default=True,
+                        help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
+                             "batch, gradients averaged at each update; dp: 1 stage x K R replicas)")
 IGNORE_MEMORY_CHECK = click.option(
     "--ignore-memory-check", is_flag=True,
     help="start even if the estimated per-stage memory exceeds what the device has free (--force does not)")
@@ -28,9 +31,7 @@ def training_options(f: Callable) -> Callable:
     options = [
         click.option("--model", default="resnet56", show_default=True, help="see `fdgbench list models`"),
         click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K"),
-        click.option("--replicas", "-R", type=int, default=1, show_default=True,
-                     help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
-                          "batch, gradients averaged at each update)"),
+        REPLICAS,
         click.option("--partition", default="auto", show_default=True,
                      help=f"{'|'.join(STRATEGIES)}; auto = the paper's split if known, else FLOPs-balanced"),
         click.option("--split-at", help="explicit cut points: first blocks of stages 1..K-1, e.g. L2.4 or 19"),

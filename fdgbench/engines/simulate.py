@@ -15,9 +15,11 @@ so those methods' predictions are low. A method that replays its forward
 before a delayed backward (FR, --staleness replay) is charged that forward
 again.
 
-A data-parallel method is modelled as K replicas each running the whole
-model on B/K images (compute scaled by 1/K) followed by a ring all-reduce of
-the gradients, 2 (K-1)/K times their bytes over the link.
+With R replicas of each stage (placement.py; dp is one stage with K
+replicas) every replica computes on B/R images: compute and messages are
+scaled by 1/R, and each UPDATE first all-reduces the stage's gradients over
+its R replicas (a ring: 2 (R-1)/R times their bytes, 2 (R-1) latencies), not
+overlapped with the backward, as on the distributed engine.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class StageCosts:
     update: float
     local: float = 0.0
     output_bytes: float = 0.0
+    parameter_bytes: float = 0.0
 
 
 @dataclass
@@ -58,10 +61,15 @@ class Prediction:
 
 
 def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iterations: int = 40,
-             send_s: float = 0.0) -> Prediction:
+             send_s: float = 0.0, replicas: int = 1) -> Prediction:
     """Run ``iterations`` iterations of ``method``'s schedule on K = len(stages)
-    workers; the steady state is measured over the second half."""
+    stages of ``replicas`` workers each (one timeline per stage: its replicas
+    run alike); the steady state is measured over the second half."""
     k_stages = len(stages)
+    if replicas > 1:
+        stages = [replace(c, forward=c.forward / replicas, backward=c.backward / replicas, local=c.local / replicas,
+                          output_bytes=c.output_bytes / replicas,
+                          update=c.update + ring_allreduce_s(c.parameter_bytes, replicas, link)) for c in stages]
     if method.replays_forward():  # every delayed stage (all but the last) recomputes its forward
         stages = [replace(c, backward=c.backward + c.forward) if k < k_stages - 1 else c
                   for k, c in enumerate(stages)]
@@ -105,13 +113,9 @@ def has_auxiliary_nets(method: Method, num_stages: int) -> bool:
                for a in stage)
 
 
-def simulate_data_parallel(whole: StageCosts, replicas: int, parameter_bytes: float, link: Link) -> Prediction:
-    """K replicas of the whole model on B/K images each, then a ring all-reduce."""
-    compute = (whole.forward + whole.backward) / replicas
-    allreduce = 0.0 if replicas == 1 else 2 * (replicas - 1) / replicas * parameter_bytes / link.bandwidth_Bps + \
-        2 * (replicas - 1) * link.latency_s
-    total = compute + allreduce + whole.update
-    return Prediction(total, [(compute + whole.update) / total] * replicas)
+def ring_allreduce_s(nbytes: float, replicas: int, link: Link) -> float:
+    """A ring all-reduce of ``nbytes`` over ``replicas`` workers."""
+    return 2 * (replicas - 1) / replicas * nbytes / link.bandwidth_Bps + 2 * (replicas - 1) * link.latency_s
 
 
 def stage_costs(blocks: Sequence[dict], ranges: Sequence[range]) -> list[StageCosts]:
@@ -122,7 +126,8 @@ def stage_costs(blocks: Sequence[dict], ranges: Sequence[range]) -> list[StageCo
         backward = sum(b["backward_s"] for b in part)
         out.append(StageCosts(forward=sum(b["forward_s"] for b in part), backward=backward,
                               update=sum(b["update_s"] for b in part), local=backward,
-                              output_bytes=part[-1]["output_bytes"]))
+                              output_bytes=part[-1]["output_bytes"],
+                              parameter_bytes=sum(b.get("parameter_bytes", 0) for b in part)))
     return out
 
 
