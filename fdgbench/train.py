@@ -174,7 +174,9 @@ class Run:
     def _engine_text(self) -> str:
         threads = torch.get_num_threads()
         if self.rank is None:
-            return f"sequential engine, {threads} thread(s)"
+            replayed = (f", {self.placement.replicas} replicas of each stage replayed shard by shard"
+                        if self.placement.replicas > 1 else "")
+            return f"sequential engine, {threads} thread(s){replayed}"
         return (f"distributed engine ({dist.get_backend()}), {self.processes} ranks "
                 f"({self.placement.describe()}), {threads} thread(s) each")
 

@@ -138,3 +138,27 @@ def test_what_cannot_be_replicated_is_refused_in_one_line(fields, message):
     with pytest.raises(UserError, match=message):
         check_config(cfg)
         build_run(cfg, dataset=synthetic_dataset(10, train=64, test=32))
+
+
+def test_the_command_line_places_replicas_and_the_simulator_predicts_them(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fdgbench", *args], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    run = cli("run", "--method", "fdg", "-K", "2", "--replicas", "2", "--model", "tiny_resnet", "--dataset",
+              "synthetic", "--batch-size", "32", "--epochs", "1", "--max-steps", "6", "--threads", "1", "--no-progress",
+              "--out", str(tmp_path / "runs"))
+    assert run.returncode == 0, run.stderr
+    assert "2 replicas of each stage replayed shard by shard" in run.stderr
+    assert "fdg tiny_resnet K=2 R=2: final test error" in run.stdout
+    (directory,) = (tmp_path / "runs").iterdir()
+    assert directory.name.startswith("fdg-tiny_resnet-K2R2-") and RunDirectory(directory).is_done
+    simulated = cli("bench", "simulate", "--model", "tiny_resnet", "--splits", "2", "--methods", "fdg,dp",
+                    "--batch-size", "32", "--replicas", "2")
+    assert simulated.returncode == 0, simulated.stderr
+    assert "each stage has 2 replicas (K x 2 workers; dp: 1 stage x 2K)" in simulated.stdout
+    rows = {r[1]: r for r in (line.split() for line in simulated.stdout.splitlines()) if r[:1] == ["2"]}
+    assert set(rows) == {"fdg", "dp"} and all(float(r[2]) > 0 for r in rows.values())

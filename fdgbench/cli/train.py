@@ -24,7 +24,9 @@ def run(method: str, **kw: Any) -> None:
     if not is_primary():
         return
     note = " (already done; --force reruns)" if cached else ""
-    click.echo(f"{cfg.method} {cfg.model} K={cfg.splits}: final test error {summary['final_test_error']:.2f}%, "
+    replicas = f" R={cfg.replicas}" if cfg.replicas > 1 else ""
+    click.echo(f"{cfg.method} {cfg.model} K={cfg.splits}{replicas}: final test error "
+               f"{summary['final_test_error']:.2f}%, "
                f"best {summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}), "
                f"{summary['status']}{note} -> {path}")
 
