@@ -111,6 +111,30 @@ def test_interrupted_and_resumed_equals_uninterrupted_on_the_sequential_engine(t
                                      1 if cfg.method == "dp" else k, f"{cfg.method} {cfg.method_options}")
 
 
+def _replicated_configs(engine):
+    """K = 2 x R = 2: FDG legacy (batches in flight with their forward's
+    weights, per replica) and ADL (gradients accumulated across iterations,
+    per replica, at the checkpoint)."""
+    from fdgbench.config import RunConfig
+
+    base = dict(model="tiny_resnet", splits=2, replicas=2, dataset="synthetic", batch_size=BATCH, epochs=EPOCHS,
+                lr=0.05, threads=1, engine=engine, deterministic=True)
+    return [RunConfig(method="fdg", method_options={"staleness": "legacy"}, **base),
+            RunConfig(method="adl", method_options={"accumulate": 2}, **base)]
+
+
+@pytest.mark.parametrize("engine", ["sequential", "distributed"])
+def test_replicated_stages_resume_bit_identically_on_either_engine(engine, tmp_path):
+    configs = _replicated_configs(engine)
+    if engine == "distributed":
+        spawn_ranks(4, torch.device("cpu"), _train_clean_and_interrupted, (configs, str(tmp_path)))
+    else:
+        _train_clean_and_interrupted(None, configs, tmp_path)
+    for i, cfg in enumerate(configs):
+        _assert_resumed_equals_clean(RunDirectory(tmp_path / f"clean{i}"), RunDirectory(tmp_path / f"cut{i}"), 2,
+                                     f"{cfg.method} R=2 {engine}")
+
+
 def test_legacy_under_bf16_autocast_resumes_bit_identically(tmp_path):
     """The rebuilt graphs of a checkpoint make their own bf16 weight copies,
     which the backward refills from the live weights as the lost ones were."""
