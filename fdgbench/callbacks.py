@@ -151,13 +151,14 @@ class TraceRecording(Callback):
         run.tracer.resolve()
 
     def on_fit_end(self, run, directory, summary):
-        spans = run.tracer.spans
+        spans = run.tracer.spans if run.replica == 0 else []  # one timeline per stage: replica 0's
         if run.rank is not None:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, spans)
             spans = [s for part in gathered for s in part]
         if run.engine.is_primary:
             meta = {"method": run.cfg.method, "model": run.cfg.model, "splits": run.cfg.splits,
+                    "replicas": run.placement.replicas,
                     "engine": run.cfg.engine, "threads": torch.get_num_threads(),
                     "batch_size": run.cfg.batch_size, "steps_per_epoch": run.steps_per_epoch,
                     "partition": run.partition_text}

@@ -127,6 +127,8 @@ def _replicated_configs(engine):
 def test_replicated_stages_resume_bit_identically_on_either_engine(engine, tmp_path):
     configs = _replicated_configs(engine)
     if engine == "distributed":
+        # FDG alone: a rank's accumulated gradients (ADL) are its .grad, which every resume test restores.
+        configs = configs[:1]
         spawn_ranks(4, torch.device("cpu"), _train_clean_and_interrupted, (configs, str(tmp_path)))
     else:
         _train_clean_and_interrupted(None, configs, tmp_path)
