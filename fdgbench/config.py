@@ -144,7 +144,7 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
     for key in ("splits", "replicas"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
-    placement = placement_of(cfg)
+    placement = method.placement(cfg.splits, cfg.replicas)
     devices = stage_devices(cfg)
     if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
         check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)

@@ -400,11 +400,11 @@ def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=None) -> 
     """Per memory pool: OVERHEAD x the stages' summed peaks, plus the data's
     uint8 copy and a process's runtime wherever a process still to start
     puts them (this process, already running, is counted in what is free)."""
-    from .method import make_method
+    from .config import placement_of
 
     available = available or available_bytes
     batch = cfg.batch_size
-    replicas = make_method(cfg.method, **cfg.method_options).placement(cfg.splits, cfg.replicas).replicas
+    replicas = placement_of(cfg).replicas
     if cfg.engine == "distributed" and replicas > 1:
         # A rank per stage and replica, each on its own shard of the batch. (The sequential engine replays the
         # shards through one copy of each stage, holding what the whole batch would.)
@@ -460,6 +460,7 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, availab
     """The single changes that make the estimate fit: --staleness replay, a
     larger K (where stages go to separate GPUs), a smaller batch, one device
     per stage, and always: a device with enough free."""
+    from .config import placement_of
     from .method import make_method
     from .models import build_model
 
@@ -476,8 +477,7 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, availab
     # More stages help only where they spread over more memory: on one pool the sum over stages only
     # grows with K (as many activations, more batches in flight), so it is not tried there.
     spread = cfg.engine == "distributed" and pools[0] != "cpu"
-    stages_are_k = make_method(cfg.method, **cfg.method_options).placement(cfg.splits, 1).stages == cfg.splits
-    if spread and stages_are_k:  # (dp's K counts replicas of one stage: more of them hold no less each)
+    if spread and placement_of(cfg).stages == cfg.splits:  # (dp's K counts replicas: more hold no less each)
         for k in sorted({cfg.splits + 1, 2 * cfg.splits}):
             if k > blocks:
                 continue

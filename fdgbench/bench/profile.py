@@ -60,9 +60,8 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
                "output_bytes": 4 * batch_size * math.prod(trainer.output_shapes[i]),
                "parameter_bytes": 4 * sum(p.numel() for p in trainer.stages[i].parameters())}
               for i, name in enumerate(trainer.block_names)]
-    params = sum(p.numel() for s in trainer.stages for p in s.parameters())
     return {"model": model, "batch_size": batch_size, "device": device, "threads": threads,
-            "iterations": iterations, "parameter_bytes": 4 * params, "blocks": blocks,
+            "iterations": iterations, "blocks": blocks,
             "measured": "sequential engine, BP with one block per stage; medians per action",
             "env": {"torch": torch.__version__, "cpu_count": os.cpu_count(), "hostname": socket.gethostname()}}
 

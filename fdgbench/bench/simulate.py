@@ -42,6 +42,7 @@ def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size:
     whole = stage_costs(blocks, [range(len(blocks))])[0]
     bp_one = whole.forward + whole.backward + whole.update
     grid: dict[str, list[GridPoint | None]] = {name: [] for name in methods}
+    partitions: dict[int, Partition] = {}  # by stage count (dp's is one stage at every K)
     for k in splits:
         for name in methods:
             method = make_method(name)
@@ -49,7 +50,9 @@ def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size:
             if k > len(blocks):  # no row at this K (for any method: the rows compare methods at one K)
                 grid[name].append(None)
                 continue
-            partition = Partition(balanced_starts(costs, placement.stages), len(blocks), "time")
+            if placement.stages not in partitions:
+                partitions[placement.stages] = Partition(balanced_starts(costs, placement.stages), len(blocks), "time")
+            partition = partitions[placement.stages]
             pred = simulate(method, stage_costs(blocks, partition.ranges()), link, replicas=placement.replicas)
             grid[name].append(GridPoint(pred, bp_one / pred.iteration_s,
                                         balance(costs, partition) if placement.stages > 1 else None,

@@ -16,10 +16,11 @@ DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
 
 
-# Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
+# Shared by `run`/`compare` (a RunConfig field) and `bench simulate`.
 REPLICAS = click.option("--replicas", "-R", type=int, default=1, show_default=True,
                         help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
                              "batch, gradients averaged at each update; dp: 1 stage x K R replicas)")
+# Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
 IGNORE_MEMORY_CHECK = click.option(
     "--ignore-memory-check", is_flag=True,
     help="start even if the estimated per-stage memory exceeds what the device has free (--force does not)")
