@@ -26,7 +26,9 @@ the order is fixed).
 - The sequential engine replays the R shards one after another through one
   copy of each stage (``replay_shards``): every action runs once per shard,
   each shard's gradients accumulate apart, and UPDATE applies their
-  ``ordered_mean``.
+  ``ordered_mean``. Each replica's buffers (BN running statistics and batch
+  counts, its own modules' included) are kept apart too: the module holds
+  replica 0's between actions and replica r's only while r's shard runs.
 - On the distributed engine each rank is one replica (``sync_replicas``):
   UPDATE all-reduces the stage's gradients over its replica group (one flat
   buffer: a sum, then / R) before stepping. For R = 2 that is
@@ -54,6 +56,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,14 @@ def trained_parameters(worker: Any) -> list[torch.nn.Parameter]:
     return params
 
 
+def replica_buffers(worker: Any) -> list[tuple[nn.Module, str]]:
+    """Where the buffers each replica keeps its own live (BN running
+    statistics and batch counts), as (module, buffer name): the stage's and
+    those of the method's own modules."""
+    modules = [worker.module, *(local.module for local in worker.locals.values())]
+    return [(m, name) for top in modules for m in top.modules() for name, b in m._buffers.items() if b is not None]
+
+
 def steps_outside_update(worker: Any) -> list[str]:
     """The worker's own modules that step outside its UPDATE (their replicas
     could not be kept equal)."""
@@ -137,6 +148,8 @@ class _ShardReplay:
     of one stage, replayed shard after shard through one module."""
 
     replicas: int
+    # Replicas 1..R-1's buffers (replica 0's live in the modules); set by replay_shards.
+    _other_buffers: list[list[torch.Tensor]]
 
     def _replica_grads(self) -> list[list[torch.Tensor | None]]:
         grads = self.__dict__.get("_grads")
@@ -146,16 +159,25 @@ class _ShardReplay:
 
     @contextlib.contextmanager
     def _as_replica(self, r: int) -> Iterator[None]:
-        """Run an action as replica r: its own gradients accumulate in .grad."""
+        """Run an action as replica r: its own gradients accumulate in .grad,
+        and for r > 0 its own buffers are in the modules and its meters'
+        readings are dropped (the distributed engine records replica 0's)."""
         params, grads = trained_parameters(self), self._replica_grads()
         for p, g in zip(params, grads[r]):
             p.grad = g
+        meters = self.meters
+        if r > 0:
+            _swap(replica_buffers(self), self._other_buffers[r - 1])
+            self.meters = {name: type(meter)() for name, meter in meters.items()}
         try:
             yield
         finally:
             grads[r] = [p.grad for p in params]
             for p in params:
                 p.grad = None
+            if r > 0:
+                _swap(replica_buffers(self), self._other_buffers[r - 1])
+                self.meters = meters
 
     def _each_shard(self, action, batch, *tensors: torch.Tensor | None) -> torch.Tensor | None:
         """``action((batch, r), *shard r of tensors)`` for every replica r
@@ -187,11 +209,23 @@ class _ShardReplay:
 
     def checkpoint_state(self) -> dict[str, Any]:
         # Between iterations: each replica's gradients accumulated for a later update (ADL).
-        return {**super().checkpoint_state(), "replica_grads": self._replica_grads()}
+        # Replica 0's buffers are in the stage's state; replicas 1..R-1's beside it.
+        return {**super().checkpoint_state(), "replica_grads": self._replica_grads(),
+                "replica_buffers": self._other_buffers}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         super().restore_state(state)
         self._grads = [[None if g is None else g.to(self.device) for g in grads] for grads in state["replica_grads"]]
+        self._other_buffers = [[b.to(self.device).clone() for b in saved] for saved in state["replica_buffers"]]
+
+
+def _swap(slots: Sequence[tuple[nn.Module, str]], kept: list[torch.Tensor]) -> None:
+    """Exchange the modules' buffers at ``slots`` with the tensors in ``kept``.
+    The tensor objects are exchanged, not their values: a batch norm's graph
+    saves its running statistics, and writing into them would invalidate
+    the graph of a batch still held for a delayed backward."""
+    for i, (module, name) in enumerate(slots):
+        module._buffers[name], kept[i] = kept[i], module._buffers[name]
 
 
 class _ReplicaSync:
@@ -238,6 +272,9 @@ def replay_shards(worker: Any, replicas: int) -> Any:
     (the sequential engine's placement of R > 1)."""
     worker.__class__ = _mixed(_ShardReplay, type(worker))
     worker.replicas = replicas
+    # Every replica starts from the same buffers, as every rank does on the distributed engine.
+    worker._other_buffers = [[m._buffers[name].clone() for m, name in replica_buffers(worker)]
+                             for _ in range(replicas - 1)]
     return worker
 
 
