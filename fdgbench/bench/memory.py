@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..data import synthetic_dataset
-from ..config import RunConfig
+from ..config import RunConfig, check_config
 from ..train import build_run
 
 
@@ -24,6 +24,11 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
 
     from ..memory import MiB, estimate
 
+    configs = [RunConfig(method=method, method_options={"staleness": staleness} if staleness else {}, model=model,
+                         splits=splits, dataset="synthetic", batch_size=batch_size, threads=threads)
+               for method, staleness in MEMORY_CONFIGS]
+    for cfg in configs:  # a bad K or batch is one error line, not one after the table's header
+        check_config(cfg)
     data = synthetic_dataset(10, train=batch_size * 2, test=batch_size)
     image_shape = tuple(data.train_images.shape[1:])
     click.echo(f"{model}, K={splits}, batch {batch_size}, CPU, synthetic data: MiB per stage, measured / expected "
@@ -34,9 +39,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
                "+ state; the guard budgets 1.35x this for backward buffers and the allocator")
     header = f"{'method':<12}" + "".join(f"{'stage ' + str(k):>30}" for k in range(splits)) + f"{'total':>24}"
     click.echo(header)
-    for method, staleness in MEMORY_CONFIGS:
-        cfg = RunConfig(method=method, method_options={"staleness": staleness} if staleness else {}, model=model,
-                        splits=splits, dataset="synthetic", batch_size=batch_size, threads=threads)
+    for (method, staleness), cfg in zip(MEMORY_CONFIGS, configs):
         expected = estimate(cfg, image_shape, 10)
         trainer = build_run(cfg, dataset=data)
         for t in range(trainer.hold_span + 3):

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from .profile import load_or_profile, profile_path
+from ..config import RunConfig, check_config
+from .profile import load_or_profile, model_block_names, profile_path
 
 
 
@@ -23,6 +24,20 @@ class GridPoint:
     starred: bool  # auxiliary nets not costed
 
 
+def check_grid(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
+               replicas: int) -> None:
+    """Refuse, before any profiling, a grid point `fdgbench run` would refuse
+    (e.g. a batch its replicas cannot share): a prediction for a run that
+    cannot exist is no prediction. The same checks as a run's
+    (config.check_config), for each method at each K the model's blocks
+    allow; a larger K is a "no row" line of the table, not an error."""
+    num_blocks = len(model_block_names(model))
+    for k in (k for k in splits if k <= num_blocks):
+        for name in methods:
+            check_config(RunConfig(method=name, model=model, splits=k, replicas=replicas, partition="balanced",
+                                   dataset="synthetic", batch_size=batch_size, device=device, threads=threads))
+
+
 def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
                   bandwidth_gbps: float | None = None, latency_us: float | None = None, refresh: bool = False,
                   replicas: int = 1):
@@ -33,6 +48,7 @@ def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size:
     from ..method import make_method
     from ..partition import Partition, balance, balanced_starts
 
+    check_grid(model, splits, methods, batch_size, device, threads, replicas)
     profile = load_or_profile(model, batch_size, device, threads, refresh=refresh)
     blocks = profile["blocks"]
     measured = profile["link"]

@@ -62,6 +62,13 @@ def timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: i
         torch.set_num_threads(saved)
 
 
+def _row_config(base: dict[str, Any], name: str, k: int, r: int, partition: str, threads: int,
+                cuts: tuple[str, ...] | None = None) -> RunConfig:
+    """The config of one measured row: ``name`` on K x R ranks, cut at ``cuts`` if given."""
+    return RunConfig(method=name, splits=k, replicas=r, partition="explicit" if cuts else partition, split_at=cuts,
+                     threads=threads, engine="distributed", **base)
+
+
 def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size: int, iterations: int,
                   partition: str, device: str, threads_per_stage: int, all_threads: int, amp: str = "off",
                   channels_last: bool = False, save: Path | None = None, reuse_profile: bool = False,
@@ -78,13 +85,17 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
 
     parse_device(device)
     train_size = batch_size * 8
+    base = dict(model=model, dataset="synthetic", batch_size=batch_size, device=device, amp=amp,
+                channels_last=channels_last)
+    # Every row's config (K against the blocks, R against the batch, ...) is refused
+    # before the profiling, which takes a minute on a large model, not at its row.
+    for k, r, name in ((k, r, name) for k in splits for r in replicas for name in methods):
+        check_config(_row_config(base, name, k, r, partition, threads_per_stage))
     # Profiled afresh by default: a profile kept from another time (another load on
     # the machine, another build) is not "measured side by side" with these rows.
     profile = load_or_profile(model, batch_size, device, threads_per_stage, refresh=not reuse_profile)
     link = Link(profile["link"]["latency_s"], profile["link"]["bandwidth_Bps"])
     blocks = profile["blocks"]
-    base = dict(model=model, dataset="synthetic", batch_size=batch_size, device=device, amp=amp,
-                channels_last=channels_last)
     profiled = amp == "off" and not channels_last  # the block profile is fp32, default layout
 
     # K ranks on one CPU compute slower than the one process the profile timed (co-run factor).
@@ -120,8 +131,7 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
         for r, name in ((r, name) for r in replicas for name in methods):
             placement = make_method(name).placement(k, r)
             cuts = split_at if placement.stages == k else None  # dp: one stage, nothing to cut
-            cfg = RunConfig(method=name, splits=k, replicas=r, partition="explicit" if cuts else partition,
-                            split_at=cuts, threads=threads_per_stage, engine="distributed", **base)
+            cfg = _row_config(base, name, k, r, partition, threads_per_stage, cuts)
             check_config(cfg)
             results = spawn_ranks(placement.ranks, torch.device(device), _timed_rank,
                                   (cfg, train_size, 2 * k + warm, iterations))
