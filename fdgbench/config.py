@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .engines.launch import check_ranks_fit, under_torchrun
+from .engines.launch import check_ranks_fit, dist_timeout, under_torchrun
 from .errors import UserError
 from .method import Method, all_options, make_method
 from .models import build_model
@@ -18,6 +18,9 @@ from .placement import Placement
 from .schedule import steps_until_every_stage_updates
 
 ENGINES = ("sequential", "distributed")
+# Seeds are 32-bit: numpy's generator takes no more, and a stage seeds its own
+# modules' init with seed * 1009 + k + 1 (stage.py), which must stay in int64.
+MAX_SEED = 2**32 - 1
 TUPLE_FIELDS = ("split_at", "stage_devices")
 
 
@@ -106,6 +109,8 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
     for key in ("epochs", "batch_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"{name('seed')} must be in [0, {MAX_SEED}], got {cfg.seed}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"{name('max_steps')} must be at least 1, got {cfg.max_steps}")
     if cfg.warmup_epochs < 0:
@@ -134,6 +139,8 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         raise UserError(f"{name('threads')} must be at least 1, got {cfg.threads}")
     if cfg.engine not in ENGINES:
         raise UserError(f"unknown engine '{cfg.engine}' ({name('engine')}); known: {', '.join(ENGINES)}")
+    if cfg.engine == "distributed":
+        dist_timeout()  # a bad FDGBENCH_DIST_TIMEOUT is refused here, before any rank starts
     if cfg.engine == "distributed" and cfg.stage_devices:
         raise UserError("--stage-devices is for the sequential engine; distributed ranks take one device each")
     if cfg.split_at and cfg.partition not in ("auto", "explicit"):
@@ -145,6 +152,9 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         if getattr(cfg, key) < 1:
             raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
     placement = method.placement(cfg.splits, cfg.replicas)
+    if cfg.split_at and placement.stages != cfg.splits:  # -K counts something else (dp: replicas)
+        raise UserError(f"{cfg.method} places {placement.describe()} ({name('splits')} {cfg.splits} counts its "
+                        f"replicas), so there is nothing to cut: drop {name('split_at')}")
     devices = stage_devices(cfg)
     if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
         check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)

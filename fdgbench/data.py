@@ -236,8 +236,12 @@ def _decode_folder(path: Path, files: dict[str, bytes]) -> ImageDataset:
     classes = sorted(splits["train"])
     if len(classes) < 2:  # one class trains to 0% error and means nothing (synthetic:1 is refused too)
         raise UserError(f"{path}: train/ has {len(classes)} class folder ({classes[0]}); a classifier needs at least 2")
-    if sorted(splits["test"]) != classes:
-        raise UserError(f"{path}: train/ and test/ have different class folders")
+    # Only image files are listed, so an empty class folder counts as absent: say which split lacks which.
+    for split, other in (("test", "train"), ("train", "test")):
+        absent = sorted(set(splits[other]) - set(splits[split]))
+        if absent:
+            raise UserError(f"{path}: {split}/ has no images of class(es) {', '.join(absent)} that {other}/ has; "
+                            f"both splits need every class")
     tensors = []
     for split in ("train", "test"):
         images, labels = [], []
@@ -254,6 +258,10 @@ def _decode_folder(path: Path, files: dict[str, bytes]) -> ImageDataset:
         if len(shapes) != 1:
             raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}; resize them first")
         tensors += [torch.stack(images), torch.tensor(labels, dtype=torch.int64)]
+    train_size, test_size = tuple(tensors[0].shape[1:]), tuple(tensors[2].shape[1:])
+    if train_size != test_size:  # a model trained on one size would be scored on another
+        raise UserError(f"{path}: train/ images are {train_size} and test/ images {test_size} (channels, height, "
+                        f"width); resize them to one size first")
     return ImageDataset(f"folder:{path.name}", f"image folder {path.name}", tuple(classes), *tensors)
 
 

@@ -17,7 +17,8 @@ import torch
 from . import checkpoint
 from .config import RunConfig, check_config, parse_device, placement_of
 from .data import load_dataset
-from .engines.launch import check_ranks_fit, init_process_group, spawn_ranks, under_torchrun
+from .engines.launch import (check_ranks_fit, init_process_group, is_communication_error, lost_contact_of, spawn_ranks,
+                             under_torchrun)
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .runs import RunDirectory, config_hash
@@ -145,6 +146,7 @@ def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], 
     check_ranks_fit(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                     torch.cuda.device_count() if device.type == "cuda" else 0)
     init_process_group(device, int(os.environ["LOCAL_RANK"]))
+    peer_lost = False
     try:
         placement = placement_of(cfg)
         if dist.get_world_size() != placement.ranks:
@@ -177,5 +179,13 @@ def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], 
                                  local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
                                  resume=decision[1])
             return summary, run.path, False
+    except Exception as exc:
+        if isinstance(exc, UserError) or not is_communication_error(exc):
+            raise
+        # A peer died or stopped responding (torchrun's own agent reports which one and stops the job):
+        # one line from this rank, and no teardown, which can block on the dead peer.
+        peer_lost = True
+        raise lost_contact_of(dist.get_rank(), exc) from None
     finally:
-        dist.destroy_process_group()
+        if not peer_lost:
+            dist.destroy_process_group()

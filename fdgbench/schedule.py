@@ -17,6 +17,8 @@ activation, ``sG1``/``rG1`` gradient; a trailing ``'`` marks latency 1.
 """
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -136,50 +138,57 @@ class Mailbox:
 
 def execution_order(plan: IterationPlan, t: int, mailbox: Mailbox) -> list[tuple[int, Action]]:
     """A global order of the iteration's actions that respects every receive:
-    stages take turns, each running until it needs a message not yet sent.
-    Checks the iteration as it goes and raises ScheduleError on any fault."""
+    stages take turns, each running until it needs a message not yet sent;
+    a stage that waits is queued again when a message is sent to it (so the
+    work is linear in the iteration's actions, not quadratic in K). Checks
+    the iteration as it goes and raises ScheduleError on any fault."""
     num_stages = len(plan)
     pos = [0] * num_stages
     order: list[tuple[int, Action]] = []
     done_here: list[set[tuple[Op, int | None]]] = [set() for _ in plan]
-    while any(pos[k] < len(plan[k]) for k in range(num_stages)):
-        progressed = False
-        for k, actions in enumerate(plan):
-            while pos[k] < len(actions):
-                action = actions[pos[k]]
-                if action.op in RECVS:
-                    key = message_key(k, action)
-                    if key not in mailbox.pending:
-                        break
-                    sent_at, latency = mailbox.pending[key]
-                    if t - sent_at != latency or action.latency != latency:
-                        raise ScheduleError(
-                            f"iteration {t}, stage {k}: {action} receives a latency-{latency} message sent at "
-                            f"iteration {sent_at}, expected it with latency {action.latency}")
-                    del mailbox.pending[key]
-                elif action.op in SENDS:
-                    key = message_key(k, action)
-                    if not 0 <= key[2] < num_stages:
-                        raise ScheduleError(f"iteration {t}, stage {k}: {action} has no stage to go to")
-                    needs = (Op.FORWARD,) if action.op is Op.SEND_ACT else (Op.BACKWARD, Op.LOCAL)
-                    if not any((op, action.batch) in done_here[k] for op in needs):
-                        raise ScheduleError(f"iteration {t}, stage {k}: {action} sends batch {action.batch} "
-                                            f"before computing it ({'/'.join(op.value for op in needs)}"
-                                            f"{action.batch})")
-                    mailbox.pending[key] = (t, action.latency)
-                elif action.op is Op.FORWARD and k > 0 and (Op.RECV_ACT, action.batch) not in done_here[k]:
-                    raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its input")
-                elif (action.op is Op.BACKWARD and k < num_stages - 1
-                      and (Op.RECV_GRAD, action.batch) not in done_here[k]):
-                    raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its gradient")
-                done_here[k].add((action.op, action.batch))
-                order.append((k, action))
-                pos[k] += 1
-                progressed = True
-        if not progressed:
-            waiting = ", ".join(f"stage {k} at {plan[k][pos[k]]}" for k in range(num_stages)
-                                if pos[k] < len(plan[k]))
-            raise ScheduleError(f"iteration {t}: deadlock, {waiting} wait for messages never sent")
+    ready = collections.deque(range(num_stages))
+    queued = [True] * num_stages
+    while ready:
+        k = ready.popleft()
+        queued[k] = False
+        actions = plan[k]
+        while pos[k] < len(actions):
+            action = actions[pos[k]]
+            if action.op in RECVS:
+                key = message_key(k, action)
+                if key not in mailbox.pending:
+                    break  # queued again when the message is sent
+                sent_at, latency = mailbox.pending[key]
+                if t - sent_at != latency or action.latency != latency:
+                    raise ScheduleError(
+                        f"iteration {t}, stage {k}: {action} receives a latency-{latency} message sent at "
+                        f"iteration {sent_at}, expected it with latency {action.latency}")
+                del mailbox.pending[key]
+            elif action.op in SENDS:
+                key = message_key(k, action)
+                if not 0 <= key[2] < num_stages:
+                    raise ScheduleError(f"iteration {t}, stage {k}: {action} has no stage to go to")
+                needs = (Op.FORWARD,) if action.op is Op.SEND_ACT else (Op.BACKWARD, Op.LOCAL)
+                if not any((op, action.batch) in done_here[k] for op in needs):
+                    raise ScheduleError(f"iteration {t}, stage {k}: {action} sends batch {action.batch} "
+                                        f"before computing it ({'/'.join(op.value for op in needs)}"
+                                        f"{action.batch})")
+                mailbox.pending[key] = (t, action.latency)
+                receiver = key[2]
+                if not queued[receiver] and pos[receiver] < len(plan[receiver]):
+                    ready.append(receiver)
+                    queued[receiver] = True
+            elif action.op is Op.FORWARD and k > 0 and (Op.RECV_ACT, action.batch) not in done_here[k]:
+                raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its input")
+            elif (action.op is Op.BACKWARD and k < num_stages - 1
+                  and (Op.RECV_GRAD, action.batch) not in done_here[k]):
+                raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its gradient")
+            done_here[k].add((action.op, action.batch))
+            order.append((k, action))
+            pos[k] += 1
+    waiting = ", ".join(f"stage {k} at {plan[k][pos[k]]}" for k in range(num_stages) if pos[k] < len(plan[k]))
+    if waiting:
+        raise ScheduleError(f"iteration {t}: deadlock, {waiting} wait for messages never sent")
     for key, (sent_at, latency) in mailbox.pending.items():
         if sent_at + latency <= t:
             raise ScheduleError(f"iteration {t}: message {key} sent at iteration {sent_at} with latency "

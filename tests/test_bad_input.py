@@ -7,6 +7,7 @@ from fdgbench.data import load_image_folder
 from fdgbench.method import make_method
 from fdgbench.schedule import steps_until_every_stage_updates
 from fdgbench.config import RunConfig, check_config
+from fdgbench.errors import UserError
 
 from .conftest import ROOT
 from .test_data import _make_tree, _write_png
@@ -137,3 +138,59 @@ def test_divergence_names_the_window_the_loss_turned_in(cli, tmp_path):
     assert status == 3, err
     assert err.splitlines()[-1].startswith("diverged: training loss is nan by iteration 7 (first non-finite in "
                                            "iterations 0-7; the loss is checked every 50 iterations)")
+
+
+@pytest.mark.parametrize("args,env,message", [
+    # Seeds are 32-bit (numpy's generator, and a stage's seed * 1009 + k + 1 must stay in int64).
+    (["--seed", "1180591620717411303424"], {}, "--seed must be in [0, 4294967295], got 1180591620717411303424"),
+    (["--seed", "-1"], {}, "--seed must be in [0, 4294967295], got -1"),
+    (["--engine", "distributed"], {"FDGBENCH_DIST_TIMEOUT": "abc"},
+     "FDGBENCH_DIST_TIMEOUT must be a positive number of seconds, got 'abc'"),
+    (["--engine", "distributed"], {"FDGBENCH_DIST_TIMEOUT": "0"},
+     "FDGBENCH_DIST_TIMEOUT must be a positive number of seconds, got '0'"),
+    # dp's -K counts replicas: the old message said "give 0 cut points or drop --splits".
+    (["--method", "dp", "-K", "2", "--split-at", "L2.0"], {},
+     "dp places 1 stage(s) x 2 replica(s) (--splits 2 counts its replicas), so there is nothing to cut: drop --split-at"),
+])
+def test_bad_values_and_environment_are_one_line_before_anything_runs(cli, tmp_path, monkeypatch, args, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    status, _, err = cli("run", "--method", "fdg", *TINY, *args, "--out", tmp_path)
+    _one_error(status, err, message)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_schedule_with_more_stages_than_any_model_is_refused_at_once(cli):
+    # It used to validate 400,000 iterations of 100,000 stages (hours) before printing anything.
+    _one_error(*cli("schedule", "show", "--method", "fdg", "--splits", "100000", "--iterations", "3")[::2],
+               "--splits 100000 is more stages than any model has blocks (at most 602")
+
+
+def test_an_interrupted_command_that_trains_nothing_promises_no_resume(cli, monkeypatch):
+    import signal
+
+    from fdgbench import schedule
+    from fdgbench.cli import Terminated
+
+    def stopped(*args, **kwargs):
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(schedule, "format_grid", stopped)
+    status, _, err = cli("schedule", "show", "--method", "fdg", "--splits", "2")
+    assert status == 128 + signal.SIGTERM and err.strip() == "interrupted"  # click writes a newline first
+
+
+def test_a_folder_dataset_with_other_image_sizes_in_test_is_refused(tmp_path):
+    tree = _make_tree(tmp_path / "imgs")
+    for i, png in enumerate(sorted((tree / "test").rglob("*.png"))):  # train 8x8, test 24x24
+        _write_png(png, torch.full((3, 24, 24), i, dtype=torch.uint8))
+    with pytest.raises(UserError, match=r"train/ images are \(3, 8, 8\) and test/ images \(3, 24, 24\)"):
+        load_image_folder(tree, tmp_path / "cache")
+
+
+def test_an_empty_class_folder_is_named_as_such(tmp_path):
+    tree = _make_tree(tmp_path / "imgs")
+    for png in (tree / "test" / "a_dog").iterdir():
+        png.unlink()
+    with pytest.raises(UserError, match="test/ has no images of class.es. a_dog that train/ has"):
+        load_image_folder(tree, tmp_path / "cache")

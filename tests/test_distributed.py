@@ -262,3 +262,21 @@ def test_speedup_benchmark_saves_the_speeds_time_to_accuracy_reads(tmp_path, mon
     assert saved["amp"] == "bf16" and saved["channels_last"] is True and "2 threads" in saved["workers"]
     assert all(v > 0 for v in saved["seconds_per_iteration"].values())
     assert "no predictions: the block profile is fp32" in result.stdout
+
+
+def test_a_rank_killed_under_torchrun_leaves_its_peer_one_line_and_the_run_resumes(tmp_path):
+    # torchrun's agent reports the dead rank; the survivor, whose receive fails with gloo's "Connection reset by
+    # peer", used to print a full traceback and no `error: rank N` line.
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "fdgbench", "run", "--method", "fdg", "-K",
+               "2", "--engine", "distributed", "--out", str(tmp_path), "--model", "tiny_resnet", "--dataset", "synthetic",
+               "--batch-size", "32", "--train-subset", "64", "--epochs", "6", "--threads", "1", "--no-progress"]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FDGBENCH_FAULT": "1:7:kill", "FDGBENCH_DIST_TIMEOUT": "60"})
+    assert killed.returncode != 0
+    ours = [line for line in killed.stderr.splitlines() if line.startswith("error: ")]
+    assert ours and all(line.startswith("error: rank 0 lost contact with a peer: ") for line in ours), killed.stderr
+    assert "fdgbench/engines" not in killed.stderr  # no traceback through the suite's code
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "after epoch 3" in resumed.stderr  # 2 iterations an epoch

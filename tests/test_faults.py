@@ -72,8 +72,9 @@ def _start_training(tmp_path: Path):
     """A spawned distributed run, returned once its ranks have checkpointed an epoch."""
     out = tmp_path / "runs"
     log = open(tmp_path / "stderr.txt", "w")
+    (tmp_path / "tmp").mkdir()  # the spawned ranks' rendezvous folder is made here
     proc = subprocess.Popen([sys.executable, "-m", "fdgbench", *LONG_RUN, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=log)
+                            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     _wait_for(lambda: proc.poll() is not None or list(out.glob("*/checkpoint/latest.json")), 180, "a checkpoint")
     assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
     ranks = _spawned_ranks(proc.pid)
@@ -91,14 +92,18 @@ def test_ranks_die_with_a_parent_killed_by_sigkill(tmp_path):
         pass
 
 
-def test_sigterm_to_the_parent_stops_the_ranks_keeps_the_checkpoint_and_exits_143(tmp_path):
+# SIGHUP (the terminal closed) used to end the run silently with 129 and leave the rendezvous folder behind.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_to_the_parent_stops_the_ranks_keeps_the_checkpoint_and_exits_128_plus_it(tmp_path, signum):
     proc, ranks, run = _start_training(tmp_path)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list((tmp_path / "tmp").glob("fdgbench-rdzv-*"))  # not vacuous: the folder exists while training
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 128 + signum
     err = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (the same command resumes")
     assert not any(_process_state(r) for r in ranks)
     assert checkpoint.latest(run.path) is not None and not run.is_done
+    assert not list((tmp_path / "tmp").glob("fdgbench-rdzv-*"))
 
 
 WATCHED = """

@@ -52,3 +52,9 @@ def test_unknown_model_is_a_user_error():
 
 def test_registry_is_complete():
     assert set(PUBLISHED) | {"resnet44", "tiny_resnet"} == set(MODELS)
+
+
+def test_each_model_states_its_block_count():
+    # ModelInfo.blocks bounds K where building a model would be too slow (schedule show); it must be the truth.
+    with torch.device("meta"):
+        assert {name: len(build_model(name)) for name in MODELS} == {name: m.blocks for name, m in MODELS.items()}

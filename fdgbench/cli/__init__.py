@@ -31,29 +31,37 @@ from . import bench, info, plots, sweeps, train  # noqa: E402,F401  (registers t
 EXITS = {UserError: ("error", 2, True), DivergedError: ("diverged", 3, True), WorkerFailedError: ("error", 1, False)}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler's stop, ``kill``), raised in the main thread
-    so that it unwinds like Ctrl-C: spawned ranks are stopped, the checkpoint
-    is kept, and the same command resumes."""
+# SIGTERM (a job scheduler's stop, ``kill``) and SIGHUP (the terminal closed)
+# unwind like Ctrl-C: spawned ranks are stopped, their rendezvous folder is
+# removed, the checkpoint is kept, and the same command resumes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The commands that train, whose interruption leaves a run to resume.
+TRAINING_COMMANDS = ("run", "compare", "sweep")
 
-    signum = signal.SIGTERM
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal, raised in the main thread."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one ``error:`` line and exit status 2; a
-    diverged run exits 3; Ctrl-C exits 130 and SIGTERM 143 (128 + signal)."""
-    previous = None
+    diverged run exits 3; Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129 (128 + signal)."""
+    previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = {signum: signal.signal(signum, _raise_terminated) for signum in STOP_SIGNALS}
     try:
         return _main(argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -64,7 +72,7 @@ def _main(argv: list[str] | None) -> int:
         return exc.exit_code
     except click.exceptions.Abort as exc:
         if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C (and Terminated) into Abort
-            return _interrupted(exc.__cause__)
+            return _interrupted(exc.__cause__, argv)
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as exc:
@@ -75,12 +83,14 @@ def _main(argv: list[str] | None) -> int:
         click.echo(f"{word}: {_rank_prefix() if prefix else ''}{exc}", err=True)
         return status
     except KeyboardInterrupt as exc:
-        return _interrupted(exc)
+        return _interrupted(exc, argv)
 
 
-def _interrupted(exc: KeyboardInterrupt) -> int:
-    click.echo("interrupted (the same command resumes an unfinished run from its last epoch's checkpoint)",
-               err=True)
+def _interrupted(exc: KeyboardInterrupt, argv: list[str] | None) -> int:
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    trains = bool(command) and command[0] in TRAINING_COMMANDS
+    click.echo("interrupted" + (" (the same command resumes an unfinished run from its last epoch's checkpoint)"
+                                if trains else ""), err=True)
     return 128 + getattr(exc, "signum", signal.SIGINT)
 
 

@@ -5,6 +5,7 @@ import click
 
 from ..errors import UserError
 from ..method import all_methods, make_method
+from ..models import most_blocks
 
 from . import cli
 
@@ -60,6 +61,9 @@ def schedule_show(method: str, splits: int, iterations: int, messages: bool) -> 
 
     if splits < 1 or iterations < 1:
         raise UserError("--splits and --iterations must be at least 1")
+    if splits > most_blocks():  # the check costs K^2 plans: a K no model can have would run for hours
+        raise UserError(f"--splits {splits} is more stages than any model has blocks (at most {most_blocks()}, "
+                        f"`fdgbench list models`)")
     m = make_method(method)
     placement = m.placement(splits, 1)
     stages = placement.stages

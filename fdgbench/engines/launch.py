@@ -85,7 +85,16 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
 
 
 def dist_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+    """How long a collective or receive may wait (``FDGBENCH_DIST_TIMEOUT``
+    seconds, default 600); anything but a positive finite number is bad input."""
+    text = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds < float("inf")):
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got '{text}'")
+    return timedelta(seconds=seconds)
 
 
 def init_process_group(device: torch.device, local_rank: int, rank: int | None = None,
@@ -140,7 +149,8 @@ def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any
 
 def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports, target, args,
                 parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
+    for signum in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C and a closed terminal are the parent's to handle: it stops the ranks
+        signal.signal(signum, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     try:
         init_process_group(torch.device(device), rank, rank, world_size, init_file)
@@ -261,8 +271,17 @@ def _failure(procs, errors: dict[int, tuple], hung: list[int]) -> Exception:
     if errors:
         rank = min(errors)
         name, message, _, _ = errors[rank]
-        return WorkerFailedError(f"rank {rank} lost contact with a peer: {name}: {message}")
+        return lost_contact(rank, name, message)
     return WorkerFailedError("a rank was stopped before reporting")
+
+
+def lost_contact(rank: int, name: str, message: str) -> WorkerFailedError:
+    """The one line for a rank whose peer went away (died, was killed, or stopped responding)."""
+    return WorkerFailedError(f"rank {rank} lost contact with a peer: {name}: {message}")
+
+
+def lost_contact_of(rank: int, exc: BaseException) -> WorkerFailedError:
+    return lost_contact(rank, type(exc).__name__, _first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,26 +16,33 @@ class ModelInfo:
     name: str
     build: Callable[[int], BlockModel]
     description: str
+    blocks: int  # len(build(...)): the most stages it splits into (tests/test_models.py checks it)
 
 
 def _cifar_resnet(depth: int) -> ModelInfo:
+    # Stem, (depth - 2) / 6 residual blocks per stage of three, head.
     return ModelInfo(f"resnet{depth}", lambda c: resnet_cifar(depth, c),
-                     f"CIFAR ResNet-{depth} (He et al., option-A shortcuts)")
+                     f"CIFAR ResNet-{depth} (He et al., option-A shortcuts)", (depth - 2) // 2 + 2)
 
 
 MODELS: dict[str, ModelInfo] = {
     m.name: m
     for m in [
         *(_cifar_resnet(d) for d in (20, 32, 44, 56, 110, 1202)),
-        ModelInfo("resnet18", resnet18, "ResNet-18, CIFAR 3x3 stem, no max-pool"),
-        ModelInfo("wrn28_10", lambda c: wide_resnet(28, 10, c), "WRN-28-10, pre-activation"),
+        ModelInfo("resnet18", resnet18, "ResNet-18, CIFAR 3x3 stem, no max-pool", 10),
+        ModelInfo("wrn28_10", lambda c: wide_resnet(28, 10, c), "WRN-28-10, pre-activation", 14),
         ModelInfo("wrn28_10_bias", lambda c: wide_resnet(28, 10, c, conv_bias=True, name="wrn28_10_bias"),
-                  "WRN-28-10 with conv biases, as in the FDG authors' code"),
-        ModelInfo("wrn16_4", lambda c: wide_resnet(16, 4, c), "WRN-16-4, pre-activation"),
+                  "WRN-28-10 with conv biases, as in the FDG authors' code", 14),
+        ModelInfo("wrn16_4", lambda c: wide_resnet(16, 4, c), "WRN-16-4, pre-activation", 8),
         ModelInfo("tiny_resnet", lambda c: resnet_cifar(8, c, widths=(8, 16, 32), name="tiny_resnet"),
-                  "ResNet-8 at widths 8/16/32 (5 blocks), for tests and smoke runs"),
+                  "ResNet-8 at widths 8/16/32 (5 blocks), for tests and smoke runs", 5),
     ]
 }
+
+
+def most_blocks() -> int:
+    """The largest K any model splits into (one block per stage)."""
+    return max(info.blocks for info in MODELS.values())
 
 
 def build_model(name: str, num_classes: int = 10) -> BlockModel:
@@ -44,4 +51,4 @@ def build_model(name: str, num_classes: int = 10) -> BlockModel:
     return MODELS[name].build(num_classes)
 
 
-__all__ = ["MODELS", "BlockModel", "build_model", "count_parameters"]
+__all__ = ["MODELS", "BlockModel", "build_model", "count_parameters", "most_blocks"]
