@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .runs import save_tensors, write_atomically
+from .runs import name_checked, save_tensors, write_atomically
 
 FOLDER = "checkpoint"
 POINTER = "latest.json"
@@ -118,8 +118,9 @@ def latest(run_path: Path, config_hash: str | None = None) -> dict[str, Any] | N
     """The checkpoint a resume starts from, or None if there is none; with
     ``config_hash``, one written by the run of that config only."""
     path = _folder(run_path) / POINTER
-    if not path.is_file():
-        return None
+    with name_checked(run_path):
+        if not path.is_file():
+            return None
     try:
         info = json.loads(path.read_text())
         int(info["epoch"]), int(info["iteration"]), int(info["ranks"])

@@ -21,6 +21,7 @@ from .engines.launch import (check_ranks_fit, init_process_group, is_communicati
                              under_torchrun)
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
+from .run_record import CORRUPT, corrupt_text, read_run
 from .runs import RunDirectory, config_hash
 from .tracking import WandbTracker
 from .callbacks import standard_callbacks
@@ -108,11 +109,16 @@ def _check_memory(cfg: RunConfig, data) -> None:
 def done_summary(run: RunDirectory) -> dict[str, Any]:
     """A done run's summary. A checkpoint left beside a done run (killed
     after ``done`` was written, before the checkpoint was removed) is removed
-    here, under the run's lock."""
+    here, under the run's lock. A corrupt one (run_record.read_run: its
+    config gone, its records torn or contradicting each other) is refused,
+    as every command refuses it."""
+    record = read_run(run)
+    if record.state == CORRUPT:
+        raise UserError(corrupt_text(run, record.problem))
     if (run.path / checkpoint.FOLDER).exists():
         with run.lock():
             checkpoint.remove(run.path)
-    return run.read_json("summary.json")
+    return record.summary
 
 
 def _cached(run: RunDirectory, summary: dict[str, Any]) -> tuple[dict[str, Any], Path, bool]:

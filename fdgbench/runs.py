@@ -9,6 +9,7 @@ a run trains."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import getpass
 import hashlib
@@ -64,6 +65,33 @@ def save_tensors(path: Path, obj: Any) -> None:
     write_atomically(path, write)
 
 
+@contextlib.contextmanager
+def name_checked(path: Path) -> Iterator[None]:
+    """Probing ``path`` (exists, is_file, stat) where a name in it exceeds the
+    file system's limit (255 bytes on most; a long ``--out``) is one line
+    naming it: pathlib raises ENAMETOOLONG instead of answering False, and it
+    would otherwise surface as a traceback from the first probe."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        longest = max(len(os.fsencode(part)) for part in Path(path).parts)
+        raise UserError(f"cannot use {path}: a name in it is too long for the file system (its longest part has "
+                        f"{longest} bytes)") from None
+
+
+class DamagedRecord(UserError):
+    """A record file of a run directory that cannot be read (torn, edited,
+    deleted). ``path`` and ``problem`` let a reader that cannot start the run
+    over (a table, a sweep) say what is wrong in its own words; the message
+    itself is for ``fdgbench run``, whose --force starts it over."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path} {problem}; --force starts the run over")
+
+
 def config_hash(config: dict[str, Any]) -> str:
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
@@ -82,8 +110,14 @@ class RunDirectory:
         return cls(Path(root) / name)
 
     @property
+    def exists(self) -> bool:
+        with name_checked(self.path):
+            return self.path.exists()
+
+    @property
     def is_done(self) -> bool:
-        return (self.path / "done").is_file()
+        with name_checked(self.path):
+            return (self.path / "done").is_file()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -178,11 +212,12 @@ class RunDirectory:
         path = self.path / name
         try:
             obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DamagedRecord(path, "is missing") from None
         except (OSError, ValueError) as exc:
-            raise UserError(f"{path} is unreadable ({getattr(exc, 'strerror', None) or exc}); "
-                            f"--force starts the run over") from None
+            raise DamagedRecord(path, f"is unreadable ({getattr(exc, 'strerror', None) or exc})") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{path} is not a JSON object; --force starts the run over")
+            raise DamagedRecord(path, "is not a JSON object")
         return obj
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -208,8 +243,7 @@ class RunDirectory:
             except ValueError:
                 records.append(None)
             if not isinstance(records[-1], dict):
-                raise UserError(f"{path} line {number} is not a metrics record (torn or edited); "
-                                f"--force starts the run over")
+                raise DamagedRecord(path, f"line {number} is not a metrics record (torn or edited)")
         return records
 
     def save_stage(self, k: int, state: dict[str, torch.Tensor]) -> None:

@@ -6,7 +6,7 @@ commands for a scheduler. A launcher for a cluster is a class with the same
 ``launch(jobs, options)``.
 
 Every reader of run state (``sweep status``, tables, plots, the sweep
-itself) asks ``run_state``."""
+itself) asks ``run_record.read_run`` (or ``run_state``, its state alone)."""
 from __future__ import annotations
 
 import shlex
@@ -24,24 +24,8 @@ from .errors import DivergedError, RunInUseError, UserError
 from .execute import RunOptions, done_summary, train_run
 from .method import all_options
 from .report.specs import Cell, TableSpec, load_spec
+from .run_record import CORRUPT, RECORDED, SETTLED, RunRecord, corrupt_text, read_run, run_state  # noqa: F401
 from .runs import RunDirectory
-
-RUNNING_S = 3600  # a run whose directory changed this recently counts as running (epochs can take long)
-RECORDED = ("done", "diverged")  # the states of a run that has finished, one way or the other
-
-
-def run_state(run: RunDirectory, now: float | None = None) -> str:
-    """done or diverged (recorded as such), running (written to in the last
-    RUNNING_S seconds: an epoch's metrics, a checkpoint, the start),
-    incomplete (an unfinished run left alone), or missing (no directory)."""
-    if run.is_done:
-        return "diverged" if run.read_json("summary.json").get("status") == "diverged" else "done"
-    if not run.path.exists():
-        return "missing"
-    written = [f.stat().st_mtime for f in run.path.iterdir()]
-    recent = written and (now if now is not None else time.time()) - max(written) < RUNNING_S
-    return "running" if recent else "incomplete"
-
 
 @dataclass(frozen=True)
 class Job:
@@ -56,8 +40,12 @@ class Job:
         return RunDirectory.for_config(self.root, self.config.to_dict())
 
     @property
+    def record(self) -> RunRecord:
+        return read_run(self.run)
+
+    @property
     def state(self) -> str:
-        return run_state(self.run)
+        return self.record.state
 
 
 def preset_root(spec: TableSpec, preset: str, out: str | Path) -> Path:
@@ -124,19 +112,42 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _refuse(label: str, job: Job, record: RunRecord) -> None:
+    """A corrupt run is neither trained nor handed on (corrupt_text says
+    why): one line on stderr naming it; the sweep goes on with the others and
+    its command exits non-zero at the end (``counts["corrupt"]``)."""
+    print(f"{label}: not trained: {corrupt_text(job.run, record.problem)}", file=sys.stderr, flush=True)
+
+
+def _records_refusing_corrupt(jobs: list[Job]) -> list[RunRecord]:
+    """Each job's record, read once, for a launcher that decides up front; each corrupt one refused."""
+    records = [job.record for job in jobs]
+    for job, record in zip(jobs, records):
+        if record.state == CORRUPT:
+            _refuse(job.label, job, record)
+    return records
+
+
 class InProcessLauncher:
     """One job after another in this process (data loaded once). A diverged
     run is recorded and the sweep goes on; a run another process holds is
-    left to it, so sweeps started side by side share out a preset's runs."""
+    left to it, so sweeps started side by side share out a preset's runs; a
+    corrupt one is refused. Each job's state is read when its turn comes
+    (another process may have finished it meanwhile)."""
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        counts = {"done before": 0, "finished": 0, "diverged": 0, "left to other processes": 0}
+        counts = {"done before": 0, "finished": 0, "diverged": 0, "left to other processes": 0, CORRUPT: 0}
         datasets: dict[str, Any] = {}
         for i, job in enumerate(jobs, 1):
             label = f"[{i}/{len(jobs)}] {job.label}"
-            if job.state in RECORDED:
+            record = job.record
+            if record.state in RECORDED:
                 counts["done before"] += 1
                 _say(f"{label}: done ({done_summary(job.run)['status']})")
+                continue
+            if record.state == CORRUPT:
+                counts[CORRUPT] += 1
+                _refuse(label, job, record)
                 continue
             print(f"{label}: training", file=sys.stderr, flush=True)
             try:
@@ -163,12 +174,12 @@ class PrintLauncher:
     array, ``xargs -P``); trains nothing."""
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        states = [job.state for job in jobs]
+        states = [r.state for r in _records_refusing_corrupt(jobs)]
         todo = [job for job, state in zip(jobs, states) if state in ("missing", "incomplete")]
         for job in todo:
             _say(shlex.join(run_command(job, options)))
         return {"done before": sum(s in RECORDED for s in states), "running elsewhere": states.count("running"),
-                "printed": len(todo)}
+                "printed": len(todo), CORRUPT: states.count(CORRUPT)}
 
 
 class SubprocessLauncher:
@@ -182,8 +193,10 @@ class SubprocessLauncher:
         self.parallel, self.python = parallel, python
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        todo = [job for job in jobs if job.state not in RECORDED]
-        counts = {"done before": len(jobs) - len(todo), "finished": 0, "diverged": 0, "failed": 0}
+        records = _records_refusing_corrupt(jobs)
+        todo = [job for job, record in zip(jobs, records) if record.state not in SETTLED]
+        counts = {"done before": sum(r.state in RECORDED for r in records), "finished": 0, "diverged": 0, "failed": 0,
+                  CORRUPT: sum(r.state == CORRUPT for r in records)}
         waiting, running = list(todo), []
         while waiting or running:
             while waiting and len(running) < self.parallel:
@@ -214,9 +227,11 @@ LAUNCHERS: dict[str, Callable[[int], Launcher]] = {
 
 def describe(job: Job) -> str:
     """A job's state in a dry run's words."""
-    state = job.state
-    if state in RECORDED:
-        return f"done ({'finished' if state == 'done' else state})"
+    record = job.record
+    if record.state in RECORDED:
+        return f"done ({'finished' if record.state == 'done' else record.state})"
+    if record.state == CORRUPT:
+        return f"not trained: {corrupt_text(job.run, record.problem)}"
     saved = checkpoint.latest(job.run.path)
     text = (f"incomplete, resumes after epoch {saved['epoch']}" if saved else
             "incomplete, starts over (no checkpoint)" if job.run.path.exists() else "missing")
@@ -244,7 +259,9 @@ def progress(cells: list[Cell], root: Path) -> Progress:
     planned["epochs"] = [c.config.epochs if not c.config.max_steps else 1 for c in cells]
     finished = planned["state"].isin(RECORDED)
     counts = {"done": int(finished.sum()),
-              **{s: int((planned["state"] == s).sum()) for s in ("running", "incomplete", "missing")}}
+              **{s: int((planned["state"] == s).sum()) for s in ("running", "incomplete", "missing", CORRUPT)}}
+    if not counts[CORRUPT]:
+        del counts[CORRUPT]  # named only where there is one (each is named on stderr by planned_records)
     resumable = sum(checkpoint.latest(root / run) is not None
                     for run in planned.loc[planned["state"].isin(["running", "incomplete"]), "run"])
     # Seconds per epoch, per model, over every epoch recorded so far; the epochs each unfinished run has left.

@@ -115,17 +115,18 @@ def plot_diagnostics(table: str, preset: str, seeds: int | None, out: str, plot_
     """Cosine of applied vs true gradient per stage against iteration (runs made
     with --diagnose, e.g. `fdgbench sweep diagnostics --preset quick`), and a
     Markdown summary beside the plot."""
-    from ..report.plots import diagnostics_summary, plot_diagnostics as draw
+    from ..report.plots import diagnostics_by_cell, diagnostics_summary, plot_diagnostics as draw
     from ..report.specs import spec_path
 
     spec, cells, root = sweep_cells(table, preset, seeds, out)
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-cosine"
+    found = diagnostics_by_cell(cells, root)
 
     def drawn() -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
-        paths = draw(spec, cells, root, target, preset)
+        paths = draw(spec, cells, found, target, preset)
         summary = target.with_suffix(".md")
-        summary.write_text(diagnostics_summary(spec, cells, root, preset))
+        summary.write_text(diagnostics_summary(spec, cells, found, preset))
         return [*paths, summary]
 
     _write_plot(drawn, f"{table} ({preset}), runs under {root}")

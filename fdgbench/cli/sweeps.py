@@ -38,8 +38,11 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     """Train every run of TABLE's preset that is not done; a diverged run is
     recorded and the sweep goes on. A run another process is training (its
     directory's lock is held) is left to it, so several sweeps of one preset
-    started side by side on one results root share out its runs."""
-    from ..sweep import LAUNCHERS, RECORDED, describe, preset_jobs, preset_root
+    started side by side on one results root share out its runs. A corrupt
+    run directory is left alone and named; the sweep goes on and exits 2."""
+    from ..errors import UserError
+    from ..run_record import CORRUPT, SETTLED
+    from ..sweep import LAUNCHERS, describe, preset_jobs, preset_root
 
     spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"], device)
     for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
@@ -56,20 +59,23 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     if preset == "full" and launcher != "print":
         from ..bench import estimate_sweep_seconds
 
-        todo = [j.config for j in jobs if j.state not in RECORDED]
+        todo = [j.config for j in jobs if j.state not in SETTLED]
         seconds = estimate_sweep_seconds(todo, kw["data_dir"])
         click.echo(f"estimated total: {seconds / 3600:.1f} h for {len(todo)} runs on this machine (3 timed BP "
                    f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "
                    f"`fdgbench sweep status` refines it as epochs finish")
     counts = LAUNCHERS[launcher](parallel).launch(jobs, RunOptions.from_options({**kw, "out": str(root)}))
-    click.echo(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; tables: fdgbench table {table} "
-               f"--preset {preset}")
+    click.echo(", ".join(f"{v} {k}" for k, v in counts.items() if v or k != CORRUPT)
+               + f"; tables: fdgbench table {table} --preset {preset}")
+    if counts.get(CORRUPT):  # the others ran; a scheduler or script must still see that some did not
+        raise UserError(f"{counts[CORRUPT]} corrupt run director{'y' if counts[CORRUPT] == 1 else 'ies'} left alone "
+                        f"(named above); delete them and run the sweep again to train those runs")
 
 
 @sweep.command("status")
 @sweep_options
 def sweep_status(table: str, preset: str, seeds: int | None, out: str) -> None:
-    """Done / running / incomplete / missing runs, and the estimated time left."""
+    """Done / running / incomplete / missing (and corrupt, each named) runs, and the estimated time left."""
     from ..sweep import progress
 
     spec, cells, root = sweep_cells(table, preset, seeds, out)

@@ -28,6 +28,8 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
     palette = dict(zip(columns, sns.color_palette("tab10", len(columns))))
     drawn = 0
     for column in columns:
+        # Every run with an epoch recorded, finished or not; a corrupt run has none in the frame (records.py),
+        # so it is left out here and from n, with planned_records' warning naming it.
         runs = [r for r in planned.loc[planned["column"] == column, "metrics"] if r]
         cell = next(c for c in mine if c.column.id == column)
         per_iteration = None
@@ -59,7 +61,9 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
 
 def diagnostics_by_cell(cells: list[Cell], root: Path) -> dict[tuple[str, str], list[dict]]:
     """(row, column) -> the --diagnose records of its runs' epochs (seed 0's
-    run where a cell has several: one curve per cell), in iteration order."""
+    run where a cell has several: one curve per cell), in iteration order
+    (none from a corrupt run). Read once per command, for the plot and the
+    summary alike."""
     out: dict[tuple[str, str], list[dict]] = {}
     first_seeds = planned_records(cells, root).drop_duplicates(["row", "column"])
     for row, column, metrics in zip(first_seeds["row"], first_seeds["column"], first_seeds["metrics"]):
@@ -69,19 +73,19 @@ def diagnostics_by_cell(cells: list[Cell], root: Path) -> dict[tuple[str, str], 
     return out
 
 
-def plot_diagnostics(spec: TableSpec, cells: list[Cell], root: Path, out: Path, preset: str,
-                     smooth: int = 5) -> list[Path]:
-    """Cosine between the applied and the true gradient against iteration:
-    one panel per (row, stage), one line per column (a running median over
-    ``smooth`` measurements, so a single noisy batch does not hide the trend)."""
+def plot_diagnostics(spec: TableSpec, cells: list[Cell], found: dict[tuple[str, str], list[dict]], out: Path,
+                     preset: str, smooth: int = 5) -> list[Path]:
+    """Cosine between the applied and the true gradient against iteration
+    (``found``: diagnostics_by_cell's): one panel per (row, stage), one line
+    per column (a running median over ``smooth`` measurements, so a single
+    noisy batch does not hide the trend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = diagnostics_by_cell(cells, root)
     if not found:
-        raise ValueError(f"no run under {root} has --diagnose records")
+        raise ValueError("no run has --diagnose records")
     rows = list(dict.fromkeys(c.row.id for c in cells))
     columns = list(dict.fromkeys(c.column.id for c in cells))
     stages = max(c.config.splits for c in cells)
@@ -116,10 +120,10 @@ def plot_diagnostics(spec: TableSpec, cells: list[Cell], root: Path, out: Path, 
     return paths
 
 
-def diagnostics_summary(spec: TableSpec, cells: list[Cell], root: Path, preset: str) -> str:
+def diagnostics_summary(spec: TableSpec, cells: list[Cell], found: dict[tuple[str, str], list[dict]],
+                        preset: str) -> str:
     """Markdown: per row and column, each stage's median cosine, median norm
-    ratio and age over the diagnosed iterations."""
-    found = diagnostics_by_cell(cells, root)
+    ratio and age over the diagnosed iterations (``found``: diagnostics_by_cell's)."""
     rows = list(dict.fromkeys(c.row.id for c in cells))
     columns = list(dict.fromkeys(c.column.id for c in cells))
     lines = [f"# {spec.title}, preset {preset}", "",

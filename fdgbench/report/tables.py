@@ -1,8 +1,10 @@
 """Paper tables from run directories only: each cell is the median over the
 seeds that finished (n shown) of the final-epoch test error (and, in a second
 table, the best epoch's), beside the paper's number and the difference.
-Missing and diverged cells are marked, never dropped. Markdown, LaTeX
-(booktabs) and CSV."""
+Missing, diverged and corrupt runs (records that cannot be used, named on
+stderr; run_record.read_run) are marked, never dropped, and never counted in n.
+Markdown, LaTeX (booktabs) and CSV (whose runs_finished leaves corrupt runs
+out; its columns are fixed for readers of it)."""
 from __future__ import annotations
 
 import csv
@@ -19,6 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..models import build_model, count_parameters
+from ..run_record import CORRUPT
 from .records import planned_records
 from .specs import Cell, Column, Row, TableSpec
 
@@ -35,6 +38,7 @@ class CellResult:
     finished: list[dict[str, Any]]  # summaries of finished runs
     diverged: int
     histories: list[list[dict[str, Any]]] = field(default_factory=list)  # the finished runs' epoch records
+    corrupt: int = 0  # runs whose records cannot be used (left out of every number)
 
     def median(self, key: str) -> float | None:
         values = [s[key] for s in self.finished if s.get(key) is not None]
@@ -66,7 +70,8 @@ def collect(spec: TableSpec, cells: list[Cell], root: Path) -> list[CellResult]:
         done = group[group["state"] == "done"]
         cell = first[(row, column)]
         results.append(CellResult(cell.row, cell.column, len(group), list(done["summary"]),
-                                  int((group["state"] == "diverged").sum()), list(done["metrics"])))
+                                  int((group["state"] == "diverged").sum()), list(done["metrics"]),
+                                  int((group["state"] == CORRUPT).sum())))
     return results
 
 
@@ -145,15 +150,26 @@ def _params(model: str, num_classes: int) -> str:
         return f"{count_parameters(build_model(model, num_classes)) / 1e6:.2f}M"
 
 
+def _no_result(r: CellResult) -> str:
+    """A cell without a number: why (diverged and corrupt runs of those expected), or missing."""
+    why = [f"{word} ({count}/{r.expected})" for word, count in (("diverged", r.diverged), (CORRUPT, r.corrupt))
+           if count]
+    return ", ".join(why) or "missing"
+
+
+def _left_out(r: CellResult, diverged: bool = True) -> str:
+    """The runs a cell's number does not count, after its n."""
+    return (f", {r.diverged} diverged" if r.diverged and diverged else "") + (
+        f", {r.corrupt} {CORRUPT}" if r.corrupt else "")
+
+
 def _cell_text(r: CellResult, key: str) -> str:
     ours = r.median(key)
     paper = "-" if r.paper is None else f"{r.paper:.2f}"
     if ours is None:
-        state = f"diverged ({r.diverged}/{r.expected})" if r.diverged else "missing"
-        return f"{state} / {paper}"
-    n = f"n={len(r.finished)}" + (f", {r.diverged} diverged" if r.diverged else "")
+        return f"{_no_result(r)} / {paper}"
     diff = "-" if r.paper is None else f"{ours - r.paper:+.2f}"
-    return f"{ours:.2f} ({n}) / {paper} / {diff}"
+    return f"{ours:.2f} (n={len(r.finished)}{_left_out(r)}) / {paper} / {diff}"
 
 
 def _time_cell_text(r: CellResult, bp: CellResult | None) -> str:
@@ -163,8 +179,9 @@ def _time_cell_text(r: CellResult, bp: CellResult | None) -> str:
     paper_bp = bp.paper if bp is not None else None
     paper = "-" if r.paper is None else f"{r.paper:.1f} s{speedup(paper_bp, r.paper)}"
     if r.seconds is None:
-        return f"{f'diverged ({r.diverged}/{r.expected})' if r.diverged else 'missing'} / {paper}"
-    ours = f"{r.seconds:.1f} s{speedup(bp.seconds if bp is not None else None, r.seconds)} (n={len(r.finished)})"
+        return f"{_no_result(r)} / {paper}"
+    ours = (f"{r.seconds:.1f} s{speedup(bp.seconds if bp is not None else None, r.seconds)} "
+            f"(n={len(r.finished)}{_left_out(r, diverged=False)})")
     return f"{ours} / {paper}"
 
 
@@ -219,7 +236,8 @@ def _stability_cell_text(r: CellResult, bp: CellResult | None, num_classes: int)
     """Seeds that diverged or blew up, and the others' last-epoch training
     loss beside BP's (same iterations, same data)."""
     cell = Stability.of(r, num_classes)
-    text = f"{cell.diverged}/{cell.expected} diverged, {cell.blew_up} blew up"
+    text = f"{cell.diverged}/{cell.expected} diverged, {cell.blew_up} blew up" + (
+        f", {r.corrupt}/{r.expected} {CORRUPT}" if r.corrupt else "")
     if cell.survivors_loss is None:
         return text + ("" if cell.diverged or cell.blew_up else ", none finished")
     reference = Stability.of(bp, num_classes).survivors_loss if bp is not None and bp is not r else None
