@@ -19,3 +19,7 @@ class DivergedError(Exception):
 class WorkerFailedError(Exception):
     """A distributed worker (rank) died or raised; the message names the rank
     and the cause (exit 1)."""
+
+
+class RunsFailedError(Exception):
+    """Some runs of a sweep failed (their logs say why); the others ran (exit 1)."""

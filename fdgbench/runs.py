@@ -146,6 +146,21 @@ class RunDirectory:
                 (self.path / LOCK).unlink(missing_ok=True)
                 self.path.rmdir()
 
+    def holder(self) -> str | None:
+        """The pid of the process training this run (holding its lock), or
+        None; takes nothing (a launcher's look before it starts a process)."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file: nobody has held it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # releases the shared lock if it was taken
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Own the directory while a run trains: a second process (the same

@@ -1,19 +1,21 @@
 """Sweeps as library code: a table preset's runs as Jobs (config -> run
 directory -> state, the state read from the directory alone, as in
 DomainBed's sweep), and launchers that train the jobs not done yet: in this
-process, as ``fdgbench run`` subprocesses (several at once), or printed as
-commands for a scheduler. A launcher for a cluster is a class with the same
-``launch(jobs, options)``.
+process, as ``fdgbench run`` subprocesses (several at once), as a Slurm job
+array through submitit, or printed as commands for a scheduler. A launcher
+for another cluster is a class with the same ``launch(jobs, options)``,
+registered in LAUNCHERS.
 
 Every reader of run state (``sweep status``, tables, plots, the sweep
 itself) asks ``run_record.read_run`` (or ``run_state``, its state alone)."""
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -21,6 +23,7 @@ from . import checkpoint
 from .config import TUPLE_FIELDS, RunConfig, flag_name
 from .data import load_dataset
 from .errors import DivergedError, RunInUseError, UserError
+from .engines.launch import set_parent_death_signal
 from .execute import RunOptions, done_summary, train_run
 from .method import all_options
 from .report.specs import Cell, TableSpec, load_spec
@@ -182,10 +185,41 @@ class PrintLauncher:
                 "printed": len(todo), CORRUPT: states.count(CORRUPT)}
 
 
+def _held_elsewhere(job: Job) -> str | None:
+    """The pid of another process training the job's run, or None."""
+    return job.run.holder()
+
+
+def _worker_command(python: str, job: Job, options: RunOptions) -> list[str]:
+    """``fdgbench run`` of the job through this interpreter (the sweep's own install)."""
+    return [python, "-m", "fdgbench", *run_command(job, options)[1:]]
+
+
+def _open_log(job: Job, command: list[str]):
+    """The job's log beside its run directory, appended to: an earlier
+    attempt's output (why it failed) is kept, each attempt headed by its command."""
+    job.root.mkdir(parents=True, exist_ok=True)
+    log = open(job.root / f"{job.run.path.name}.log", "a")
+    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+    log.flush()
+    return log
+
+
+def _child_setup() -> None:
+    # A child outlives no sweep: if the sweep is killed (SIGKILL cannot be caught) the kernel sends the child
+    # SIGTERM, which `fdgbench run` handles as a stop (ranks stopped, checkpoint kept).
+    set_parent_death_signal(signal.SIGTERM)
+
+
 class SubprocessLauncher:
     """Each job not done as its own ``fdgbench run`` process, ``parallel`` at
-    a time (e.g. several runs sharing one GPU); each process's output goes
-    to ``<run directory>.log`` beside its run directory."""
+    a time (e.g. several runs sharing one GPU); each process's output is
+    appended to ``<run directory>.log`` beside its run directory. A run
+    another process is training is left to it, as in-process. When the
+    sweep stops (Ctrl-C, SIGTERM, SIGHUP, an error) its children are stopped
+    too, each keeping its checkpoint; a failed run makes the sweep exit 1."""
+
+    STOP_S = 30.0  # how long a stopped child gets to write its checkpoint and stop its ranks
 
     def __init__(self, parallel: int = 1, python: str = sys.executable):
         if parallel < 1:
@@ -194,34 +228,168 @@ class SubprocessLauncher:
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
         records = _records_refusing_corrupt(jobs)
-        todo = [job for job, record in zip(jobs, records) if record.state not in SETTLED]
-        counts = {"done before": sum(r.state in RECORDED for r in records), "finished": 0, "diverged": 0, "failed": 0,
-                  CORRUPT: sum(r.state == CORRUPT for r in records)}
-        waiting, running = list(todo), []
-        while waiting or running:
-            while waiting and len(running) < self.parallel:
-                job = waiting.pop(0)
-                job.root.mkdir(parents=True, exist_ok=True)
-                log = open(job.root / f"{job.run.path.name}.log", "w")
-                command = [self.python, "-m", "fdgbench", *run_command(job, options)[1:]]
-                running.append((job, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
-                print(f"{job.label}: started -> {job.run.path.name}", file=sys.stderr, flush=True)
-            time.sleep(0.2)
-            for entry in [e for e in running if e[1].poll() is not None]:
-                job, process, log = entry
-                log.close()
-                running.remove(entry)
-                outcome = {0: "finished", 3: "diverged"}.get(process.returncode, "failed")
+        counts = {"done before": sum(r.state in RECORDED for r in records), "finished": 0, "diverged": 0,
+                  "failed": 0, "left to other processes": 0, CORRUPT: sum(r.state == CORRUPT for r in records)}
+        waiting = [job for job, record in zip(jobs, records) if record.state not in SETTLED]
+        running: list[tuple[Job, subprocess.Popen, Any]] = []
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.parallel:
+                    job = waiting.pop(0)
+                    holder = _held_elsewhere(job)
+                    if holder is not None:
+                        counts["left to other processes"] += 1
+                        _say(f"{job.label}: another process is training it (pid {holder})")
+                        continue
+                    command = _worker_command(self.python, job, options)
+                    log = _open_log(job, command)
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               preexec_fn=_child_setup)
+                    running.append((job, process, log))
+                    print(f"{job.label}: started -> {job.run.path.name}", file=sys.stderr, flush=True)
+                time.sleep(0.2)
+                for entry in [e for e in running if e[1].poll() is not None]:
+                    job, process, log = entry
+                    log.close()
+                    running.remove(entry)
+                    outcome = {0: "finished", 3: "diverged"}.get(process.returncode, "failed")
+                    counts[outcome] += 1
+                    _say(f"{job.label}: {outcome}" + ("" if outcome != "failed" else
+                                                      f" (exit {process.returncode}; see {log.name})"))
+        finally:
+            self._stop(running)
+        return counts
+
+    def _stop(self, running: list[tuple[Job, subprocess.Popen, Any]]) -> None:
+        """Stop the children still running (the sweep is stopping): SIGTERM,
+        then SIGKILL after STOP_S."""
+        for _, process, _ in running:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + self.STOP_S
+        for job, process, log in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+            print(f"{job.label}: stopped (exit {process.returncode}); the sweep resumes it", file=sys.stderr,
+                  flush=True)
+
+
+# A preset's ``slurm`` table and the --slurm-* flags name these (SubmititLauncher).
+CLUSTER_KEYS = ("partition", "time_min", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism")
+
+
+class SubmititLauncher:
+    """Each job not done and not held as one job of an array submitted
+    through submitit (optional dependency: ``pip install fdgbench[slurm]``):
+    to Slurm (``executor="slurm"``), or to this machine (``"local"``, the
+    same submission run here, for a try-out or a test). Resources come from
+    the preset's ``slurm`` table, overridden by flags (``settings``:
+    partition, time_min, gpus_per_node, cpus_per_task, mem_gb,
+    array_parallelism). Each job runs ``fdgbench run`` of its config, so a
+    job that is stopped and requeued resumes from its checkpoint. With
+    ``wait`` the sweep waits for every job and counts outcomes; without it,
+    it returns once they are queued (``sweep status`` follows them)."""
+
+    EXECUTORS = ("slurm", "local")
+
+    def __init__(self, executor: str = "slurm", settings: dict[str, Any] | None = None, wait: bool = False,
+                 python: str = sys.executable):
+        if executor not in self.EXECUTORS:
+            raise UserError(f"--slurm-executor must be {' or '.join(self.EXECUTORS)}, got '{executor}'")
+        unknown = sorted(set(settings or {}) - set(CLUSTER_KEYS))
+        if unknown:
+            raise UserError(f"unknown slurm setting(s) {', '.join(unknown)}; known: {', '.join(CLUSTER_KEYS)}")
+        self.executor, self.settings, self.wait, self.python = executor, dict(settings or {}), wait, python
+
+    def _make_executor(self, folder: Path):
+        try:
+            import submitit
+        except ImportError:
+            raise UserError("--launcher slurm needs submitit: pip install 'fdgbench[slurm]' (or submitit)") from None
+        if self.executor == "slurm" and submitit.SlurmExecutor.affinity() <= 0:
+            raise UserError("no Slurm here (sbatch not found); --slurm-executor local runs the same submission on "
+                            "this machine")
+        executor = submitit.AutoExecutor(folder=folder, cluster=self.executor)
+        settings = {k: v for k, v in self.settings.items() if v is not None}
+        names = {"partition": "slurm_partition", "array_parallelism": "slurm_array_parallelism",
+                 "time_min": "timeout_min"}
+        executor.update_parameters(name="fdgbench", **{names.get(k, k): v for k, v in settings.items()
+                                                       if self.executor == "slurm" or not names.get(k, k).startswith(
+                                                           "slurm_")})
+        return executor
+
+    def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
+        import submitit  # noqa: F401  (checked in _make_executor first)
+
+        records = _records_refusing_corrupt(jobs)
+        counts = {"done before": sum(r.state in RECORDED for r in records), "submitted": 0,
+                  "left to other processes": 0, CORRUPT: sum(r.state == CORRUPT for r in records)}
+        todo = []
+        for job, record in zip(jobs, records):
+            if record.state in SETTLED:
+                continue
+            holder = _held_elsewhere(job)
+            if holder is not None:
+                counts["left to other processes"] += 1
+                _say(f"{job.label}: another process is training it (pid {holder})")
+            else:
+                todo.append(job)
+        if not todo:
+            return counts
+        root = todo[0].root
+        executor = self._make_executor(root / "submitit")
+        with executor.batch():  # one job array
+            submitted = [(job, executor.submit(_CommandJob(_worker_command(self.python, job, options))))
+                         for job in todo]
+        counts["submitted"] = len(submitted)
+        for job, handle in submitted:
+            _say(f"{job.label}: submitted as job {handle.job_id} -> {job.run.path.name}")
+        if self.wait:
+            counts.update({"finished": 0, "diverged": 0, "failed": 0})
+            for job, handle in submitted:
+                status = handle.result()
+                outcome = {0: "finished", 3: "diverged"}.get(status, "failed")
                 counts[outcome] += 1
-                _say(f"{job.label}: {outcome}" + ("" if outcome != "failed" else f" (exit {process.returncode}; "
-                                                  f"see {log.name})"))
+                _say(f"{job.label}: {outcome}" + ("" if outcome != "failed" else
+                                                  f" (exit {status}; see {handle.paths.stdout})"))
         return counts
 
 
-LAUNCHERS: dict[str, Callable[[int], Launcher]] = {
-    "in-process": lambda parallel: InProcessLauncher(),
-    "subprocess": lambda parallel: SubprocessLauncher(parallel),
-    "print": lambda parallel: PrintLauncher(),
+@dataclass(frozen=True)
+class _CommandJob:
+    """What a submitit job runs: one command, its output in the job's log;
+    returns its exit status (a failed run is an outcome, not a lost job)."""
+
+    command: list[str]
+
+    def __call__(self) -> int:
+        return subprocess.run(self.command, stdout=sys.stdout, stderr=sys.stderr).returncode
+
+    def checkpoint(self):  # submitit: requeue a preempted job as it is; `fdgbench run` resumes from its checkpoint
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What the command line says of how to launch (each launcher reads its part)."""
+
+    parallel: int = 1  # subprocess: runs at once
+    executor: str = "slurm"  # slurm launcher: slurm, or local (this machine, through submitit)
+    cluster: dict[str, Any] = field(default_factory=dict)  # slurm launcher: resources (SubmititLauncher)
+    wait: bool = False  # slurm launcher: wait for the jobs and count their outcomes
+
+
+LAUNCHERS: dict[str, Callable[[LaunchSettings], Launcher]] = {
+    "in-process": lambda s: InProcessLauncher(),
+    "subprocess": lambda s: SubprocessLauncher(s.parallel),
+    "print": lambda s: PrintLauncher(),
+    "slurm": lambda s: SubmititLauncher(s.executor, s.cluster, s.wait),
 }
 
 

@@ -11,13 +11,22 @@ import threading
 import click
 
 from ..engines.launch import under_torchrun
-from ..errors import DivergedError, UserError, WorkerFailedError
+from ..errors import DivergedError, RunsFailedError, UserError, WorkerFailedError
+from ..method import PLUGINS_ENV, add_plugins
 from .options import training_options  # noqa: F401  (tests and extensions build on the shared options)
 
 __all__ = ["cli", "main", "training_options"]
 
 
+def _load_plugins(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> None:
+    if specs:
+        add_plugins(specs)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--plugin", multiple=True, metavar="MODULE_OR_FILE", expose_value=False, callback=_load_plugins,
+              help=f"load methods from a module on sys.path or a .py file (repeatable); also read from "
+                   f"{PLUGINS_ENV} (separated by '{os.pathsep}'), which this sets for the processes a command starts")
 def cli() -> None:
     """fdgbench: decoupled neural-network training, benchmarked against backprop."""
 
@@ -28,7 +37,8 @@ from . import bench, info, plots, sweeps, train  # noqa: E402,F401  (registers t
 
 # How each error reaches the user: its word, the exit status, whether a torchrun rank names itself
 # (a worker failure names its rank in its message already).
-EXITS = {UserError: ("error", 2, True), DivergedError: ("diverged", 3, True), WorkerFailedError: ("error", 1, False)}
+EXITS = {UserError: ("error", 2, True), DivergedError: ("diverged", 3, True), WorkerFailedError: ("error", 1, False),
+         RunsFailedError: ("error", 1, False)}
 
 
 # SIGTERM (a job scheduler's stop, ``kill``) and SIGHUP (the terminal closed)
@@ -78,7 +88,7 @@ def _main(argv: list[str] | None) -> int:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         return 2
-    except (UserError, DivergedError, WorkerFailedError) as exc:
+    except tuple(EXITS) as exc:
         word, status, prefix = next(v for kind, v in EXITS.items() if isinstance(exc, kind))
         click.echo(f"{word}: {_rank_prefix() if prefix else ''}{exc}", err=True)
         return status

@@ -23,10 +23,21 @@ def sweep() -> None:
 @sweep_options
 @click.option("--dry-run", is_flag=True, help="list the runs and the state of each; train nothing")
 @click.option("--launcher", default="in-process", show_default=True, type=click.Choice(["in-process", "subprocess",
-              "print"]), help="in-process: one run after another here; subprocess: each run its own `fdgbench run` "
-                              "process, --jobs at a time; print: print those commands (for a scheduler)")
+              "slurm", "print"]), help="in-process: one run after another here; subprocess: each run its own "
+                                       "`fdgbench run` process, --jobs at a time; slurm: a job array through submitit "
+                                       "(--slurm-*); print: print those commands (for a scheduler)")
 @click.option("--jobs", "parallel", type=int, default=1, show_default=True,
               help="runs at once (subprocess launcher), e.g. several small runs sharing one GPU")
+@click.option("--slurm-partition", help="slurm launcher: the partition (default: the preset's slurm table, else the "
+                                        "cluster's default)")
+@click.option("--slurm-time", "slurm_time_min", type=int, help="slurm launcher: minutes per run's job")
+@click.option("--slurm-gpus", "slurm_gpus_per_node", type=int, help="slurm launcher: GPUs per run's job")
+@click.option("--slurm-cpus", "slurm_cpus_per_task", type=int, help="slurm launcher: CPU cores per run's job")
+@click.option("--slurm-mem-gb", type=float, help="slurm launcher: memory per run's job")
+@click.option("--slurm-array-parallelism", type=int, help="slurm launcher: runs of the array at once")
+@click.option("--slurm-executor", default="slurm", show_default=True, type=click.Choice(["slurm", "local"]),
+              help="slurm launcher: submit to Slurm, or run the same submission on this machine (a try-out)")
+@click.option("--slurm-wait", is_flag=True, help="slurm launcher: wait for the jobs and report each outcome")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR")
 @click.option("--device", help="where every run trains (default: the preset's device, else cpu)")
 @click.option("--progress/--no-progress", default=None)
@@ -34,7 +45,7 @@ def sweep() -> None:
 @click.option("--wandb-project", default="fdgbench", show_default=True)
 @IGNORE_MEMORY_CHECK
 def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: bool, launcher: str, parallel: int,
-              device: str | None, **kw: Any) -> None:
+              device: str | None, slurm_executor: str, slurm_wait: bool, **kw: Any) -> None:
     """Train every run of TABLE's preset that is not done; a diverged run is
     recorded and the sweep goes on. A run another process is training (its
     directory's lock is held) is left to it, so several sweeps of one preset
@@ -42,7 +53,8 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     run directory is left alone and named; the sweep goes on and exits 2."""
     from ..errors import UserError
     from ..run_record import CORRUPT, SETTLED
-    from ..sweep import LAUNCHERS, describe, preset_jobs, preset_root
+    from ..errors import RunsFailedError
+    from ..sweep import CLUSTER_KEYS, LAUNCHERS, LaunchSettings, describe, preset_jobs, preset_root
 
     spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"], device)
     for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
@@ -64,12 +76,19 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
         click.echo(f"estimated total: {seconds / 3600:.1f} h for {len(todo)} runs on this machine (3 timed BP "
                    f"iterations per model, times each run's iterations; DGL, FR and DNI cost more); "
                    f"`fdgbench sweep status` refines it as epochs finish")
-    counts = LAUNCHERS[launcher](parallel).launch(jobs, RunOptions.from_options({**kw, "out": str(root)}))
+    # The cluster's resources: the preset's slurm table, each flag given replacing its entry.
+    cluster = {**p.get("slurm", {}), **{key: kw[f"slurm_{key}"] for key in CLUSTER_KEYS
+                                         if kw[f"slurm_{key}"] is not None}}
+    settings = LaunchSettings(parallel, slurm_executor, cluster, slurm_wait)
+    counts = LAUNCHERS[launcher](settings).launch(jobs, RunOptions.from_options({**kw, "out": str(root)}))
     click.echo(", ".join(f"{v} {k}" for k, v in counts.items() if v or k != CORRUPT)
                + f"; tables: fdgbench table {table} --preset {preset}")
     if counts.get(CORRUPT):  # the others ran; a scheduler or script must still see that some did not
         raise UserError(f"{counts[CORRUPT]} corrupt run director{'y' if counts[CORRUPT] == 1 else 'ies'} left alone "
                         f"(named above); delete them and run the sweep again to train those runs")
+    if counts.get("failed"):
+        raise RunsFailedError(f"{counts['failed']} run(s) failed (their logs are named above); the same command "
+                              f"resumes or retries them")
 
 
 @sweep.command("status")

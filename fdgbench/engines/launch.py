@@ -173,6 +173,17 @@ def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports
     os._exit(status)
 
 
+def set_parent_death_signal(signum: int) -> bool:
+    """Have the kernel send this process ``signum`` when its parent dies
+    (Linux's prctl PR_SET_PDEATHSIG); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum) == 0
+    except (OSError, AttributeError):
+        return False  # no usable libc
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """End this rank when the process that spawned it dies. A parent that
     exits normally or by a signal it can handle stops its ranks itself
@@ -181,11 +192,7 @@ def _die_with_parent(parent_pid: int) -> None:
     thread ends, and spawn_ranks' thread lives until the ranks end); elsewhere,
     and as a backstop, a thread polls the parent pid, which changes (to the
     reaper's) once the parent is gone."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass  # no usable libc: the watchdog below does the job
+    set_parent_death_signal(signal.SIGKILL)  # where it works; the watchdog below does the job elsewhere
 
     def watch() -> None:
         while os.getppid() == parent_pid:

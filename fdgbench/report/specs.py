@@ -33,8 +33,9 @@ ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
 # ``speed``: a `bench speedup --save` file (relative to the spec) whose seconds per iteration turn the
 # iterations each run needs to reach BP's final error into time-to-accuracy.
 # ``footnotes``: notes for this preset's tables only (e.g. why its runs warm up).
+# ``slurm``: the cluster resources of `sweep --launcher slurm` (sweep.CLUSTER_KEYS; flags override them).
 PRESET_KEYS = ("description", "rows", "columns", "seeds", "fallback_dataset", *RUN_FIELDS, "runs", "speed",
-               "footnotes")
+               "footnotes", "slurm")
 
 
 @dataclass(frozen=True)
