@@ -1,12 +1,23 @@
 """The method interface and registry. A method is its schedule (which batch
 each stage forwards and back-propagates at iteration t, and which messages
 lock) and its per-stage worker. It knows nothing of devices, processes or
-files. Adding one is a file in methods/ with a class decorated @register."""
+files. Adding one is a file in methods/ with a class decorated @register, or
+a plug-in outside the repository: an entry point in the group
+``fdgbench.methods``, or a module or .py file named by ``--plugin`` /
+FDGBENCH_PLUGINS (docs/layout.md, "Adding a method")."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import types
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from .errors import UserError
 from .placement import Placement
@@ -56,6 +67,10 @@ STALENESS = MethodOption("staleness", str, "legacy", "what a delayed backward se
 class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
+    # Where `fdgbench list methods` (and every listing of all methods) puts it: ascending, ties in
+    # registration order. The built-ins use 10..80, so a new Method subclass comes after them; a
+    # subclass of a method inherits its order and so lists after it (cdni after dni).
+    order: ClassVar[int] = 100
     breaks: ClassVar[tuple[str, ...]] = ()  # which of LOCKINGS the method breaks
     options: ClassVar[tuple[MethodOption, ...]] = ()
 
@@ -97,22 +112,179 @@ class Method:
         return Placement(splits, replicas)
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+# Every registered class, in registration order (all_methods sorts and checks them).
+_REGISTRY: list[type[Method]] = []
+PLUGINS_ENV = "FDGBENCH_PLUGINS"
+ENTRY_POINT_GROUP = "fdgbench.methods"
+_LOADED_PLUGINS: set[str] = set()  # FDGBENCH_PLUGINS entries imported by this process
+_entry_points_loaded = False
+
+
+class MethodDefinitionError(UserError):
+    """Registered methods that cannot share the command line (a clash of
+    names or option types). A method registers itself while its module is
+    imported, where no error reaches the CLI's one-line report, so this is
+    raised by the first use of the registry (all_methods) instead."""
+
+
+class PluginError(UserError):
+    """A plug-in that cannot be loaded: a missing file, or an import that failed."""
 
 
 def register(cls: type[Method]) -> type[Method]:
-    if cls.name in _REGISTRY:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    unknown = set(cls.breaks) - set(LOCKINGS)
-    if unknown:
-        raise ValueError(f"{cls.name}: unknown lockings {unknown}")
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make ``cls`` a method (checked at the first all_methods()).
+    Registering a class twice (a decorated class also named by an entry point) keeps it once."""
+    if cls not in _REGISTRY:
+        _REGISTRY.append(cls)
     return cls
 
 
 def all_methods() -> list[type[Method]]:
-    importlib.import_module("methods")  # each module there registers itself
-    return list(_REGISTRY.values())
+    """Every method: methods/, entry points, FDGBENCH_PLUGINS, in ``order``."""
+    _load_methods()
+    # Checked in registration order, so a clash names the method registered first (a built-in) first.
+    _check_classes(_REGISTRY)
+    _check_options(_REGISTRY)
+    return sorted(_REGISTRY, key=lambda m: m.order)  # stable: ties keep registration order
+
+
+def _check_classes(methods: list[type[Method]]) -> None:
+    """Each method has a name of its own and breaks only known lockings."""
+    seen: dict[str, type[Method]] = {}
+    for method in methods:
+        name = getattr(method, "name", None)
+        if not isinstance(name, str) or not name:
+            raise MethodDefinitionError(f"method class {method.__module__}.{method.__qualname__} has no name")
+        if name in seen:
+            first = seen[name]
+            raise MethodDefinitionError(f"two methods are named '{name}': {first.__module__}.{first.__qualname__} "
+                                        f"and {method.__module__}.{method.__qualname__}")
+        seen[name] = method
+        unknown = sorted(set(method.breaks) - set(LOCKINGS))
+        if unknown:
+            raise MethodDefinitionError(f"method '{name}' breaks unknown lockings {', '.join(unknown)} "
+                                        f"(known: {', '.join(LOCKINGS)})")
+
+
+def _check_options(methods: list[type[Method]]) -> None:
+    """Every method's options become flags of ``fdgbench run`` and keys of a
+    config (RunConfig.from_options reads them from the same dict as the run's
+    own fields): a name must not be a run option's, and methods that share a
+    name share one flag, which parses one type."""
+    run_options = _run_option_names()
+    first: dict[str, tuple[str, MethodOption]] = {}
+    for method in methods:
+        for option in method.options:
+            if option.name in run_options:
+                raise MethodDefinitionError(f"method '{method.name}' defines {option.flag}, which is a run option")
+            owner, definition = first.setdefault(option.name, (method.name, option))
+            if definition.type is not option.type:
+                raise MethodDefinitionError(f"methods {owner} and {method.name} define {option.flag} with different "
+                                            f"types ({definition.type.__name__}, {option.type.__name__})")
+
+
+@functools.cache
+def _run_option_names() -> frozenset[str]:
+    from dataclasses import fields
+
+    from .config import RunConfig  # config imports this module: looked up at the first check, not at import
+
+    return frozenset(f.name for f in fields(RunConfig))
+
+
+def _load_methods() -> None:
+    """Import every source of methods not imported yet; each registers its own."""
+    importlib.import_module("methods")  # the package imports each of its modules
+    _load_entry_points()
+    for spec in _plugin_specs():
+        _load_plugin(spec)
+
+
+def _load_entry_points() -> None:
+    """Once per process: each entry point of the group names a module (its
+    classes register themselves) or a Method class (registered here)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        label = f"entry point '{entry.name} = {entry.value}' ({ENTRY_POINT_GROUP})"
+        with _importing(label):
+            loaded = entry.load()
+        if isinstance(loaded, type) and issubclass(loaded, Method):
+            register(loaded)
+        elif not isinstance(loaded, types.ModuleType):
+            raise PluginError(f"{label} names neither a module nor a Method class")
+    _entry_points_loaded = True
+
+
+def add_plugins(specs: Iterable[str]) -> None:
+    """Load each plug-in (a dotted module name, or a path to a .py file) now,
+    and name it in FDGBENCH_PLUGINS: the processes this one starts (spawned
+    ranks, a sweep's subprocesses) import fdgbench afresh and load it from there."""
+    named = _plugin_specs()
+    for spec in specs:
+        spec = os.path.abspath(spec) if _names_file(spec) else spec  # a child may start elsewhere
+        if spec not in named:
+            named.append(spec)
+    os.environ[PLUGINS_ENV] = os.pathsep.join(named)
+    all_methods()  # a bad plug-in is reported before the command starts
+
+
+def _plugin_specs() -> list[str]:
+    return [s for s in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if s]
+
+
+def _names_file(spec: str) -> bool:
+    return spec.endswith(".py") or os.sep in spec or "/" in spec
+
+
+def _load_plugin(spec: str) -> None:
+    key = os.path.abspath(spec) if _names_file(spec) else spec  # one file named two ways is loaded once
+    if key in _LOADED_PLUGINS:
+        return
+    with _importing(f"plugin {spec}"):
+        if _names_file(spec):
+            _import_file(spec)
+        else:
+            importlib.import_module(spec)
+    _LOADED_PLUGINS.add(key)
+
+
+def _import_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise PluginError(f"plugin {path}: no such file")
+    # A name of its own: a plug-in file named like a module (json.py) must not replace it.
+    name = f"fdgbench_plugin_{Path(path).stem}"
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(loaded.__file__ or "") != os.path.abspath(path):
+        raise PluginError(f"plugin {path}: a plug-in file of the same name is loaded from {loaded.__file__}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"plugin {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: dataclasses, pickle and inspect find the module by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+@contextlib.contextmanager
+def _importing(label: str) -> Iterator[None]:
+    """One plug-in's import, all or nothing: a failure is one error line
+    naming the plug-in and leaves none of its methods registered (the next
+    lookup reports the same failure, not a half-registered plug-in)."""
+    registered = len(_REGISTRY)
+    try:
+        yield
+    except Exception as exc:
+        del _REGISTRY[registered:]
+        if isinstance(exc, UserError):  # already a line that says what is wrong
+            raise
+        message = str(exc).strip().splitlines()
+        detail = f": {message[0]}" if message else ""
+        raise PluginError(f"{label} failed to import: {type(exc).__name__}{detail}") from exc
 
 
 def make_method(name: str, **options: Any) -> Method:

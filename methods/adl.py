@@ -34,6 +34,7 @@ class AccumulatingWorker(StageWorker):
 @register
 class ADL(FDG):
     name = "adl"
+    order = 70
     summary = "FDG with gradients accumulated over M backward passes per step"
     options = FDG.options + (ACCUMULATE, ACCUMULATE_MEAN)
 

@@ -9,6 +9,7 @@ from fdgbench.stage import StageWorker
 @register
 class BP(Method):
     name = "bp"
+    order = 10
     summary = "backpropagation: forward, backward and update locked across all stages"
     breaks = ()
 

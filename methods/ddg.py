@@ -17,6 +17,7 @@ DDG_STALENESS = MethodOption(STALENESS.name, str, "legacy", "legacy (authors' Py
 @register
 class DDG(Method):
     name = "ddg"
+    order = 30
     summary = "decoupled backward: locked forward, stage k's gradient is K-1-k iterations old"
     breaks = ("backward", "update")
     options = (DDG_STALENESS,)

@@ -68,6 +68,7 @@ class LocalLossWorker(StageWorker):
 @register
 class DGL(Method):
     name = "dgl"
+    order = 50
     summary = "greedy local learning: every stage trains on its own auxiliary classifier"
     breaks = ("backward", "update")
     options = (VARIANT,)

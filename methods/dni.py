@@ -116,6 +116,7 @@ class SyntheticGradientWorker(StageWorker):
 @register
 class DNI(Method):
     name = "dni"
+    order = 60
     summary = "synthetic gradients predicted from the activation alone (no labels)"
     breaks = ("backward", "update")
     options = (VARIANT, SG_LR, SG_KERNEL)

@@ -18,6 +18,7 @@ from .bp import BP
 @register
 class DP(BP):
     name = "dp"
+    order = 80
     summary = "data-parallel BP: K replicas of the whole model, batch split K ways, gradients averaged"
 
     def placement(self, splits, replicas):

@@ -18,6 +18,7 @@ from fdgbench.stage import StageWorker
 @register
 class FDG(Method):
     name = "fdg"
+    order = 20
     summary = "fully decoupled: pipelined forward, delayed gradients shrunk by beta"
     breaks = ("forward", "backward", "update")
     options = (BETA, STALENESS)

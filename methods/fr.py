@@ -22,6 +22,7 @@ FIRST_STAGE_LR_SCALE = MethodOption("first_stage_lr_scale", float, 1.0, "multipl
 @register
 class FR(Method):
     name = "fr"
+    order = 40
     summary = "features replay: DDG's delays, the stale batch's forward recomputed before the backward"
     breaks = ("backward", "update")
     options = (FIRST_STAGE_LR_SCALE,)

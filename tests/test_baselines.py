@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from fdgbench.data import synthetic_dataset
-from fdgbench.method import make_method
+from fdgbench.method import all_methods, make_method
 from fdgbench.optim import SGDConfig
 from fdgbench.schedule import Op
 from fdgbench.config import RunConfig
 from fdgbench.train import build_run
 
 from .helpers import ToyStream, engine_for, half_sse
+from .test_methods import case_id
 
 DATA = synthetic_dataset(10, train=256, test=64)
 
@@ -54,8 +55,9 @@ def _expected(method, options, k, K, t):
     return out
 
 
-CASES = [("ddg", {}), ("fr", {}), ("adl", {"accumulate": 3}), ("dgl", {"variant": "sync"}),
-         ("dgl", {"variant": "pipelined"}), ("cdni", {"variant": "sync"}), ("cdni", {"variant": "pipelined"})]
+CASES = [pytest.param(method, options, id=case_id(method, options)) for method, options in [
+    ("ddg", {}), ("fr", {}), ("adl", {"accumulate": 3}), ("dgl", {"variant": "sync"}),
+    ("dgl", {"variant": "pipelined"}), ("cdni", {"variant": "sync"}), ("cdni", {"variant": "pipelined"})]]
 
 
 @pytest.mark.parametrize("method,options", CASES)
@@ -191,7 +193,7 @@ def test_method_options_are_checked(cli, args, message):
     assert status == 2 and err.startswith("error: ") and message in err, err
 
 
-@pytest.mark.parametrize("method", ["ddg", "fr", "dgl", "dni", "cdni", "adl"])
+@pytest.mark.parametrize("method", [m.name for m in all_methods()])
 def test_schedule_show_prints_every_method(cli, method):
     status, out, _ = cli("schedule", "show", "--method", method, "--splits", "3", "--iterations", "4")
     assert status == 0 and out.count("\n") >= 7

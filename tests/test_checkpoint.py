@@ -22,6 +22,7 @@ from fdgbench.schedule import hold_span
 from fdgbench.train import build_run, fit
 
 from .helpers import method_configs
+from .test_methods import case_id
 
 BATCH = 48  # divisible by 2 and 3 (dp's shards)
 STEPS_PER_EPOCH = 3
@@ -102,13 +103,13 @@ def _assert_resumed_equals_clean(clean, cut, stages, label):
     assert [r["after_epoch"] for r in cut.read_json("env.json")["resumed"]] == [2], label
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_on_the_sequential_engine(tmp_path):
-    k = 3  # first, middle and last stages (K=2 runs through the CLI test below)
-    configs = _configs(k)
-    _train_clean_and_interrupted(None, configs, tmp_path)
-    for i, cfg in enumerate(configs):
-        _assert_resumed_equals_clean(RunDirectory(tmp_path / f"clean{i}"), RunDirectory(tmp_path / f"cut{i}"),
-                                     1 if cfg.method == "dp" else k, f"{cfg.method} {cfg.method_options}")
+# K = 3: first, middle and last stages (K=2 runs through the CLI test below). One case per method and
+# mode, named like test_methods' (`pytest -k dni`); the distributed test below spawns its ranks once for all.
+@pytest.mark.parametrize("cfg", [pytest.param(c, id=case_id(c.method, c.method_options)) for c in _configs(3)])
+def test_interrupted_and_resumed_equals_uninterrupted_on_the_sequential_engine(cfg, tmp_path):
+    _train_clean_and_interrupted(None, [cfg], tmp_path)
+    _assert_resumed_equals_clean(RunDirectory(tmp_path / "clean0"), RunDirectory(tmp_path / "cut0"),
+                                 1 if cfg.method == "dp" else cfg.splits, f"{cfg.method} {cfg.method_options}")
 
 
 def _replicated_configs(engine):

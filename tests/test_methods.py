@@ -36,17 +36,22 @@ def _option(method, name):
     return next((o for o in method.options if o.name == name), None)
 
 
+def case_id(method: str, options: dict) -> str:
+    """A per-method test case's id: the method, then its options
+    (``fdg-staleness=stash``), so ``pytest -k fdg`` selects fdg's cases."""
+    return "-".join([method, *(f"{k}={v}" for k, v in options.items())])
+
+
 def _variants(single_stage: bool = False):
-    """Every method with each staleness mode and forward variant it offers.
+    """Every method with each staleness mode and forward variant it offers,
+    as (method, options) cases named by case_id.
     With ``single_stage``, ADL at M = 1 (with M > 1 it is not BP at K = 1)."""
     for m in all_methods():
         base = {"accumulate": 1} if single_stage and _option(m, "accumulate") else {}
         choices = [("staleness", c) for c in (_option(m, "staleness").choices if _option(m, "staleness") else ())]
         choices += [("variant", c) for c in (_option(m, "variant").choices if _option(m, "variant") else ())]
-        if not choices:
-            yield m.name, base
-        for name, value in choices:
-            yield m.name, {**base, name: value}
+        for options in [{**base, name: value} for name, value in choices] or [base]:
+            yield pytest.param(m.name, options, id=case_id(m.name, options))
 
 
 @pytest.mark.parametrize("method,options", list(_variants(single_stage=True)))

@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
+from fdgbench.method import STALENESS, all_methods, option_definitions
 from fdgbench.runs import RunDirectory, config_hash
+from methods.ddg import DDG_STALENESS
 from fdgbench.config import RunConfig
 from fdgbench.optim import LR_MILESTONES, lr_at
 
@@ -99,14 +101,19 @@ def test_a_warm_up_is_recorded_and_leaves_earlier_run_names_alone(cli, tmp_path)
     assert run.read_json("config.json")["warmup_epochs"] == 1
 
 
+def _owners(option: str) -> list[str]:
+    return [m.name for m in all_methods() if any(o.name == option for o in m.options)]
+
+
 @pytest.mark.parametrize("args,message", [
-    (["run", "--method", "nope"], "unknown method 'nope'; known: bp, fdg, ddg, fr, dgl, dni, cdni, adl"),
+    (["run", "--method", "nope"], f"unknown method 'nope'; known: {', '.join(m.name for m in all_methods())}\n"),
     (["run", "--model", "resnet7"], "unknown model 'resnet7'"),
     (["run", "--model", "resnet20", "-K", "12"], "has 11 blocks"),
     (["run", "--model", "resnet32", "--partition", "paper"], "no paper split for resnet32"),
     (["run", "--beta", "0"], "--beta must be in (0, 1], got 0.0"),
     (["run", "--beta", "1.5"], "--beta must be in (0, 1]"),
-    (["run", "--method", "bp", "--beta", "0.5"], "--beta is an option of fdg, adl, not bp"),
+    # Every method that has --beta, in the registry's order (a plug-in may add one).
+    (["run", "--method", "bp", "--beta", "0.5"], f"--beta is an option of {', '.join(_owners('beta'))}, not bp\n"),
     (["run", "--staleness", "old"], "Invalid value for '--staleness'"),
     (["run", "--epochs", "0"], "--epochs must be at least 1"),
     (["run", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
@@ -236,12 +243,17 @@ def test_a_config_is_built_from_the_options_by_its_fields():
 
 def test_methods_sharing_an_option_name_keep_their_own_choices_and_help(cli):
     """--staleness is FDG's (legacy|stash|replay) and DDG's (legacy|stash):
-    the flag's help gives each definition with its methods, and each method
-    checks the value against its own."""
+    the flag's help gives each definition with all its methods (the
+    registry's: plug-ins may share one), and each method checks the value
+    against its own."""
     status, out, _ = cli("run", "--help")
     text = " ".join(out.split())
-    assert "[fdg,adl] what a delayed backward sees" in text and "[ddg] legacy (authors' PyTorch-1.0" in text
-    assert "(legacy|stash|replay) (default legacy); [ddg]" in text and "(legacy|stash) (default legacy)" in text
+    definitions = option_definitions("staleness")
+    assert len(definitions) >= 2 and sorted(sum(definitions.values(), [])) == sorted(_owners("staleness"))
+    for definition, owners in definitions.items():
+        assert f"[{','.join(owners)}] {definition.help}" in text
+        assert f"({'|'.join(definition.choices)}) (default {definition.default})" in text
+    assert {"fdg", "adl"} <= set(definitions[STALENESS]) and "ddg" in definitions[DDG_STALENESS]
     status, _, err = cli("run", "--method", "ddg", "--staleness", "replay", "--model", "tiny_resnet",
                          "--dataset", "synthetic", "--max-steps", "5")
     assert status == 2 and "--staleness must be one of legacy, stash, got 'replay'" in err

@@ -1,6 +1,8 @@
 """`fdgbench list` and `fdgbench schedule show`."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..errors import UserError
@@ -8,6 +10,7 @@ from ..method import all_methods, make_method
 from ..models import most_blocks
 
 from . import cli
+from .options import MethodOptionsCommand
 
 
 @cli.group("list")
@@ -50,13 +53,15 @@ def schedule() -> None:
     """Inspect a method's schedule."""
 
 
-@schedule.command("show")
+@schedule.command("show", cls=MethodOptionsCommand)
 @click.option("--method", default="fdg", show_default=True)
 @click.option("--splits", "-K", type=int, default=3, show_default=True)
 @click.option("--iterations", type=int, default=8, show_default=True)
 @click.option("--messages", is_flag=True, help="also show sends and receives")
-def schedule_show(method: str, splits: int, iterations: int, messages: bool) -> None:
-    """Print the step x stage grid of the first iterations (validated first)."""
+def schedule_show(method: str, splits: int, iterations: int, messages: bool, **method_flags: Any) -> None:
+    """Print the step x stage grid of the first iterations (validated first),
+    with the method's options as `fdgbench run` takes them."""
+    from ..config import RunConfig
     from ..schedule import ScheduleError, format_grid, legend, validate
 
     if splits < 1 or iterations < 1:
@@ -64,7 +69,8 @@ def schedule_show(method: str, splits: int, iterations: int, messages: bool) -> 
     if splits > most_blocks():  # the check costs K^2 plans: a K no model can have would run for hours
         raise UserError(f"--splits {splits} is more stages than any model has blocks (at most {most_blocks()}, "
                         f"`fdgbench list models`)")
-    m = make_method(method)
+    given = RunConfig.from_options(method, method_flags).method_options  # the flags given, read as run reads them
+    m = make_method(method, **given)
     placement = m.placement(splits, 1)
     stages = placement.stages
     try:

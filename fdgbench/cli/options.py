@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
 
 import click
@@ -9,7 +10,7 @@ import click
 from ..config import ENGINES, WARMUPS, comma_list
 from ..engines.launch import under_torchrun
 from ..errors import UserError
-from ..method import all_options, make_method, option_definitions
+from ..method import all_methods, all_options, make_method, option_definitions
 from ..partition import STRATEGIES
 
 DEFAULT_DATA_DIR = "data"
@@ -26,9 +27,9 @@ IGNORE_MEMORY_CHECK = click.option(
     help="start even if the estimated per-stage memory exceeds what the device has free (--force does not)")
 
 
-def training_options(f: Callable) -> Callable:
+def run_options(f: Callable) -> Callable:
     """Options shared by ``run`` and ``compare``: everything in a RunConfig
-    except the method, with the paper's protocol as defaults."""
+    except the method and its options, with the paper's protocol as defaults."""
     options = [
         click.option("--model", default="resnet56", show_default=True, help="see `fdgbench list models`"),
         click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K"),
@@ -84,22 +85,68 @@ def training_options(f: Callable) -> Callable:
         click.option("--progress/--no-progress", default=None, help="progress bar (default: on a terminal)"),
         IGNORE_MEMORY_CHECK,
     ]
-    for name in sorted(all_options(), reverse=True):
-        options.append(_method_option(name))
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _method_option(name: str) -> Callable:
+def training_options(f: Callable) -> Callable:
+    """``run_options`` and every method's flags, made now, for a command
+    defined outside this CLI (tests, extensions). This CLI's own commands make
+    their method flags when they parse (MethodOptionsCommand), after --plugin."""
+    for decls, kwargs in reversed(_method_option_specs()):
+        f = click.option(*decls, **kwargs)(f)
+    return run_options(f)
+
+
+class MethodOptionsCommand(click.Command):
+    """A command that also takes every registered method's flags, after its
+    own. They are made when it parses or prints its help, not when it is
+    defined (at import): by then the methods of --plugin, FDGBENCH_PLUGINS
+    and entry points are registered, and a plug-in whose definitions clash
+    is one ``error:`` line rather than a traceback while the CLI loads."""
+
+    _made: tuple[tuple[type, ...], list[click.Parameter]] | None = None  # (the registry, its flags)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)  # the command's own, then --help
+        own = len(self.params)
+        return [*params[:own], *self._method_flags(ctx), *params[own:]]
+
+    def _method_flags(self, ctx: click.Context) -> list[click.Parameter]:
+        # Made once per registry: click matches a parse's parameters by identity across get_params calls.
+        methods = tuple(all_methods())
+        if self._made is None or self._made[0] != methods:
+            flags = [click.Option(decls, **kwargs) for decls, kwargs in _method_option_specs()]
+            _check_not_taken(self.params, flags, ctx.command_path)
+            self._made = methods, flags
+        return self._made[1]
+
+
+def _check_not_taken(own: list[click.Parameter], flags: list[click.Parameter], command: str) -> None:
+    """A method's flag named like one of the command's own (``--out``,
+    ``--iterations``) would silently take its value (run options proper are
+    refused by the registry itself: method.py)."""
+    taken = {name for p in own for name in (p.name, *p.opts, *p.secondary_opts)}
+    for flag in flags:
+        if any(name in taken for name in (flag.name, *flag.opts)):
+            owner = next(iter(option_definitions(flag.name).values()))[0]
+            raise UserError(f"method '{owner}' defines {flag.opts[0]}, which is an option of {command}")
+
+
+def _method_option_specs() -> list[tuple[list[str], dict[str, Any]]]:
+    """(declarations, keyword arguments) of one click option per method
+    option name, in name order: for click.option and click.Option alike."""
+    return [_method_option_spec(name) for name in sorted(all_options())]
+
+
+def _method_option_spec(name: str) -> tuple[list[str], dict[str, Any]]:
     """One flag for a method option, whichever methods share its name: each
     definition's choices, default and help, named by its methods (the
-    method given checks the value against its own definition)."""
+    method given checks the value against its own definition; the registry
+    has checked that they share a type)."""
     definitions = option_definitions(name)
     option = next(iter(definitions))
-    kinds = {d.type for d in definitions}
-    if len(kinds) != 1:  # one flag cannot parse two types
-        raise TypeError(f"methods define {option.flag} with different types: {kinds}")
     text = "; ".join(f"[{','.join(methods)}] {d.help}" + (f" ({'|'.join(d.choices)})" if d.choices else "")
                      + f" (default {d.default})" for d, methods in definitions.items())
     kwargs: dict[str, Any] = {"default": None, "help": text}
@@ -109,7 +156,7 @@ def _method_option(name: str) -> Callable:
         kwargs["type"] = click.Choice(list(dict.fromkeys(c for d in definitions for c in d.choices)))
     else:
         kwargs["type"] = option.type
-    return click.option(option.flag, name, **kwargs)
+    return [option.flag, name], kwargs
 
 
 def is_primary() -> bool:
@@ -135,6 +182,43 @@ def method_names(text: str) -> list[str]:
     for name in names:
         make_method(name)  # unknown names fail here, before any work
     return names
+
+
+# A --methods entry: a method name, and its own options in brackets (commas split entries only outside them).
+METHOD_ENTRY = re.compile(r"([\w-]+)(?:\[([^\[\]]*)\])?")
+ENTRY_SEPARATOR = re.compile(r",(?![^\[]*\])")  # a comma with no "]" ahead before a "["
+
+
+def method_entries(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``compare --methods``: ``fdg,fdg[beta=0.5],ddg[staleness=stash]`` ->
+    each method with the options given to it alone, each value converted as
+    its flag would convert it (choices and checks are the method's, when it is made)."""
+    entries = []
+    for item in filter(None, (s.strip() for s in ENTRY_SEPARATOR.split(text or ""))):
+        match = METHOD_ENTRY.fullmatch(item)
+        if not match:
+            raise UserError(f"--methods: cannot read '{item}' (write a method, or method[option=value,...])")
+        name, given = match.groups()
+        entries.append((name, _entry_options(name, given or "")))
+    if not entries:
+        raise UserError("--methods needs at least one method name")
+    return entries
+
+
+def _entry_options(method: str, text: str) -> dict[str, Any]:
+    known = {o.name: o for o in make_method(method).options}  # an unknown method fails here
+    values = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, equals, value = (s.strip() for s in item.partition("="))
+        option = known.get(key.replace("-", "_"))
+        if not equals or option is None:
+            what = f"no option '{key}'" if equals else f"'{item}' is not option=value"
+            raise UserError(f"--methods: {method}[...]: {what} ({method}'s options: {', '.join(known) or 'none'})")
+        try:
+            values[option.name] = click.types.convert_type(option.type).convert(value, None, None)
+        except click.BadParameter as exc:
+            raise UserError(f"--methods: {method}[{key}=...]: {exc.message}") from None
+    return values
 
 
 class DefaultCommandGroup(click.Group):

@@ -5,18 +5,18 @@ from typing import Any
 
 import click
 
-from ..config import RunConfig, check_config, comma_list
-from ..errors import DivergedError, UserError
+from ..config import RunConfig, check_config
+from ..errors import DivergedError
 from ..execute import RunOptions, train_run
 from ..runs import RunDirectory
 
 from . import cli
-from .options import is_primary, training_options
+from .options import MethodOptionsCommand, is_primary, method_entries, run_options
 
 
-@cli.command()
+@cli.command(cls=MethodOptionsCommand)
 @click.option("--method", default="fdg", show_default=True, help="see `fdgbench list methods`")
-@training_options
+@run_options
 def run(method: str, **kw: Any) -> None:
     """Train one configuration (paper defaults for everything not given)."""
     cfg = RunConfig.from_options(method, kw)
@@ -34,9 +34,11 @@ def run(method: str, **kw: Any) -> None:
 DEMO = dict(model="resnet20", splits=2, train_subset=10000, test_subset=2000, epochs=4)
 
 
-@cli.command()
-@click.option("--methods", default="bp,fdg", show_default=True, help="comma-separated methods to compare")
-@training_options
+@cli.command(cls=MethodOptionsCommand)
+@click.option("--methods", default="bp,fdg", show_default=True,
+              help="comma-separated methods to compare, each with options of its own in brackets if wanted: "
+                   "fdg,fdg[beta=0.5],ddg[staleness=stash] (a method flag such as --beta applies to every one)")
+@run_options
 @click.pass_context
 def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
     """Train several methods on the same budget and print a table.
@@ -51,10 +53,8 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
         # The subset sizes are CIFAR-10's; another dataset keeps its own size.
         if is_default(key) and (is_default("dataset") or not key.endswith("_subset")):
             kw[key] = value
-    names = comma_list(methods)
-    if not names:
-        raise UserError("--methods needs at least one method name")
-    configs = [RunConfig.from_options(name, kw) for name in names]
+    # An entry's own options override the flags given to all: the same keys a config reads its options from.
+    configs = [RunConfig.from_options(name, {**kw, **own}) for name, own in method_entries(methods)]
     for cfg in configs:  # every config is checked before the first one trains
         check_config(cfg)
     datasets: dict[str, Any] = {}
