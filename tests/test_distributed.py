@@ -237,18 +237,30 @@ def test_simulate_benchmark_predicts_every_method_and_says_which_k_cannot_be(tmp
 def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = _cli("bench", "speedup", "--model", "tiny_resnet", "--methods", "fdg,dp", "--batch-size", "32",
-                  "--iterations", "3", "--all-threads", "2")
+                  "--iterations", "3", "--all-threads", "2", "--rounds", "2")
     assert result.returncode == 0, result.stderr
     rows = {(r[0], r[1], r[2] + r[3] + r[4]): r for r in (line.split() for line in result.stdout.splitlines())
-            if r[:1] in (["bp"], ["fdg"], ["dp"])}
+            if r[:1] in (["bp"], ["fdg"], ["dp"]) and r[3] == "x"}  # the main table ("K x threads")
     assert set(rows) == {("bp", "1", "1x1"), ("bp", "1", "1x2"), ("fdg", "2", "2x1"), ("dp", "2", "2x1")}
     assert rows[("bp", "1", "1x1")][7] == "1.00x"  # the reference row
     fdg = rows[("fdg", "2", "2x1")]
     assert float(fdg[7].rstrip("x")) > 0 and float(fdg[9]) >= 1.0  # a ratio, and balance = slowest / mean
     assert float(fdg[11]) > 0  # simulated / measured
     assert "partition balanced (cut by the block profile)" in result.stdout
-    assert re.search(r"co-run factor \(each rank's compute while K ranks share the CPU / alone\): K=2 \d+\.\d\dx",
-                     result.stdout)
+    assert re.search(r"co-run factor \(each rank's compute while K ranks share the CPU / alone, the median of "
+                     r"interleaved rounds\): K=2 \d+\.\d\dx", result.stdout)
+    assert re.search(r"its block times scaled by \d+\.\d\d \(BP 1 x 1 timed in these rounds", result.stdout)
+    assert "in each of 2 round(s), the median round's" in result.stdout
+    # Where each rank's time went: one line per rank, its parts adding up to its time, the slowest rank's the row's.
+    parts = [r for r in (line.split() for line in result.stdout.splitlines())
+             if len(r) == 12 and r[0] in ("fdg", "dp") and r[3] != "x"]
+    assert [(r[0], r[2], r[3]) for r in parts] == [("fdg", "0", "0"), ("fdg", "1", "1"), ("dp", "0", "0"),
+                                                   ("dp", "1", "0")]
+    for r in parts:
+        compute, loader, wait, send, other, total = (float(r[i]) for i in (4, 7, 8, 9, 10, 11))
+        assert float(r[6].rstrip("x")) > 0 and compute > 0 and min(loader, wait, send) >= 0
+        assert compute + loader + wait + send + other == pytest.approx(total, abs=0.5 + 0.01 * total)
+    assert max(float(r[11]) for r in parts[:2]) == pytest.approx(float(fdg[5]), abs=1)  # ms/iter
 
 
 @pytest.mark.slow  # spawns ranks again (~15 s); the speed file's use is tested in test_tables without it

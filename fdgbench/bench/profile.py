@@ -215,28 +215,50 @@ def _timed_solo_steps(rank: int, model: str, batch_size: int, threads: int, iter
     return (time.perf_counter() - t0) / iterations
 
 
-def corun_factor(model: str, batch_size: int, threads: int, ranks: int, iterations: int = 6) -> float:
+# Co-run factors are the median of this many interleaved rounds. A shared
+# machine's speed drifts by tens of percent within minutes (seen on a 2-core
+# Intel Xeon VM: one process's BP step went from 545 to 900 ms and back), so
+# "alone" and "together" are timed next to each other, not minutes apart.
+CORUN_ROUNDS = 3
+
+
+def corun_factor(model: str, batch_size: int, threads: int, ranks: int, iterations: int = 6,
+                 rounds: int = CORUN_ROUNDS) -> float:
     """How much slower a rank computes while ``ranks`` processes (``threads``
     threads each) share this CPU than alone: the caches, memory bandwidth and
     cores they share, which a block profile taken by one process alone does
-    not see. Measured on the unsplit model, alone and then together."""
+    not see. Measured on the unsplit model in interleaved rounds (alone,
+    together, alone, together, ..., alone), each together timing against the
+    mean of the alone timings either side of it; the median of the ratios."""
     from ..engines.launch import spawn_ranks
 
-    alone = spawn_ranks(1, torch.device("cpu"), _timed_solo_steps, (model, batch_size, threads, iterations))[0]
-    together = spawn_ranks(ranks, torch.device("cpu"), _timed_solo_steps, (model, batch_size, threads, iterations))
-    return statistics.mean(together) / alone
+    def timed(count: int) -> float:
+        return statistics.mean(spawn_ranks(count, torch.device("cpu"), _timed_solo_steps,
+                                           (model, batch_size, threads, iterations)))
+
+    alone, ratios = [timed(1)], []
+    for _ in range(rounds):
+        together = timed(ranks)
+        alone.append(timed(1))
+        ratios.append(together / statistics.mean(alone[-2:]))
+    return statistics.median(ratios)
 
 
-def corun_factors(profile: dict[str, Any], path: Path, splits: list[int]) -> dict[int, float]:
+def corun_factors(profile: dict[str, Any], path: Path, splits: list[int], rounds: int = CORUN_ROUNDS
+                  ) -> dict[int, float]:
     """The co-run factor of each K (1.0 on GPUs, where each rank has its own
-    device), measured once per K and kept in the profile file."""
+    device), measured once per K in ``rounds`` rounds and kept in the profile
+    file (factors kept from another number of rounds, or from before rounds,
+    are measured again)."""
     if profile["device"] != "cpu":
         return {k: 1.0 for k in splits}
-    saved = profile.setdefault("corun", {})
+    if profile.get("corun_rounds") != rounds:
+        profile["corun"], profile["corun_rounds"] = {}, rounds
+    saved = profile["corun"]
     missing = [k for k in splits if k > 1 and str(k) not in saved]
     for k in missing:
         click.echo(f"measuring the co-run factor of {k} ranks x {profile['threads']} thread(s) -> {path}", err=True)
-        saved[str(k)] = corun_factor(profile["model"], profile["batch_size"], profile["threads"], k)
+        saved[str(k)] = corun_factor(profile["model"], profile["batch_size"], profile["threads"], k, rounds=rounds)
     if missing:
         save_profile(path, profile)
     return {k: saved.get(str(k), 1.0) for k in splits}

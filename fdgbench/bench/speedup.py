@@ -13,16 +13,48 @@ import torch
 
 from ..data import synthetic_dataset
 from ..config import RunConfig, check_config, parse_device
+from ..errors import UserError
 from ..train import build_run
 from .profile import corun_factors, load_or_profile, profile_path, scaled_blocks
 
 
 
 
+class LoaderClock:
+    """A batch stream that adds up the time its draws take (the loader's
+    share of a rank's forward); everything else is the wrapped stream's."""
+
+    def __init__(self, stream: Any):
+        self._stream, self.seconds = stream, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _timed(self, draw, t: int):
+        start = time.perf_counter()
+        try:
+            return draw(t)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def batch(self, t: int):
+        return self._timed(self._stream.batch, t)
+
+    def labels(self, t: int):
+        return self._timed(self._stream.labels, t)
+
+
+# Where a rank's time goes (per iteration): its stage's compute (forward without the loader, backward, local,
+# update), the loader's draws, waits for a neighbour's message, posting sends, and the rest (the engine's own
+# bookkeeping and reaping finished sends, the gradient all-reduce of replicas inside UPDATE is compute here).
+BREAKDOWN = ("compute", "loader", "wait", "send", "other")
+
+
 def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterations: int) -> dict[str, Any]:
     """One rank of a speedup measurement: warm up (fill the pipeline), then
     time ``iterations`` iterations from a common start to the moment every
-    rank has finished and drained (the last barrier)."""
+    rank has finished and drained (the last barrier); with the rank's
+    breakdown (BREAKDOWN, seconds over the timed iterations)."""
     import torch.distributed as dist
 
     from ..engines.trace import Tracer
@@ -30,20 +62,28 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
     tracer = Tracer()
     trainer = build_run(cfg, dataset=synthetic_dataset(10, train=train_size, test=cfg.batch_size), rank=rank,
                       tracer=tracer)
+    loader = trainer.engine.stream = LoaderClock(trainer.engine.stream)
     for t in range(warmup):
         trainer.engine.run_iteration(t)
     trainer.sync_compute()
     dist.barrier()
     tracer.start(trainer.devices)
+    loader.seconds = 0.0
     t0 = time.perf_counter()
     for t in range(warmup, warmup + iterations):
         trainer.engine.run_iteration(t)
     trainer.sync_compute()
     trainer.engine.finish(warmup + iterations)
     elapsed = time.perf_counter() - t0
-    busy = sum(s.duration for s in tracer.spans if s.category in ("forward", "backward", "local", "update"))
-    return {"elapsed": elapsed, "busy": busy, "starts": list(trainer.partition.starts),
-            "partition": trainer.partition_text}
+    spent = {category: 0.0 for category in ("compute", "recv", "send")}
+    for span in tracer.spans:
+        spent["compute" if span.category in ("forward", "backward", "local", "update") else span.category] += \
+            span.duration
+    breakdown = {"compute": spent["compute"] - loader.seconds, "loader": loader.seconds, "wait": spent["recv"],
+                 "send": spent["send"]}
+    breakdown["other"] = elapsed - sum(breakdown.values())
+    return {"elapsed": elapsed, "busy": spent["compute"], "starts": list(trainer.partition.starts),
+            "partition": trainer.partition_text, "breakdown": breakdown}
 
 
 def timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: int) -> float:
@@ -72,18 +112,19 @@ def _row_config(base: dict[str, Any], name: str, k: int, r: int, partition: str,
 def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size: int, iterations: int,
                   partition: str, device: str, threads_per_stage: int, all_threads: int, amp: str = "off",
                   channels_last: bool = False, save: Path | None = None, reuse_profile: bool = False,
-                  replicas: list[int] = (1,)) -> None:
+                  replicas: list[int] = (1,), rounds: int = 3) -> None:
     """Throughput of each method on K x R ranks (one per stage and replica,
     ``threads_per_stage`` threads each) against BP on one worker with as many
     threads per worker, and BP with ``all_threads`` threads, in one
     invocation; beside each, the simulator's prediction from this machine's
     block profile and link."""
-    from ..engines.launch import spawn_ranks
     from ..engines.simulate import Link, has_auxiliary_nets, simulate, stage_costs
     from ..method import make_method
     from ..partition import ALIASES, Partition, balanced_starts
 
     parse_device(device)
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
     train_size = batch_size * 8
     base = dict(model=model, dataset="synthetic", batch_size=batch_size, device=device, amp=amp,
                 channels_last=channels_last)
@@ -101,26 +142,10 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     # K ranks on one CPU compute slower than the one process the profile timed (co-run factor).
     rank_counts = sorted({make_method(name).placement(k, r).ranks for name in methods for k in splits
                           for r in replicas})
-    factors = corun_factors(profile, profile_path(model, batch_size, device, threads_per_stage), rank_counts) \
-        if profiled else {}
+    factors = corun_factors(profile, profile_path(model, batch_size, device, threads_per_stage), rank_counts,
+                            rounds) if profiled else {}
 
-    def predicted(method_name: str, k: int, r: int, starts: list[int]) -> float | None:
-        if not profiled:
-            return None
-        method = make_method(method_name)
-        placement = method.placement(k, r)
-        costs = scaled_blocks(blocks, factors.get(placement.ranks, 1.0))
-        ranges = Partition(tuple(starts), len(costs), "").ranges()
-        return simulate(method, stage_costs(costs, ranges), link, replicas=placement.replicas).iteration_s
-
-    rows = []
-    warm = 4
-    bp1 = timed_sequential(RunConfig(method="bp", splits=1, threads=threads_per_stage, **base), train_size, warm,
-                            iterations) / iterations
-    rows.append(("bp", "1", f"1 x {threads_per_stage}", bp1, predicted("bp", 1, 1, [0]), None, "-"))
-    bp_all = timed_sequential(RunConfig(method="bp", splits=1, threads=all_threads, **base), train_size, warm,
-                               iterations) / iterations
-    rows.append(("bp", "1", f"1 x {all_threads}", bp_all, None, None, "-"))
+    rows_to_time = [("bp", 1, 1, threads_per_stage, None), ("bp", 1, 1, all_threads, None)]
     costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
     for k in splits:
         # "balanced": cut where the block profile (the real batch, threads and engine) balances the
@@ -129,19 +154,44 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
         if ALIASES.get(partition, partition) == "time" and k <= len(blocks):
             split_at = tuple(str(i) for i in balanced_starts(costs, k)[1:])
         for r, name in ((r, name) for r in replicas for name in methods):
-            placement = make_method(name).placement(k, r)
-            cuts = split_at if placement.stages == k else None  # dp: one stage, nothing to cut
-            cfg = _row_config(base, name, k, r, partition, threads_per_stage, cuts)
-            check_config(cfg)
-            results = spawn_ranks(placement.ranks, torch.device(device), _timed_rank,
-                                  (cfg, train_size, 2 * k + warm, iterations))
-            per_iter = max(x["elapsed"] for x in results) / iterations
-            busy = [x["busy"] for x in results]
-            balance = max(busy) / statistics.mean(busy)
-            rows.append((name, f"{k}" if r == 1 else f"{k}x{r}", f"{placement.ranks} x {threads_per_stage}", per_iter,
-                         predicted(name, k, r, results[0]["starts"]), balance, results[0]["partition"]))
+            cuts = split_at if make_method(name).placement(k, r).stages == k else None  # dp: one stage, nothing to cut
+            rows_to_time.append((name, k, r, threads_per_stage, cuts))
+    # Rounds: every row once per round, in the same order, and each row's median over the rounds. A shared
+    # machine's speed drifts by tens of percent within minutes (a virtual CPU's host); rows timed minutes apart
+    # would compare the drift, rows timed in every round compare the methods.
+    timed = [[_time_row(base, row, partition, device, train_size, iterations) for row in rows_to_time]
+             for _ in range(rounds)]
+    measured = [_median_row([timed[i][j] for i in range(rounds)]) for j in range(len(rows_to_time))]
+
+    # The profile gives each block's share of the work; its level is set by BP on one worker timed in these
+    # rounds (the profile was taken minutes earlier, at the machine's speed then).
+    calibration = measured[0]["per_iter"] / sum(costs) if profiled else 1.0
+
+    def predicted(method_name: str, k: int, r: int, starts: list[int]):
+        """The simulator's Prediction for this row (None where the profile cannot cost it)."""
+        if not profiled:
+            return None
+        method = make_method(method_name)
+        placement = method.placement(k, r)
+        scaled = scaled_blocks(blocks, calibration * factors.get(placement.ranks, 1.0))
+        ranges = Partition(tuple(starts), len(scaled), "").ranges()
+        return simulate(method, stage_costs(scaled, ranges), link, replicas=placement.replicas)
+
+    bp1, bp_all = measured[0]["per_iter"], measured[1]["per_iter"]
+    rows, breakdowns = [], []
+    for (name, k, r, threads, _), result in zip(rows_to_time, measured):
+        placement = make_method(name).placement(k, r)
+        label = f"{k}" if r == 1 else f"{k}x{r}"
+        if result["breakdown"] is None:  # BP in one process: the reference (the profile is calibrated to it)
+            rows.append((name, label, f"1 x {threads}", result["per_iter"], None, None, "-"))
+            continue
+        prediction = predicted(name, k, r, result["starts"])
+        rows.append((name, label, f"{placement.ranks} x {threads}", result["per_iter"], _seconds(prediction),
+                     result["balance"], result["partition"]))
+        breakdowns.append((name, label, placement, result["breakdown"], prediction))
     click.echo(f"{model}, batch {batch_size}, {device}, {iterations} timed iterations per row after warm-up "
-               f"(pipeline filled); synthetic data drawn by the same batch loader; one invocation")
+               f"(pipeline filled) in each of {rounds} round(s), the median round's; synthetic data drawn by the "
+               f"same batch loader; one invocation on {_cpu_name()}")
     click.echo(f"{'method':<6} {'K(xR)':>5} {'ranks x threads':>15} {'ms/iter':>8} {'img/s':>7} "
                f"{'vs BP 1x' + str(threads_per_stage):>9} {'vs BP 1x' + str(all_threads):>9} "
                f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8}  partition")
@@ -159,17 +209,78 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
                "balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
                f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}), "
                f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)"
-               + (", and the co-run factor (each rank's compute while K ranks share the CPU / alone): "
-                  + ", ".join(f"K={k} {f:.2f}x" for k, f in factors.items()) if factors else "")
+               + (f", its block times scaled by {calibration:.2f} (BP 1 x {threads_per_stage} timed in these rounds / "
+                  f"the profile's sum: the machine's speed now against when it was profiled)" if profiled else "")
+               + (", and the co-run factor (each rank's compute while K ranks share the CPU / alone, the median "
+                  "of interleaved rounds): " + ", ".join(f"K={k} {f:.2f}x" for k, f in factors.items())
+                  if factors else "")
                + ("; KxR: K stages x R replicas, each replica on 1/R of every batch (dp: 1 stage x K R "
                   "replicas)" if max(replicas) > 1 else ""))
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
+    _print_breakdowns(breakdowns)
     if not profiled:
         click.echo(f"no predictions: the block profile is fp32 in the default layout, these runs amp {amp}"
                    f"{', channels-last' if channels_last else ''}")
     if save is not None:
         _save_speeds(save, model, batch_size, device, amp, channels_last, threads_per_stage, all_threads, rows)
+
+
+def _time_row(base: dict[str, Any], row: tuple, partition: str, device: str, train_size: int,
+              iterations: int) -> dict[str, Any]:
+    """One timing of one row: seconds per iteration and, for K ranks, each
+    rank's breakdown (seconds per iteration), the partition and the balance."""
+    from ..engines.launch import spawn_ranks
+    from ..method import make_method
+
+    name, k, r, threads, cuts = row
+    warm = 4
+    if k == 1 and r == 1 and name == "bp":
+        cfg = RunConfig(method="bp", splits=1, threads=threads, **base)
+        return {"per_iter": timed_sequential(cfg, train_size, warm, iterations) / iterations, "breakdown": None}
+    placement = make_method(name).placement(k, r)
+    cfg = _row_config(base, name, k, r, partition, threads, cuts)
+    results = spawn_ranks(placement.ranks, torch.device(device), _timed_rank, (cfg, train_size, 2 * k + warm,
+                                                                                iterations))
+    busy = [x["busy"] for x in results]
+    return {"per_iter": max(x["elapsed"] for x in results) / iterations,
+            "breakdown": [{key: x["breakdown"][key] / iterations for key in BREAKDOWN} for x in results],
+            "starts": results[0]["starts"], "partition": results[0]["partition"],
+            "balance": max(busy) / statistics.mean(busy)}
+
+
+def _median_row(timings: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row over the rounds: the median round (its time, breakdown and balance)."""
+    ordered = sorted(timings, key=lambda timing: timing["per_iter"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _seconds(prediction) -> float | None:
+    return None if prediction is None else prediction.iteration_s
+
+
+def _print_breakdowns(breakdowns: list[tuple]) -> None:
+    """Where each rank's time went, in ms per iteration, beside the compute
+    the simulator charged its stage (its busy share of the predicted
+    iteration): a rank whose compute exceeds that, or whose time is lost
+    outside compute and waiting, is what a gap between sim and measured
+    comes from."""
+    if not breakdowns:
+        return
+    click.echo("per rank, ms per iteration: compute (forward without the loader, backward, update), the "
+               "simulator's compute for that stage, loader draws, waiting for a message, posting sends, other "
+               "(the engine's bookkeeping, finishing sends)")
+    click.echo(f"{'method':<6} {'K(xR)':>5} {'rank':>4} {'stage':>5} {'compute':>8} {'sim':>6} {'ratio':>6} "
+               f"{'loader':>7} {'wait':>6} {'send':>6} {'other':>6} {'total':>6}")
+    for name, label, placement, per_rank, prediction in breakdowns:
+        for rank, parts in enumerate(per_rank):
+            stage = placement.stage_of(rank)
+            ms = {key: 1000 * parts[key] for key in BREAKDOWN}
+            sim = 1000 * prediction.utilisation[stage] * prediction.iteration_s if prediction else None
+            sim_text = f"{sim:6.0f} {ms['compute'] / sim:5.2f}x" if sim else f"{'-':>6} {'-':>6}"
+            click.echo(f"{name:<6} {label:>5} {rank:>4} {stage:>5} {ms['compute']:8.1f} {sim_text} "
+                       f"{ms['loader']:7.1f} {ms['wait']:6.1f} {ms['send']:6.1f} {ms['other']:6.1f} "
+                       f"{sum(ms.values()):6.0f}")
 
 
 def _cpu_name() -> str:

@@ -100,7 +100,10 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
 @click.option("--splits", default="2", show_default=True, help="stage counts K (one rank per stage)")
 @click.option("--methods", default="bp,fdg,dp", show_default=True, help="methods run on K ranks")
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--iterations", type=int, default=20, show_default=True, help="timed iterations per row")
+@click.option("--iterations", type=int, default=20, show_default=True, help="timed iterations per row and round")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="every row is timed once per round, rows interleaved, and the median round reported (a shared "
+                   "machine's speed drifts within minutes)")
 @click.option("--partition", default="balanced", show_default=True,
               help="how stages are cut (balanced = by measured time; see `fdgbench run --help`)")
 @click.option("--device", default="cpu", show_default=True)
@@ -116,9 +119,9 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
               help="predict from the saved block profile instead of profiling again in this invocation")
 @click.option("--replicas", default="1", show_default=True,
               help="replica counts R to measure (each method on K x R ranks; dp on K x R replicas)")
-def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterations: int, partition: str,
-                  device: str, threads_per_stage: int, all_threads: int, amp: str, channels_last: bool,
-                  save: Path | None, reuse_profile: bool, replicas: str) -> None:
+def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterations: int, rounds: int,
+                  partition: str, device: str, threads_per_stage: int, all_threads: int, amp: str,
+                  channels_last: bool, save: Path | None, reuse_profile: bool, replicas: str) -> None:
     """Images/s of each method on K ranks vs BP on one worker (same threads per
     worker) and vs BP with all cores, with the simulator's prediction beside."""
     from ..bench import bench_speedup as run_bench
@@ -127,7 +130,7 @@ def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterat
         raise UserError("--iterations, --batch-size and the thread counts must be at least 1")
     run_bench(model, positive_ints(splits, "--splits"), method_names(methods), batch_size, iterations, partition,
               device, threads_per_stage, all_threads, amp, channels_last, save, reuse_profile,
-              positive_ints(replicas, "--replicas"))
+              positive_ints(replicas, "--replicas"), rounds)
 
 
 @bench.command("simulate")
