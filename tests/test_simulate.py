@@ -2,7 +2,7 @@
 Gantt chart drawn from its spans."""
 import pytest
 
-from fdgbench.engines.simulate import Link, StageCosts, simulate, stage_costs
+from fdgbench.simulator import Link, StageCosts, simulate, stage_costs
 from fdgbench.method import make_method
 from fdgbench.report.gantt import draw_gantt
 

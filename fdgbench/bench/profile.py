@@ -58,7 +58,7 @@ def profile_blocks(model: str, batch_size: int, device: str, threads: int, itera
     ``iterations`` after two warm-up iterations), measured by running BP with
     one block per stage on the sequential engine with ``threads`` threads;
     plus each block's output size. Restores this process's thread count."""
-    from ..engines.simulate import summarize_spans
+    from ..simulator import summarize_spans
     from ..engines.trace import Tracer
     from ..models import build_model
 

@@ -18,7 +18,7 @@ from .profile import load_or_profile, model_block_names, profile_path
 class GridPoint:
     """One method at one K in the simulator's grid."""
 
-    prediction: Any  # engines.simulate.Prediction
+    prediction: Any  # simulator.Prediction
     speedup: float  # over BP on one worker
     balance: float | None  # slowest stage / mean (None for data-parallel)
     starred: bool  # auxiliary nets not costed
@@ -44,7 +44,7 @@ def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size:
     """Per method, the simulator's prediction at each K with ``replicas`` of
     each stage (None where K exceeds the blocks), stages balanced by the
     block profile; with the profile and link used."""
-    from ..engines.simulate import Link, has_auxiliary_nets, simulate, stage_costs
+    from ..simulator import Link, has_auxiliary_nets, simulate, stage_costs
     from ..method import make_method
     from ..partition import Partition, balance, balanced_starts
 

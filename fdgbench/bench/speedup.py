@@ -118,7 +118,7 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     threads per worker, and BP with ``all_threads`` threads, in one
     invocation; beside each, the simulator's prediction from this machine's
     block profile and link."""
-    from ..engines.simulate import Link, has_auxiliary_nets, simulate, stage_costs
+    from ..simulator import Link, has_auxiliary_nets, simulate, stage_costs
     from ..method import make_method
     from ..partition import ALIASES, Partition, balanced_starts
 

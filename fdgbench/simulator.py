@@ -27,9 +27,9 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from ..method import Method
-from ..schedule import COMPUTE, SENDS, Mailbox, Op, execution_order, message_key
-from .trace import CATEGORIES, Span
+from .method import Method
+from .schedule import COMPUTE, SENDS, Mailbox, Op, execution_order, message_key
+from .engines.trace import CATEGORIES, Span
 
 
 @dataclass(frozen=True)
