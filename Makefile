@@ -17,12 +17,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fdgbench compare
 
-## test: the default suite (slow tests excluded; `make test-slow` runs them)
+## test: the default suite (slow tests excluded; `make test-slow` runs them). On the CPU whatever the machine
+## (FDGBENCH_DEVICE, the default of --device): the suite's expectations (bitwise repeats, one rank per stage on
+## one node) were written there; GPU paths are `make gpu-check`'s.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	FDGBENCH_DEVICE=cpu $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	FDGBENCH_DEVICE=cpu $(BIN)/python -m pytest -q -m slow
 
 ## gpu-check: the CUDA/NCCL paths on this machine's GPU(s), one table in a few minutes; one line without a GPU
 gpu-check: $(STAMP)
@@ -40,17 +42,26 @@ bench-speedup: $(STAMP)
 ## reproduce-table2 (and 3, 4): the table's sweep, its tables and its first row's curves; PRESET=full|converge|quick|smoke (default full)
 ## The runs go to the committed records folder (RESULTS), so a sweep skips what earlier sittings or other
 ## machines recorded there and fills in the rest (weights and checkpoints stay out of git: .gitignore).
+## DEVICE: where the runs train (auto: the preset's device where it names one, else CUDA where available,
+## else the CPU); the table reads the runs of the same device. JOBS=N: N runs side by side (e.g. on one GPU),
+## each its own `fdgbench run` process (the subprocess launcher); unset, one run after another in one process.
 PRESET ?= full
 RESULTS ?= paper_tables/results/runs
+DEVICE ?= auto
+JOBS ?=
+LAUNCH = $(if $(JOBS),--launcher subprocess --jobs $(JOBS))
+# Also the default device of every command below, so `plot curves` (no --device) reads the runs the sweep trained.
+reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table6: export FDGBENCH_DEVICE = $(DEVICE)
 reproduce-table2 reproduce-table3 reproduce-table4: $(STAMP)
-	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
-	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
+	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS) --device $(DEVICE) $(LAUNCH)
+	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS) --device $(DEVICE)
 	$(BIN)/fdgbench plot curves $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
 
-## reproduce-table6: the time table (seconds per epoch, one worker per stage)
+## reproduce-table6: the time table (seconds per epoch, one worker per stage). DEVICE as above; JOBS is not
+## used: runs side by side would share the hardware whose speed this table measures.
 reproduce-table6: $(STAMP)
-	$(BIN)/fdgbench sweep table6 --preset $(PRESET) --out $(RESULTS)
-	$(BIN)/fdgbench table table6 --preset $(PRESET) --out $(RESULTS)
+	$(BIN)/fdgbench sweep table6 --preset $(PRESET) --out $(RESULTS) --device $(DEVICE)
+	$(BIN)/fdgbench table table6 --preset $(PRESET) --out $(RESULTS) --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

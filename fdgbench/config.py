@@ -22,6 +22,11 @@ ENGINES = ("sequential", "distributed")
 # modules' init with seed * 1009 + k + 1 (stage.py), which must stay in int64.
 MAX_SEED = 2**32 - 1
 TUPLE_FIELDS = ("split_at", "stage_devices")
+# The command line's default device and warm-up: resolved when a RunConfig is made (resolve_device,
+# resolve_warmup), so a config, its config.json and its hash name what the run does, never "auto".
+AUTO = "auto"
+# The full presets' warm-up length (paper_tables/*.toml: warmup_epochs = 5, warmup = "linear"; why: stability.md).
+FULL_WARMUP_EPOCHS = 5
 
 
 def comma_list(text: str | None) -> tuple[str, ...] | None:
@@ -51,18 +56,31 @@ class RunConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # auto: CUDA where available, else the CPU (resolve_device)
     stage_devices: tuple[str, ...] | None = None
     amp: str = "off"
     channels_last: bool = False
     threads: int | None = None  # intra-op threads of each process (each rank, on the distributed engine)
     engine: str = "sequential"
-    warmup_epochs: int = 0  # the first N epochs warm up (the FDG authors' code's --warm-up: 3, constant)
-    warmup: str = "constant"  # constant: lr / 10 throughout; linear: 1% of lr rising to 100% (the ADL code's)
+    # The first N epochs warm up (the FDG authors' code's --warm-up: 3, constant); None: auto (resolve_warmup).
+    # The default here stays 0: table specs build on RunConfig's defaults and set their warm-up themselves.
+    warmup_epochs: int | None = 0
+    # constant: lr / 10 throughout; linear: 1% of lr rising to 100% (the ADL code's); auto: resolve_warmup.
+    warmup: str = "constant"
     diagnose: int = 0  # every N iterations, compare each stage's applied gradient with the true one (diagnose.py)
     # Bit-reproducible numerics where a faster kernel or reduction would not be
     # (numerics.py): cuDNN deterministic, no TF32, replicas' gradients summed in order (placement.py).
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        # "auto" is what the command line passes when a flag is not given; what it resolves to here depends on
+        # this machine (device) and on the budget (warm-up), so it is settled once, before anything hashes it.
+        warmup_epochs, warmup = resolve_warmup(self.epochs, self.max_steps, self.warmup_epochs, self.warmup)
+        object.__setattr__(self, "warmup_epochs", warmup_epochs)
+        object.__setattr__(self, "warmup", warmup)
+        object.__setattr__(self, "device", resolve_device(self.device))
+        if self.stage_devices and AUTO in self.stage_devices:
+            object.__setattr__(self, "stage_devices", tuple(map(resolve_device, self.stage_devices)))
 
     @classmethod
     def from_options(cls, method: str, options: dict[str, Any]) -> RunConfig:
@@ -96,6 +114,33 @@ class RunConfig:
 
 ADDED_LATER = {"warmup_epochs": 0, "deterministic": False, "warmup": "constant", "diagnose": 0, "replicas": 1}
 WARMUPS = ("constant", "linear")
+# Fields whose command-line default (auto) is not RunConfig's default: a command line that rebuilds a
+# config (sweep.config_args) spells them out even where they equal RunConfig's default.
+RESOLVED_FIELDS = ("warmup_epochs", "warmup", "device")
+
+
+def resolve_device(text: str) -> str:
+    """``auto``: CUDA where this machine has it, else the CPU; any other name as given (parse_device checks it)."""
+    if text != AUTO:
+        return text
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def auto_warmup_epochs(epochs: int, max_steps: int | None) -> int:
+    """The default warm-up length: the full presets' 5 epochs, cut to a tenth of a shorter run (300 epochs: 5,
+    20: 2, under 10 such as the 4-epoch demo: none). A run cut short by --max-steps (a smoke run, or the first
+    iterations of a protocol) gets none: a warm-up it did not ask for could cover all of it."""
+    return 0 if max_steps else max(0, min(FULL_WARMUP_EPOCHS, epochs // 10))
+
+
+def resolve_warmup(epochs: int, max_steps: int | None, warmup_epochs: int | None, warmup: str) -> tuple[int, str]:
+    """(epochs, kind) of a run's warm-up: None epochs are auto_warmup_epochs; an auto kind is linear (the
+    full presets' ramp) where there is a warm-up and constant where there is none, the value every run
+    without a warm-up has recorded (ADDED_LATER leaves it out of the hash)."""
+    epochs_n = auto_warmup_epochs(epochs, max_steps) if warmup_epochs is None else warmup_epochs
+    if warmup == AUTO:
+        warmup = "linear" if epochs_n else "constant"
+    return epochs_n, warmup
 
 
 def flag_name(field_name: str) -> str:
@@ -157,7 +202,10 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
                         f"replicas), so there is nothing to cut: drop {name('split_at')}")
     devices = stage_devices(cfg)
     if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
-        check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
+        try:
+            check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
+        except UserError as exc:  # --device auto picks the GPU wherever there is one, even one too few
+            raise UserError(f"{exc}; or {name('device')} cpu") from None
     if cfg.batch_size % placement.replicas:
         raise UserError(f"{cfg.method} splits each batch across {placement.replicas} replicas: {name('batch_size')} "
                         f"{cfg.batch_size} must be a multiple of {placement.replicas}")
@@ -197,18 +245,28 @@ def check_budget(cfg: RunConfig, method: Method, num_stages: int, steps_per_epoc
 
 
 def parse_device(text: str) -> torch.device:
+    text = resolve_device(text)
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise UserError(f"unknown device '{text}'; use cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device '{text}'; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {text} requested but CUDA is not available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device {text} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
-        raise UserError(f"unsupported device '{text}'; use cpu, cuda or cuda:N")
+        raise UserError(f"unsupported device '{text}'; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def device_available(text: str) -> bool:
+    """Whether this machine has the device (parse_device accepts it)."""
+    try:
+        parse_device(text)
+    except UserError:
+        return False
+    return True
 
 
 def placement_of(cfg: RunConfig) -> Placement:

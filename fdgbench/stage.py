@@ -146,6 +146,11 @@ class StageWorker:
     """
 
     memory_probe = None  # set by the trainer to measure the stage's memory (memory.MemoryMonitor)
+    # A worker that needs the network's input images (InfoPro's reconstruction target) sets this: before
+    # each forward the engine (compute.run_compute) hands it that batch's images, as stage 0 receives them
+    # (augmented and normalised), by set_input_image, whatever stage it is.
+    needs_input_image = False
+    _input_image: tuple[int, torch.Tensor] | None = None
 
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
                  grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True):
@@ -170,6 +175,22 @@ class StageWorker:
         (``follows_schedule``) and stepped in ``update`` (``steps_with_stage``),
         so a method writes none of that itself."""
         self.locals[name] = LocalModule(module, optimizer, follows_schedule, steps_with_stage)
+
+    def set_input_image(self, batch: int, image: torch.Tensor) -> None:
+        """The network's input images of ``batch`` (needs_input_image workers only)."""
+        self._input_image = (batch, image)
+
+    def input_image(self, batch: Any) -> torch.Tensor | None:
+        """The images set_input_image handed for ``batch`` (None if none ever
+        was). Replayed replicas (placement.replay_shards) key a batch (batch,
+        replica) and get their replica's shard of it."""
+        if self._input_image is None:
+            return None
+        b, replica = batch if isinstance(batch, tuple) else (batch, None)
+        held, image = self._input_image
+        if held != b:
+            raise RuntimeError(f"stage {self.ctx.index} was handed the input images of batch {held}, not {b}")
+        return image if replica is None else image.chunk(self.replicas)[replica]
 
     def forward(self, batch: int, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Forward ``batch``; returns the activation to send on (detached), or

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import checkpoint
-from .config import TUPLE_FIELDS, RunConfig, flag_name
+from .config import RESOLVED_FIELDS, TUPLE_FIELDS, RunConfig, device_available, flag_name
 from .data import load_dataset
 from .errors import DivergedError, RunInUseError, UserError
 from .engines.launch import set_parent_death_signal
@@ -81,12 +81,14 @@ def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path, dat
 
 def config_args(cfg: RunConfig) -> list[str]:
     """``fdgbench run`` arguments that rebuild ``cfg`` exactly (every field
-    that differs from its default; the inverse of RunConfig.from_options)."""
+    that differs from its default, and those whose flag defaults to auto;
+    the inverse of RunConfig.from_options)."""
     args = ["--method", cfg.method]
     default = RunConfig()
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ("method", "method_options") or value == getattr(default, f.name):
+        if f.name in ("method", "method_options") or (value == getattr(default, f.name)
+                                                      and f.name not in RESOLVED_FIELDS):
             continue
         flag = flag_name(f.name)
         if f.name == "nesterov":
@@ -410,13 +412,39 @@ def describe(job: Job) -> str:
 class Progress:
     """Where a sweep stands: runs by state, how many can resume, and the
     training time left at each model's median epoch time so far (None: no
-    epoch recorded yet; ``unknown``: models with runs left and no epoch)."""
+    epoch recorded yet; ``unknown``: models with runs left and no epoch,
+    ``unmeasured``: those runs, which ``time_left`` times by a probe)."""
 
     counts: dict[str, int]
     resumable: int
     seconds_left: float | None
     unknown: list[str]
     remaining: int  # runs not done
+    unmeasured: list[RunConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TimeLeft:
+    """A sweep's training time left: each model's recorded epoch time where
+    it has one, a short timed BP probe on this machine where it has none
+    (``probed``); ``uncounted``: models with neither (no epoch recorded, and
+    a device this machine does not have)."""
+
+    seconds: float
+    probed: list[str]
+    uncounted: list[str]
+
+
+def time_left(p: Progress, data_dir: str = "data") -> TimeLeft:
+    """``p``'s recorded estimate, completed by bench.estimate_sweep_seconds
+    for the runs of models that have no epoch recorded yet (every run of such
+    a model is still whole), so a sweep has an estimate before any run ends."""
+    from .bench import estimate_sweep_seconds
+
+    here = [cfg for cfg in p.unmeasured if device_available(cfg.device)]
+    probed = sorted({cfg.model for cfg in here})
+    return TimeLeft((p.seconds_left or 0.0) + estimate_sweep_seconds(here, data_dir), probed,
+                    sorted({cfg.model for cfg in p.unmeasured} - set(probed)))
 
 
 def progress(cells: list[Cell], root: Path) -> Progress:
@@ -438,6 +466,7 @@ def progress(cells: list[Cell], root: Path) -> Progress:
                if len(epochs) else {})
     left = planned[~finished]
     remaining = list(zip(left["model"], (left["epochs"] - left["metrics"].map(len)).clip(lower=0)))
+    unmeasured = [cells[i].config for i, (m, e) in zip(left.index, remaining) if e and m not in seconds]
     return Progress(counts, resumable,
                     sum(seconds[m] * e for m, e in remaining if m in seconds) if len(seconds) else None,
-                    sorted({m for m, e in remaining if e and m not in seconds}), len(remaining))
+                    sorted({cfg.model for cfg in unmeasured}), len(remaining), unmeasured)

@@ -10,6 +10,9 @@ from fdgbench.cli import main
 from fdgbench.data import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's expectations (bitwise repeats, one rank per stage on one machine) are the CPU's: a test's run
+# without --device trains there even on a GPU machine (--device auto would pick the GPU). Subprocesses inherit it.
+os.environ.setdefault("FDGBENCH_DEVICE", "cpu")
 OFFLINE_CIFAR10 = Path(os.environ.get("FDGBENCH_CIFAR10_JPEG", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import ENGINES, WARMUPS, comma_list
+from ..config import AUTO, ENGINES, FULL_WARMUP_EPOCHS, WARMUPS, comma_list
 from ..engines.launch import under_torchrun
 from ..errors import UserError
 from ..method import all_methods, all_options, make_method, option_definitions
@@ -21,6 +21,35 @@ DEFAULT_RESULTS = "results"
 REPLICAS = click.option("--replicas", "-R", type=int, default=1, show_default=True,
                         help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
                              "batch, gradients averaged at each update; dp: 1 stage x K R replicas)")
+
+
+class IntOrAuto(click.ParamType):
+    """An integer, or ``auto`` (None: RunConfig resolves it, knowing the rest of the run)."""
+
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or value == AUTO:
+            return None
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"'{value}' is not a valid integer or auto", param, ctx)
+
+
+DEVICE_HELP = "auto (CUDA where available, else the CPU; config.json records which), cpu, cuda or cuda:N"
+# The default of every --device that says where runs train or which runs to read (run, compare, sweep, sweep
+# status, table; plots, which have no --device, read it through sweep_cells): `make test` sets it to cpu, so the
+# suite trains where its expectations were written on any machine, and `make reproduce-*` to DEVICE.
+DEVICE_ENV = "FDGBENCH_DEVICE"
+
+
+def default_device() -> str:
+    """The device a command uses when no --device is given: FDGBENCH_DEVICE, else auto."""
+    return os.environ.get(DEVICE_ENV) or AUTO
+
 # Not a RunConfig field: it changes whether a run starts, not its numbers (nor its directory's name).
 IGNORE_MEMORY_CHECK = click.option(
     "--ignore-memory-check", is_flag=True,
@@ -47,12 +76,15 @@ def run_options(f: Callable) -> Callable:
         click.option("--max-steps", type=int, help="stop after this many iterations (smoke runs)"),
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option("--lr", type=float, default=0.1, show_default=True),
-        click.option("--warmup-epochs", type=int, default=0, show_default=True,
-                     help="warm up over the first N epochs, then train at --lr (the FDG authors' code has a 3-epoch "
-                          "--warm-up, off by default; the paper states none)"),
-        click.option("--warmup", default="constant", show_default=True, type=click.Choice(WARMUPS),
-                     help="constant: lr/10 throughout the warm-up (the FDG authors' code); linear: 1%% of lr rising "
-                          "to 100%% (the ADL code's, always on there over 5 epochs)"),
+        click.option("--warmup-epochs", type=IntOrAuto(), default=AUTO, show_default=True,
+                     help=f"warm up over the first N epochs, then train at --lr; auto: min({FULL_WARMUP_EPOCHS}, "
+                          f"epochs // 10) for every method, BP included (the full presets' protocol: 300 epochs warm "
+                          f"up 5, 20 epochs 2, runs under 10 epochs such as the compare demo and runs cut by "
+                          f"--max-steps none); 0: no warm-up (the paper states none; the FDG authors' code has an "
+                          f"opt-in 3-epoch one)"),
+        click.option("--warmup", default=AUTO, show_default=True, type=click.Choice((AUTO, *WARMUPS)),
+                     help="auto: linear where there is a warm-up; linear: 1% of lr rising to 100% (the ADL code's, "
+                          "the full presets'); constant: lr/10 throughout the warm-up (the FDG authors' code)"),
         click.option("--diagnose", type=int, default=0, show_default=True, metavar="N",
                      help="every N iterations, record per stage the cosine and norm ratio of the applied gradient to "
                           "the true gradient of the same batches at the current weights, and the weights' age "
@@ -61,7 +93,8 @@ def run_options(f: Callable) -> Callable:
         click.option("--weight-decay", type=float, default=5e-4, show_default=True),
         click.option("--nesterov/--no-nesterov", default=False, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
+        click.option("--device", default=AUTO, show_default=True, envvar=DEVICE_ENV, show_envvar=True,
+                     help=DEVICE_HELP),
         click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
         click.option("--amp", default="off", show_default=True, help="off or bf16 (autocast, fp32 weights)"),
         click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
@@ -244,11 +277,31 @@ def sweep_options(f: Callable) -> Callable:
     return f
 
 
-def sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR):
-    """The spec, its preset's cells and their results root (sweep.preset_jobs)."""
+# `sweep run` trains on this device, and `sweep status` and `table` read the runs of the same one (a run's
+# device is part of its config, so of its directory's name: runs.md).
+SWEEP_DEVICE = click.option(
+    "--device", default=AUTO, show_default=True, envvar=DEVICE_ENV, show_envvar=True,
+    help="the runs' device: auto = the preset's device where it names one, else CUDA where available, else the "
+         "CPU; cpu, cuda or cuda:N replace the preset's")
+
+
+def sweep_device(table: str, preset: str, device: str) -> str | None:
+    """What replaces the preset's device in its runs (sweep.preset_jobs; None: nothing): ``auto`` keeps a
+    preset's own device (converge-gpu's cuda, wherever the command runs) and is otherwise this machine's
+    (RunConfig resolves it); any other device replaces the preset's."""
+    from ..report.specs import load_spec
+
+    return None if device == AUTO and load_spec(table).preset(preset).get("device") else device
+
+
+def sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR,
+                device: str | None = None):
+    """The spec, its preset's cells (on ``device``, default default_device(): sweep_device) and their
+    results root (sweep.preset_jobs)."""
     from ..sweep import preset_jobs, preset_root
 
-    spec, cells, _ = preset_jobs(table, preset, seeds, out, data_dir)
+    device = sweep_device(table, preset, device or default_device())
+    spec, cells, _ = preset_jobs(table, preset, seeds, out, data_dir, device)
     return spec, cells, preset_root(spec, preset, out)
 
 

@@ -31,6 +31,14 @@ def run(method: str, **kw: Any) -> None:
                f"{summary['status']}{note} -> {path}")
 
 
+def warmup_text(cfg: RunConfig) -> str:
+    """The warm-up every row of a comparison shares, for its header: the default one depends on the
+    budget, so the table says which it had (nothing where there is none, as in the demo)."""
+    if not cfg.warmup_epochs:
+        return ""
+    return f", {cfg.warmup} warm-up over {cfg.warmup_epochs} epoch{'s' if cfg.warmup_epochs > 1 else ''}"
+
+
 DEMO = dict(model="resnet20", splits=2, train_subset=10000, test_subset=2000, epochs=4)
 
 
@@ -73,7 +81,7 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
         rows.append((f"{cfg.method}({opts})" if opts else cfg.method, summary, path, cached))
     first = rows[0][1]
     click.echo(f"\n{first['model']} ({first['parameters']:,} params), K={first['splits']}, {first['dataset']}, "
-               f"{first['steps']} iterations of batch {kw['batch_size']}, seed {kw['seed']}")
+               f"{first['steps']} iterations of batch {kw['batch_size']}, seed {kw['seed']}{warmup_text(configs[0])}")
     width = max(len("method"), *(len(r[0]) for r in rows))
     click.echo(f"{'method':<{width}}  {'final err %':>11} {'best err %':>10} {'img/s':>7}  run directory")
     for label, s, path, cached in rows:

@@ -26,6 +26,8 @@ def run_compute(worker: StageWorker, k: int, action: Action, stream: BatchStream
             x, labels = stream.batch(b)
         else:
             x, labels = received("act"), stream.labels(b)
+        if worker.needs_input_image:  # batch b's images as stage 0 receives them (a reconstruction target)
+            worker.set_input_image(b, (x if k == 0 else stream.batch(b)[0]).to(worker.device))
         out = runner.forward(b, x.to(worker.device), labels.to(worker.device))
         return None if out is None else (Op.SEND_ACT, out)
     if op in (Op.BACKWARD, Op.LOCAL):
