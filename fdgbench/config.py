@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .engines.launch import check_ranks_fit, dist_timeout, under_torchrun
+from .engines.registry import engine_info
 from .errors import UserError
 from .method import Method, all_options, make_method
 from .models import build_model
@@ -17,7 +17,6 @@ from .partition import make_partition
 from .placement import Placement
 from .schedule import steps_until_every_stage_updates
 
-ENGINES = ("sequential", "distributed")
 # Seeds are 32-bit: numpy's generator takes no more, and a stage seeds its own
 # modules' init with seed * 1009 + k + 1 (stage.py), which must stay in int64.
 MAX_SEED = 2**32 - 1
@@ -169,7 +168,8 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         raise UserError(f"{name('warmup')} {cfg.warmup} needs {name('warmup_epochs')} N (how long to warm up)")
     if cfg.diagnose < 0:
         raise UserError(f"{name('diagnose')} must be at least 0 (0: off), got {cfg.diagnose}")
-    if cfg.diagnose and cfg.engine != "sequential":
+    engine = engine_info(cfg.engine, name("engine"))
+    if cfg.diagnose and not engine.diagnoses:
         raise UserError(f"{name('diagnose')} runs on the sequential engine (its true gradient is one synchronous "
                         f"pass through every stage); drop {name('engine')} {cfg.engine}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -182,12 +182,6 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         raise UserError(f"{name('amp')} must be off or bf16, got '{cfg.amp}'")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"{name('threads')} must be at least 1, got {cfg.threads}")
-    if cfg.engine not in ENGINES:
-        raise UserError(f"unknown engine '{cfg.engine}' ({name('engine')}); known: {', '.join(ENGINES)}")
-    if cfg.engine == "distributed":
-        dist_timeout()  # a bad FDGBENCH_DIST_TIMEOUT is refused here, before any rank starts
-    if cfg.engine == "distributed" and cfg.stage_devices:
-        raise UserError("--stage-devices is for the sequential engine; distributed ranks take one device each")
     if cfg.split_at and cfg.partition not in ("auto", "explicit"):
         # The cut points decide the stages; the strategy would be ignored yet recorded (and hashed).
         raise UserError(f"--split-at gives the stages itself; --partition {cfg.partition} would be ignored: "
@@ -200,12 +194,11 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
     if cfg.split_at and placement.stages != cfg.splits:  # -K counts something else (dp: replicas)
         raise UserError(f"{cfg.method} places {placement.describe()} ({name('splits')} {cfg.splits} counts its "
                         f"replicas), so there is nothing to cut: drop {name('split_at')}")
+    if engine.per_rank and cfg.stage_devices:  # before stage_devices(), whose own message would mislead
+        raise UserError(f"{name('stage_devices')} is for the sequential engine; distributed ranks take one device "
+                        f"each")
     devices = stage_devices(cfg)
-    if cfg.engine == "distributed" and not under_torchrun():  # spawned here: one GPU per rank, on this node
-        try:
-            check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
-        except UserError as exc:  # --device auto picks the GPU wherever there is one, even one too few
-            raise UserError(f"{exc}; or {name('device')} cpu") from None
+    engine.check(cfg, placement, devices, name)
     if cfg.batch_size % placement.replicas:
         raise UserError(f"{cfg.method} splits each batch across {placement.replicas} replicas: {name('batch_size')} "
                         f"{cfg.batch_size} must be a multiple of {placement.replicas}")

@@ -19,6 +19,7 @@ from .config import RunConfig, check_config, parse_device, placement_of
 from .data import load_dataset
 from .engines.launch import (check_ranks_fit, init_process_group, is_communication_error, lost_contact_of, spawn_ranks,
                              under_torchrun)
+from .engines.registry import engine_info
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .run_record import CORRUPT, corrupt_text, read_run
@@ -54,7 +55,8 @@ def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = 
     it was cached. ``datasets`` caches loaded data across calls (by spec).
     A run recorded as diverged raises DivergedError, cached or not."""
     check_config(cfg)
-    if cfg.engine == "distributed" and under_torchrun():
+    per_rank = engine_info(cfg.engine).per_rank  # one process per rank: this one under torchrun, else spawned
+    if per_rank and under_torchrun():
         return _run_torchrun_rank(cfg, kw)
     run = RunDirectory.for_config(kw.out, cfg.to_dict())
     if run.is_done and not kw.force:
@@ -69,7 +71,7 @@ def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = 
             datasets[cfg.dataset] = load_dataset(cfg.dataset, kw.data_dir)
         if not kw.ignore_memory_check:
             _check_memory(cfg, datasets[cfg.dataset])
-        if cfg.engine == "distributed":  # spawn one process per rank here; the data is checked (and cached) above
+        if per_rank:  # spawn one process per rank here; the data is checked (and cached) above
             summaries = spawn_ranks(placement_of(cfg).ranks, parse_device(cfg.device), train_rank,
                                     (cfg, kw.data_dir, str(run.path), kw.progress, kw.trace, None,
                                      _wandb_project(kw), resume))

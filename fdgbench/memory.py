@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .engines.registry import engine_info
 from .errors import UserError
 from .schedule import Op, batches_held, hold_span, release_ops
 
@@ -376,7 +377,8 @@ def memory_pools(cfg, num_stages: int) -> list[str]:
     here), or the rank's own GPU."""
     from .config import stage_devices
 
-    devices = stage_devices(replace(cfg, splits=num_stages)) if cfg.engine == "sequential" else None
+    per_rank = engine_info(cfg.engine).per_rank
+    devices = None if per_rank else stage_devices(replace(cfg, splits=num_stages))
     if devices is None:  # rank k's device, as engines.launch.rank_device picks it (check_ranks_fit came first)
         base = torch.device(cfg.device)
         devices = [torch.device("cuda", k) if base.type == "cuda" else base for k in range(num_stages)]
@@ -405,13 +407,14 @@ def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=None) -> 
     available = available or available_bytes
     batch = cfg.batch_size
     replicas = placement_of(cfg).replicas
-    if cfg.engine == "distributed" and replicas > 1:
+    per_rank = engine_info(cfg.engine).per_rank
+    if per_rank and replicas > 1:
         # A rank per stage and replica, each on its own shard of the batch. (The sequential engine replays the
         # shards through one copy of each stage, holding what the whole batch would.)
         batch = max(1, batch // replicas)
         stages = stages * replicas
     pools = memory_pools(cfg, len(stages))
-    if cfg.engine == "distributed":  # one new process per stage (rank), each with the data on its device
+    if per_rank:  # one new process per stage (rank), each with the data on its device
         extra = [data_bytes + RUNTIME_BYTES] * len(stages)
     else:  # this process; the data goes to stage 0's device (already here on a CPU)
         extra = [data_bytes if k == 0 and pools[0] != "cpu" else 0 for k in range(len(stages))]
@@ -476,7 +479,7 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, availab
     pools = memory_pools(cfg, len(stages))
     # More stages help only where they spread over more memory: on one pool the sum over stages only
     # grows with K (as many activations, more batches in flight), so it is not tried there.
-    spread = cfg.engine == "distributed" and pools[0] != "cpu"
+    spread = engine_info(cfg.engine).per_rank and pools[0] != "cpu"
     if spread and placement_of(cfg).stages == cfg.splits:  # (dp's K counts replicas: more hold no less each)
         for k in sorted({cfg.splits + 1, 2 * cfg.splits}):
             if k > blocks:

@@ -15,9 +15,9 @@ from torch import nn
 from .config import RunConfig, check_budget, check_config, stage_devices
 from .data import BatchStream, ImageDataset, Normalizer, load_dataset
 from .diagnose import GradientProbe
-from .engines.distributed import DistributedEngine
 from .engines.launch import from_rank0, rank_device, threads_per_rank
-from .engines.sequential import Observer, SequentialEngine
+from .engines.registry import engine_info
+from .engines.sequential import Observer
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .memory import MemoryMonitor
@@ -55,8 +55,9 @@ class Run:
                  observer: Observer | None = None, rank: int | None = None, local_rank: int | None = None,
                  tracer: Tracer | None = None, resume: dict[str, Any] | None = None):
         check_config(cfg)
-        # The config names the engine; a distributed run's process is one rank of it (the group is up).
-        if (cfg.engine == "distributed") != (rank is not None):
+        # The config names the engine; a per-rank engine's process is one rank of it (the group is up).
+        self.engine_info = engine_info(cfg.engine)
+        if self.engine_info.per_rank != (rank is not None):
             raise ValueError(f"a {cfg.engine}-engine run is built " + ("with a rank" if rank is not None else
                              "without its rank: build it in each rank of a torch.distributed group"))
         self.cfg = cfg
@@ -126,12 +127,8 @@ class Run:
         self.test_labels = self.dataset.test_labels
         self.tracer = tracer
         self.probe = GradientProbe(cfg.diagnose, self.workers, self.stream) if cfg.diagnose else None
-        if cfg.engine == "sequential":
-            self.engine = SequentialEngine(self.method, self.workers, self.stream, observer, tracer, self.stages,
-                                           self.probe)
-        else:
-            self.engine = DistributedEngine(self.method, self.workers[0], self.stages[0], self.stream, self.placement,
-                                            tuple(self.dataset.train_images.shape[1:]), self.memory_format, tracer)
+        self.observer = observer
+        self.engine = self.engine_info.build(self)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
@@ -172,13 +169,7 @@ class Run:
                 f"{','.join(map(str, dict.fromkeys(self.devices)))}, {self._engine_text()}")
 
     def _engine_text(self) -> str:
-        threads = torch.get_num_threads()
-        if self.rank is None:
-            replayed = (f", {self.placement.replicas} replicas of each stage replayed shard by shard"
-                        if self.placement.replicas > 1 else "")
-            return f"sequential engine, {threads} thread(s){replayed}"
-        return (f"distributed engine ({dist.get_backend()}), {self.processes} ranks "
-                f"({self.placement.describe()}), {threads} thread(s) each")
+        return self.engine_info.describe(self)
 
     def memory_record(self) -> dict[str, Any]:
         """Every stage's measured memory (memory.MemoryMonitor), from every rank."""

@@ -71,6 +71,7 @@ def _jobs(tmp_path, preset):
     return preset_jobs(str(tmp_path / "launchers.toml"), preset, None, str(tmp_path / "runs"))[2]
 
 
+@pytest.mark.slow  # ~20 s of two long runs; the default suite keeps the slurm launcher's sweep
 def test_a_stopped_subprocess_sweep_stops_its_children_and_a_rerun_resumes_them(tmp_path):
     # Tried before: SIGTERM to the sweep left both children training with parent 1, and the rerun reported them
     # failed (exit 0) and truncated their logs.
@@ -96,6 +97,7 @@ def test_a_stopped_subprocess_sweep_stops_its_children_and_a_rerun_resumes_them(
         assert log.count("--- ") == 1 and "fdgbench run" in log
 
 
+@pytest.mark.slow  # ~30 s: three sweeps of subprocess runs
 def test_the_subprocess_launcher_leaves_a_held_run_to_its_holder_and_exits_1_on_a_failed_run(tmp_path):
     _sweep(tmp_path, "--preset", "smoke", "--dry-run")
     held, other = _jobs(tmp_path, "smoke")

@@ -101,3 +101,14 @@ def test_simulated_timeline_follows_the_schedule_and_draws(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     drawn = paths[1].read_text()
     assert all(f"stage {k}" in drawn for k in range(4)) and "simulated fdg K=4" in drawn
+
+
+def test_a_speedup_row_over_rounds_is_its_median_round_whole():
+    # The median round's time with that same round's breakdown (not a median of each part, which would add up
+    # to no round at all); an even count takes the lower middle.
+    from fdgbench.bench.speedup import _median_row
+
+    rounds = [{"per_iter": t, "breakdown": [{"compute": t}]} for t in (0.9, 0.5, 0.7)]
+    assert _median_row(rounds) is rounds[2]
+    assert _median_row(rounds[:2]) is rounds[1]
+    assert _median_row(rounds[:1]) is rounds[0]

@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 import click
 
-from ..config import AUTO, ENGINES, FULL_WARMUP_EPOCHS, WARMUPS, comma_list
+from ..config import AUTO, FULL_WARMUP_EPOCHS, WARMUPS, comma_list
+from ..engines.registry import engine_names
 from ..engines.launch import under_torchrun
 from ..errors import UserError
 from ..method import all_methods, all_options, make_method, option_definitions
@@ -101,7 +102,7 @@ def run_options(f: Callable) -> Callable:
         click.option("--deterministic", is_flag=True,
                      help="bit-reproducible numerics: cuDNN deterministic, no TF32, data-parallel gradients summed "
                           "in rank order (for parity and resume checks on GPUs; slower)"),
-        click.option("--engine", default="sequential", show_default=True, type=click.Choice(ENGINES),
+        click.option("--engine", default="sequential", show_default=True, type=click.Choice(engine_names()),
                      help="sequential: every stage in this process; distributed: one torch.distributed rank per "
                           "stage (under torchrun, or spawned here)"),
         click.option("--threads", "--threads-per-stage", "threads", type=int,

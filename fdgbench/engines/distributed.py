@@ -50,13 +50,15 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import EVAL_BATCH, BatchStream, Normalizer, eval_batches
+from ..errors import UserError
 from ..evaluation import EvalScore, eval_forward, eval_mode
 from ..method import Method
 from ..placement import Placement
 from ..schedule import COMPUTE, RECVS, SENDS, Action, Op, message_key
 from ..stage import StageWorker
 from .compute import run_compute
-from .launch import dist_timeout
+from .launch import check_ranks_fit, dist_timeout, under_torchrun
+from .registry import EngineInfo, register_engine
 from .trace import Tracer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -313,3 +315,26 @@ def _encode_spec(spec, device: torch.device) -> torch.Tensor:
 def _decode_spec(buf: torch.Tensor):
     values = buf.tolist()
     return tuple(values[1:1 + values[0]]), DTYPES[values[7]]
+
+
+def _check(cfg, placement, devices, name) -> None:
+    """A distributed run's config: a usable FDGBENCH_DIST_TIMEOUT and (spawned here) enough GPUs on this
+    node for its ranks."""
+    dist_timeout()  # a bad FDGBENCH_DIST_TIMEOUT is refused here, before any rank starts
+    if not under_torchrun():  # spawned here: one GPU per rank, on this node
+        try:
+            check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
+        except UserError as exc:  # --device auto picks the GPU wherever there is one, even one too few
+            raise UserError(f"{exc}; or {name('device')} cpu") from None
+
+
+def _describe(run) -> str:
+    return (f"distributed engine ({dist.get_backend()}), {run.processes} ranks ({run.placement.describe()}), "
+            f"{torch.get_num_threads()} thread(s) each")
+
+
+register_engine(EngineInfo(
+    "distributed", "one torch.distributed rank per stage and replica (gloo on CPU, NCCL on GPU)",
+    per_rank=True, check=_check, describe=_describe,
+    build=lambda run: DistributedEngine(run.method, run.workers[0], run.stages[0], run.stream, run.placement,
+                                        tuple(run.dataset.train_images.shape[1:]), run.memory_format, run.tracer)))

@@ -20,6 +20,7 @@ from ..method import Method
 from ..schedule import COMPUTE, SENDS, Action, Mailbox, Op, execution_order, message_key
 from ..stage import StageWorker
 from .compute import run_compute
+from .registry import EngineInfo, register_engine
 from .trace import Tracer
 
 Observer = Callable[[int, int, Action], None]  # (iteration, stage, action), after it ran
@@ -109,3 +110,16 @@ class SequentialEngine:
             key = tuple(m["key"])
             self._mailbox.pending[key] = (m["sent_at"], m["latency"])
             self._messages[key] = m["tensor"].to(self.workers[key[2]].device)
+
+
+def _describe(run) -> str:
+    replayed = (f", {run.placement.replicas} replicas of each stage replayed shard by shard"
+                if run.placement.replicas > 1 else "")
+    return f"sequential engine, {torch.get_num_threads()} thread(s){replayed}"
+
+
+register_engine(EngineInfo(
+    "sequential", "every stage in this process, actions in an order the messages allow (reference numerics)",
+    per_rank=False, diagnoses=True, describe=_describe,
+    build=lambda run: SequentialEngine(run.method, run.workers, run.stream, run.observer, run.tracer, run.stages,
+                                       run.probe)))
