@@ -13,6 +13,7 @@ from .engines.registry import engine_info
 from .errors import UserError
 from .method import Method, all_options, make_method
 from .models import build_model
+from .optim import SGDConfig
 from .partition import make_partition
 from .placement import Placement
 from .schedule import steps_until_every_stage_updates
@@ -50,10 +51,11 @@ class RunConfig:
     epochs: int = 300
     max_steps: int | None = None
     batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    # The optimiser's defaults are SGDConfig's (the paper's protocol), stated once there.
+    lr: float = SGDConfig.lr
+    momentum: float = SGDConfig.momentum
+    weight_decay: float = SGDConfig.weight_decay
+    nesterov: bool = SGDConfig.nesterov
     seed: int = 0
     device: str = "cpu"  # auto: CUDA where available, else the CPU (resolve_device)
     stage_devices: tuple[str, ...] | None = None
@@ -140,6 +142,11 @@ def resolve_warmup(epochs: int, max_steps: int | None, warmup_epochs: int | None
     if warmup == AUTO:
         warmup = "linear" if epochs_n else "constant"
     return epochs_n, warmup
+
+
+def run_default(field_name: str) -> Any:
+    """RunConfig's default of a field: what a command-line option of that field defaults to (stated once)."""
+    return RunConfig.__dataclass_fields__[field_name].default
 
 
 def flag_name(field_name: str) -> str:

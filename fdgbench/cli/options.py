@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import AUTO, FULL_WARMUP_EPOCHS, WARMUPS, comma_list
+from ..config import AUTO, FULL_WARMUP_EPOCHS, WARMUPS, comma_list, run_default
 from ..engines.registry import engine_names
 from ..engines.launch import under_torchrun
 from ..errors import UserError
@@ -19,7 +19,7 @@ DEFAULT_RESULTS = "results"
 
 
 # Shared by `run`/`compare` (a RunConfig field) and `bench simulate`.
-REPLICAS = click.option("--replicas", "-R", type=int, default=1, show_default=True,
+REPLICAS = click.option("--replicas", "-R", type=int, default=run_default("replicas"), show_default=True,
                         help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
                              "batch, gradients averaged at each update; dp: 1 stage x K R replicas)")
 
@@ -61,22 +61,26 @@ def run_options(f: Callable) -> Callable:
     """Options shared by ``run`` and ``compare``: everything in a RunConfig
     except the method and its options, with the paper's protocol as defaults."""
     options = [
-        click.option("--model", default="resnet56", show_default=True, help="see `fdgbench list models`"),
-        click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K"),
+        # Each default is RunConfig's (config.run_default): stated once, there.
+        click.option("--model", default=run_default("model"), show_default=True,
+                     help="see `fdgbench list models`"),
+        click.option("--splits", "-K", type=int, default=run_default("splits"), show_default=True,
+                     help="number of stages K"),
         REPLICAS,
-        click.option("--partition", default="auto", show_default=True,
+        click.option("--partition", default=run_default("partition"), show_default=True,
                      help=f"{'|'.join(STRATEGIES)}; auto = the paper's split if known, else FLOPs-balanced"),
         click.option("--split-at", help="explicit cut points: first blocks of stages 1..K-1, e.g. L2.4 or 19"),
-        click.option("--dataset", default="cifar10", show_default=True, help="see `fdgbench list datasets`"),
+        click.option("--dataset", default=run_default("dataset"), show_default=True,
+                     help="see `fdgbench list datasets`"),
         click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR",
                      help="torchvision downloads and decoded-image caches"),
         click.option("--train-subset", type=int, help="train on this many images (fixed subset)"),
         click.option("--test-subset", type=int, help="evaluate on this many test images (fixed subset)"),
-        click.option("--epochs", type=int, default=300, show_default=True,
+        click.option("--epochs", type=int, default=run_default("epochs"), show_default=True,
                      help="lr / 10 at 50%, 75% and 91.7% of the epochs (150/225/275 of 300)"),
         click.option("--max-steps", type=int, help="stop after this many iterations (smoke runs)"),
-        click.option("--batch-size", type=int, default=128, show_default=True),
-        click.option("--lr", type=float, default=0.1, show_default=True),
+        click.option("--batch-size", type=int, default=run_default("batch_size"), show_default=True),
+        click.option("--lr", type=float, default=run_default("lr"), show_default=True),
         click.option("--warmup-epochs", type=IntOrAuto(), default=AUTO, show_default=True,
                      help=f"warm up over the first N epochs, then train at --lr; auto: min({FULL_WARMUP_EPOCHS}, "
                           f"epochs // 10) for every method, BP included (the full presets' protocol: 300 epochs warm "
@@ -90,19 +94,20 @@ def run_options(f: Callable) -> Callable:
                      help="every N iterations, record per stage the cosine and norm ratio of the applied gradient to "
                           "the true gradient of the same batches at the current weights, and the weights' age "
                           "(sequential engine; 0: off)"),
-        click.option("--momentum", type=float, default=0.9, show_default=True),
-        click.option("--weight-decay", type=float, default=5e-4, show_default=True),
-        click.option("--nesterov/--no-nesterov", default=False, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--momentum", type=float, default=run_default("momentum"), show_default=True),
+        click.option("--weight-decay", type=float, default=run_default("weight_decay"), show_default=True),
+        click.option("--nesterov/--no-nesterov", default=run_default("nesterov"), show_default=True),
+        click.option("--seed", type=int, default=run_default("seed"), show_default=True),
         click.option("--device", default=AUTO, show_default=True, envvar=DEVICE_ENV, show_envvar=True,
                      help=DEVICE_HELP),
         click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
-        click.option("--amp", default="off", show_default=True, help="off or bf16 (autocast, fp32 weights)"),
+        click.option("--amp", default=run_default("amp"), show_default=True,
+                     help="off or bf16 (autocast, fp32 weights)"),
         click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
         click.option("--deterministic", is_flag=True,
                      help="bit-reproducible numerics: cuDNN deterministic, no TF32, data-parallel gradients summed "
                           "in rank order (for parity and resume checks on GPUs; slower)"),
-        click.option("--engine", default="sequential", show_default=True, type=click.Choice(engine_names()),
+        click.option("--engine", default=run_default("engine"), show_default=True, type=click.Choice(engine_names()),
                      help="sequential: every stage in this process; distributed: one torch.distributed rank per "
                           "stage (under torchrun, or spawned here)"),
         click.option("--threads", "--threads-per-stage", "threads", type=int,

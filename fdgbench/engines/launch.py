@@ -149,7 +149,8 @@ def spawn_ranks(world_size: int, device: torch.device, target: Callable[..., Any
 
 def _rank_entry(rank: int, world_size: int, device: str, init_file: str, reports, target, args,
                 parent_pid: int) -> None:
-    for signum in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C and a closed terminal are the parent's to handle: it stops the ranks
+    # Ctrl-C and a closed terminal are the parent's to handle: it stops the ranks.
+    for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     try:
