@@ -187,9 +187,15 @@ class PrintLauncher:
                 "printed": len(todo), CORRUPT: states.count(CORRUPT)}
 
 
-def _held_elsewhere(job: Job) -> str | None:
-    """The pid of another process training the job's run, or None."""
-    return job.run.holder()
+def _held_elsewhere(job: Job, counts: dict[str, int]) -> bool:
+    """Whether another process is training the job's run; such a run is
+    left to it (counted and named, as the in-process launcher does)."""
+    holder = job.run.holder()
+    if holder is None:
+        return False
+    counts["left to other processes"] += 1
+    _say(f"{job.label}: another process is training it (pid {holder})")
+    return True
 
 
 def _worker_command(python: str, job: Job, options: RunOptions) -> list[str]:
@@ -238,10 +244,7 @@ class SubprocessLauncher:
             while waiting or running:
                 while waiting and len(running) < self.parallel:
                     job = waiting.pop(0)
-                    holder = _held_elsewhere(job)
-                    if holder is not None:
-                        counts["left to other processes"] += 1
-                        _say(f"{job.label}: another process is training it (pid {holder})")
+                    if _held_elsewhere(job, counts):
                         continue
                     command = _worker_command(self.python, job, options)
                     log = _open_log(job, command)
@@ -325,21 +328,11 @@ class SubmititLauncher:
         return executor
 
     def launch(self, jobs: list[Job], options: RunOptions) -> dict[str, int]:
-        import submitit  # noqa: F401  (checked in _make_executor first)
-
         records = _records_refusing_corrupt(jobs)
         counts = {"done before": sum(r.state in RECORDED for r in records), "submitted": 0,
                   "left to other processes": 0, CORRUPT: sum(r.state == CORRUPT for r in records)}
-        todo = []
-        for job, record in zip(jobs, records):
-            if record.state in SETTLED:
-                continue
-            holder = _held_elsewhere(job)
-            if holder is not None:
-                counts["left to other processes"] += 1
-                _say(f"{job.label}: another process is training it (pid {holder})")
-            else:
-                todo.append(job)
+        todo = [job for job, record in zip(jobs, records)
+                if record.state not in SETTLED and not _held_elsewhere(job, counts)]
         if not todo:
             return counts
         root = todo[0].root
