@@ -19,6 +19,7 @@ import sys
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -402,3 +403,18 @@ EVAL_BATCH = 1000  # test images per evaluation batch
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, batch_size: int = EVAL_BATCH):
     for start in range(0, len(labels), batch_size):
         yield normalizer(images[start:start + batch_size]), labels[start:start + batch_size]
+
+
+class RenamedBatches:
+    """A batch stream addressed by a method's own batch ids
+    (Method.data_batch maps each to the training batch it stands for)."""
+
+    def __init__(self, stream: Any, data_batch: Callable[[int], int]):
+        self._stream, self._data_batch = stream, data_batch
+        self.batch_size, self.steps_per_epoch = stream.batch_size, stream.steps_per_epoch
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._stream.batch(self._data_batch(b))
+
+    def labels(self, b: int) -> torch.Tensor:
+        return self._stream.labels(self._data_batch(b))

@@ -22,6 +22,8 @@ scaled linearly to the run's batch (estimate, check_fits).
 """
 from __future__ import annotations
 
+import math
+
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
@@ -94,8 +96,10 @@ def state_bytes(worker: Any) -> dict[str, int]:
     weights = _storage_keys(t for m in modules for t in [*m.parameters(), *m.buffers()])
     trainable = _storage_keys(p for m in modules for p in m.parameters() if p.requires_grad)
     optimizer = _storage_keys(_optimizer_tensors(worker))
-    return {"weights": sum(weights.values()), "grads": sum(trainable.values()),
-            "optimizer": sum(optimizer.values())}
+    out = {"weights": sum(weights.values()), "grads": sum(trainable.values()), "optimizer": sum(optimizer.values())}
+    if getattr(worker, "buffers_inputs", False):  # the activations a replay buffer holds now (dgl-async)
+        out["input_buffer"] = sum(_storage_keys(worker.kept.values()).values())
+    return out
 
 
 class StageProbe:
@@ -185,6 +189,12 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def buffer_fill(workers: list[Any], stage_indices: list[int]) -> int:
+    """Iterations until every input buffer (dgl-async) is full: stage k's
+    first activation arrives at iteration k, then one per iteration at most."""
+    return max((k + w.kept_size for k, w in zip(stage_indices, workers) if w.buffers_inputs), default=0)
+
+
 class MemoryMonitor:
     """Measures each stage's memory in a run: hooks armed during the first
     ``window`` iterations this process runs (the steady state's peak is
@@ -201,7 +211,7 @@ class MemoryMonitor:
         for w, probe in zip(workers, self.probes):
             w.memory_probe = probe
         self.devices = [devices[k] for k in stage_indices]
-        self.window = 2 * hold_span(schedule, num_stages) + 2
+        self.window = 2 * hold_span(schedule, num_stages) + 2 + buffer_fill(workers, stage_indices)
         self._first: int | None = None
 
     def watch(self, t: int) -> None:
@@ -259,9 +269,11 @@ class StageEstimate:
     graph: Linear  # what one batch in flight keeps (graph, input, output, stash copy or replay input)
     output: Linear  # what remains of it after its first backward, until its last (DNI's output)
     holdings: tuple[tuple[int, int], ...]  # maximal (graphs, outputs) held at once (schedule.batches_held)
+    kept: Linear = Linear(0.0, 0.0)  # a full input buffer (dgl-async: M received activations)
 
     def held_bytes(self, batch: int) -> float:
-        return max(g * self.graph.at(batch) + o * self.output.at(batch) for g, o in self.holdings)
+        return (max(g * self.graph.at(batch) + o * self.output.at(batch) for g, o in self.holdings)
+                + self.kept.at(batch))
 
     def peak_bytes(self, batch: int) -> float:
         return sum(self.state.values()) + self.held_bytes(batch)
@@ -299,29 +311,33 @@ def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: 
               steps: int | None) -> list[StageEstimate]:
     from .models import build_model
     from .optim import SGDConfig
-    from .partition import build_stages, make_partition, stage_output_shapes
+    from .partition import block_output_shapes, build_stages, make_partition
     from .stage import StageContext
 
     model = build_model(cfg.model, num_classes)
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition
     partition = make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
                                sample=torch.zeros(2, *image_shape))
+    block_shapes = block_output_shapes(model, tuple(image_shape))
     stages = build_stages(model, partition)
-    shapes = stage_output_shapes(stages, tuple(image_shape), [cpu] * num_stages)
+    shapes = [block_shapes[r.stop - 1] for r in partition.ranges()]
     holdings = batches_held(method.schedule, num_stages, steps)
     releases = release_ops(method.schedule, num_stages)
     out = []
     for k, stage in enumerate(stages):
         ctx = StageContext(k, num_stages, stage, cpu, SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay,
                                                                 cfg.nesterov),
-                           output_shape=shapes[k], num_classes=num_classes, seed=cfg.seed)
+                           output_shape=shapes[k], blocks=partition.ranges()[k], block_shapes=block_shapes,
+                           num_classes=num_classes, seed=cfg.seed)
         worker = method.make_worker(ctx)
         in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
         graph, output = {}, {}
         for batch in PROFILE_BATCHES:
             graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, shapes[k], num_classes,
                                                          releases[k])
-        out.append(StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings[k]))
+        # A full replay buffer: M activations of the stage's input, counted at float32 (bf16 ones take half).
+        kept = Linear(0.0, worker.kept_size * math.prod(in_shape) * 4.0) if worker.buffers_inputs else Linear(0, 0)
+        out.append(StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings[k], kept))
     return out
 
 

@@ -105,6 +105,21 @@ class Method:
     def make_worker(self, ctx: StageContext) -> StageWorker:
         raise NotImplementedError
 
+    def check_stages(self, num_stages: int) -> str | None:
+        """What is wrong with running this method's options on ``num_stages``
+        stages (e.g. an option naming a stage that does not exist), or None."""
+        return None
+
+    def data_batch(self, batch: int) -> int:
+        """The training batch behind a batch id of the schedule: the same id,
+        unless the method's ids name something else (dgl-async's name the
+        iteration and stage of a forward)."""
+        return batch
+
+    @classmethod
+    def renames_batches(cls) -> bool:
+        return cls.data_batch is not Method.data_batch
+
     def placement(self, splits: int, replicas: int) -> Placement:
         """Where ``-K splits --replicas R`` puts the workers: K stages of R
         replicas each (placement.py). A method whose K counts something else

@@ -231,16 +231,18 @@ def balance(costs: list[float], partition: Partition) -> float:
     return max(per_stage) / (sum(per_stage) / len(per_stage))
 
 
-@torch.no_grad()
-def stage_output_shapes(stages: list[nn.Module], sample_shape: tuple[int, ...],
-                        devices: list[torch.device]) -> list[tuple[int, ...]]:
-    """One sample's output shape at every stage (eval mode, so BN statistics
-    are left alone)."""
+def block_output_shapes(model: BlockModel, sample_shape: tuple[int, ...],
+                        device: torch.device | None = None) -> tuple[tuple[int, ...], ...]:
+    """One sample's output shape after every block (StageContext.block_shapes),
+    from one eval-mode pass of the model on zeros on ``device`` (the model's;
+    default CPU)."""
     shapes = []
-    x = torch.zeros(2, *sample_shape)
-    for stage, device in zip(stages, devices):
-        was_training = stage.training
-        x = stage.eval()(x.to(device))
-        stage.train(was_training)
-        shapes.append(tuple(x.shape[1:]))
-    return shapes
+    with torch.no_grad():
+        x = torch.zeros(2, *sample_shape, device=device)
+        was_training = model.training
+        model.eval()
+        for i in range(len(model)):
+            x = model.block(i)(x)
+            shapes.append(tuple(x.shape[1:]))
+        model.train(was_training)
+    return tuple(shapes)

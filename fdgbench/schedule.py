@@ -13,7 +13,9 @@ a schedule that deadlocks, receives a message that was never sent or at the
 wrong latency, leaves a message unconsumed, or computes on data it does not
 hold. Short forms, as torch.distributed.pipelining prints them: ``F3`` forward
 of batch 3, ``B1`` backward, ``L1`` local backward, ``U`` update, ``sA3``/``rA3`` send/receive
-activation, ``sG1``/``rG1`` gradient; a trailing ``'`` marks latency 1.
+activation, ``sG1``/``rG1`` gradient; a trailing ``'`` marks latency 1;
+``F9<4``: forward, as batch 9, the activation received earlier as batch 4
+and kept in the stage's input buffer.
 """
 from __future__ import annotations
 
@@ -45,9 +47,15 @@ class Action:
     op: Op
     batch: int | None = None
     latency: int = 0
+    # FORWARD at a stage k > 0 whose input is an activation received earlier and kept in the stage's input
+    # buffer (DGL's replay buffer): the batch id it was received as. None: the activation received for
+    # ``batch`` in this iteration (every other schedule).
+    source: int | None = None
 
     def __str__(self) -> str:
         text = self.op.value + ("" if self.batch is None else str(self.batch))
+        if self.source is not None:
+            text += f"<{self.source}"
         return text + ("'" if self.latency and self.op not in COMPUTE else "")
 
 
@@ -178,7 +186,8 @@ def execution_order(plan: IterationPlan, t: int, mailbox: Mailbox) -> list[tuple
                 if not queued[receiver] and pos[receiver] < len(plan[receiver]):
                     ready.append(receiver)
                     queued[receiver] = True
-            elif action.op is Op.FORWARD and k > 0 and (Op.RECV_ACT, action.batch) not in done_here[k]:
+            elif (action.op is Op.FORWARD and k > 0 and action.source is None
+                  and (Op.RECV_ACT, action.batch) not in done_here[k]):
                 raise ScheduleError(f"iteration {t}, stage {k}: {action} before receiving its input")
             elif (action.op is Op.BACKWARD and k < num_stages - 1
                   and (Op.RECV_GRAD, action.batch) not in done_here[k]):
@@ -202,15 +211,21 @@ ScheduleFn = Callable[[int, int], IterationPlan]
 def validate(schedule: ScheduleFn, num_stages: int, iterations: int) -> None:
     """Run ``iterations`` iterations symbolically; also check that every
     backward (and local backward) of batch b at stage k follows a forward of
-    b at stage k and happens once."""
+    b at stage k and happens once, and that a forward from the input buffer
+    names an activation the stage received before."""
     mailbox = Mailbox()
     forwarded: list[set[int]] = [set() for _ in range(num_stages)]
     backwarded: list[dict[Op, set[int]]] = [{} for _ in range(num_stages)]
+    received: list[set[int]] = [set() for _ in range(num_stages)]
     for t in range(iterations):
         plan = schedule(num_stages, t)
         if len(plan) != num_stages:
             raise ScheduleError(f"iteration {t}: plan has {len(plan)} stages, expected {num_stages}")
         for k, action in execution_order(plan, t, mailbox):
+            if action.op is Op.RECV_ACT:
+                received[k].add(action.batch)
+            if action.op is Op.FORWARD and action.source is not None and action.source not in received[k]:
+                raise ScheduleError(f"iteration {t}, stage {k}: {action} forwards an activation it never received")
             if action.op is Op.FORWARD:
                 if action.batch in forwarded[k]:
                     raise ScheduleError(f"iteration {t}, stage {k}: batch {action.batch} forwarded twice")

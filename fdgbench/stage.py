@@ -17,6 +17,11 @@ from .optim import SGDConfig, StageOptimizer
 from .staleness import make_store
 
 
+def upcast_half(t: torch.Tensor) -> torch.Tensor:
+    """Low-precision (autocast) outputs in float32 for a loss; float32 and float64 kept as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @dataclass
 class StageContext:
     """What the infrastructure hands a method for one stage."""
@@ -29,6 +34,10 @@ class StageContext:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     amp_dtype: torch.dtype | None = None
     output_shape: tuple[int, ...] | None = None  # one sample's output shape (auxiliary nets are built from it)
+    # The network's blocks this stage holds (indices into its block list), and one sample's output shape after
+    # every block of the network: what an auxiliary net shaped after the rest of the network (AugLocal) reads.
+    blocks: range = range(0)
+    block_shapes: tuple[tuple[int, ...], ...] = ()
     num_classes: int = 10
     seed: int = 0
     # Data-parallel methods: how many replicas share each batch, and which one
@@ -47,6 +56,11 @@ class StageContext:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stage's weights' dtype (float64 in hand-computed tests): a method's own nets are made in it."""
+        return next(self.module.parameters(), torch.empty(())).dtype
 
     def seeded(self) -> ContextManager:
         """A context whose random draws (a method's extra modules' init) depend
@@ -151,6 +165,9 @@ class StageWorker:
     # (augmented and normalised), by set_input_image, whatever stage it is.
     needs_input_image = False
     _input_image: tuple[int, torch.Tensor] | None = None
+    # A worker that keeps received activations (DGL's replay buffer) sets this: the engines hand it every
+    # activation it receives (keep_input), and a FORWARD with a ``source`` reads one back (kept_input).
+    buffers_inputs = False
 
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
                  grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True):
@@ -200,9 +217,7 @@ class StageWorker:
         out = self.store.forward(batch, x)
         if not self.ctx.is_last:
             return out.detach()
-        # Low-precision (autocast) logits are upcast for the loss; fp32/fp64 kept.
-        logits = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-        loss = self.ctx.loss_fn(logits, labels)
+        loss = self.ctx.loss_fn(upcast_half(out), labels)
         self.store.set_root(batch, loss)
         self.metrics.add(loss, out, labels)
         return None
@@ -214,6 +229,12 @@ class StageWorker:
             grad = grad * self.grad_scale
         x_grad = self.store.backward(batch, grad)
         return x_grad if self.input_grad else None
+
+    def keep_input(self, batch: int, x: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} keeps no input buffer")
+
+    def kept_input(self, batch: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} keeps no input buffer")
 
     def local_backward(self, batch: int) -> torch.Tensor | None:
         """Back-propagate a signal the stage makes itself (methods with local

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import RunConfig, check_budget, check_config, stage_devices
-from .data import BatchStream, ImageDataset, Normalizer, load_dataset
+from .data import BatchStream, ImageDataset, Normalizer, RenamedBatches, load_dataset
 from .diagnose import GradientProbe
 from .engines.launch import from_rank0, rank_device, threads_per_rank
 from .engines.registry import engine_info
@@ -27,7 +27,7 @@ from .numerics import configure_numerics, seed_everything
 from .optim import SGDConfig, lr_at
 from .placement import ReplicaStream, replay_shards, replica_groups, steps_outside_update, sync_replicas
 from .resume import restore
-from .partition import Partition, build_stages, make_partition, stage_output_shapes
+from .partition import Partition, block_output_shapes, build_stages, make_partition
 from .runs import RunDirectory, config_hash
 from .schedule import hold_span
 from .stage import StageContext, summarize_totals
@@ -103,9 +103,9 @@ class Run:
         self.partition_text = self.partition.describe(model.block_names)
         self.block_names = list(model.block_names)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        block_shapes = block_output_shapes(model, tuple(self.dataset.train_images.shape[1:]), self.devices[0])
         all_stages = build_stages(model, self.partition)
-        self.output_shapes = shapes = stage_output_shapes(
-            all_stages, tuple(self.dataset.train_images.shape[1:]), [self.devices[0]] * len(all_stages))
+        self.output_shapes = shapes = [block_shapes[r.stop - 1] for r in self.partition.ranges()]
         # The stages this process trains: all of them, or the rank's own.
         self.stage_indices = list(range(self.num_stages)) if rank is None else [self.placement.stage_of(rank)]
         self.stages = [all_stages[k].to(self.devices[k], memory_format=self.memory_format)
@@ -115,7 +115,8 @@ class Run:
         # Every rank creates the replica groups here, before the engine's groups (one order on every rank).
         self._replica_group = (replica_groups(self.placement, self.devices[0])
                                if rank is not None and self.placement.replicas > 1 else None)
-        self.workers = [self._make_worker(k, stage, shapes[k]) for k, stage in zip(self.stage_indices, self.stages)]
+        self.workers = [self._make_worker(k, stage, shapes[k], block_shapes)
+                        for k, stage in zip(self.stage_indices, self.stages)]
         mean, std = self.dataset.channel_stats()
         self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
         self.stream = BatchStream(self.dataset.train_images.to(self.devices[0]),
@@ -123,6 +124,8 @@ class Run:
                                   self.normalizer)
         if rank is not None and self.placement.replicas > 1:  # this rank trains its replica's shard of each batch
             self.stream = ReplicaStream(self.stream, self.placement.replicas, self.replica)
+        if self.method.renames_batches():  # its schedule's batch ids name other things than training batches
+            self.stream = RenamedBatches(self.stream, self.method.data_batch)
         self.test_images = self.dataset.test_images.to(self.devices[0])
         self.test_labels = self.dataset.test_labels
         self.tracer = tracer
@@ -142,12 +145,13 @@ class Run:
         self.identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
                           "splits": cfg.splits, "seed": cfg.seed}
 
-    def _make_worker(self, k: int, stage: nn.Module, output_shape: tuple[int, ...]):
+    def _make_worker(self, k: int, stage: nn.Module, output_shape: tuple[int, ...],
+                     block_shapes: tuple[tuple[int, ...], ...]):
         cfg = self.cfg
         ctx = StageContext(k, self.num_stages, stage, self.devices[k],
                            SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov), amp_dtype=self.amp_dtype,
-                           output_shape=output_shape, num_classes=self.dataset.num_classes, seed=cfg.seed,
-                           memory_format=self.memory_format)
+                           output_shape=output_shape, blocks=self.partition.ranges()[k], block_shapes=block_shapes,
+                           num_classes=self.dataset.num_classes, seed=cfg.seed, memory_format=self.memory_format)
         worker = self.method.make_worker(ctx)
         replicas = self.placement.replicas
         if replicas == 1:

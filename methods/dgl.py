@@ -16,7 +16,7 @@ from torch import nn
 from fdgbench.method import Method, register
 from fdgbench.optim import StageOptimizer
 from fdgbench.schedule import local_plan
-from fdgbench.stage import MeanMeter, StageWorker
+from fdgbench.stage import MeanMeter, StageWorker, upcast_half
 
 from .variants import VARIANT, forward_batch
 
@@ -43,10 +43,15 @@ def aux_classifier(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
 
 
 class LocalLossWorker(StageWorker):
-    def __init__(self, ctx):
+    """A stage trained on the cross-entropy of its auxiliary classifier ``aux``
+    (default: DGL's, built from the boundary's shape)."""
+
+    def __init__(self, ctx, aux: nn.Module | None = None):
         super().__init__(ctx, input_grad=False)
-        with ctx.seeded():
-            self.aux = aux_classifier(ctx.output_shape, ctx.num_classes).to(ctx.device, memory_format=ctx.memory_format)
+        if aux is None:
+            with ctx.seeded():
+                aux = aux_classifier(ctx.output_shape, ctx.num_classes)
+        self.aux = aux.to(ctx.device, ctx.dtype, memory_format=ctx.memory_format)
         self.add_local("aux", self.aux, StageOptimizer(list(self.aux.parameters()), ctx.optim))
         self.meters = {"aux_loss": MeanMeter(), "aux_error": MeanMeter()}
 
@@ -54,7 +59,7 @@ class LocalLossWorker(StageWorker):
         out = self.store.forward(batch, x)
         with self.ctx.autocast():
             logits = self.aux(out)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(upcast_half(logits), labels)
         self.store.set_root(batch, loss)
         self.meters["aux_loss"].add(loss)
         self.meters["aux_error"].add(100.0 * (logits.argmax(1) != labels).float().mean())

@@ -61,9 +61,9 @@ from torch import nn
 from fdgbench.errors import UserError
 from fdgbench.method import MethodOption, register
 from fdgbench.optim import StageOptimizer
-from fdgbench.stage import MeanMeter, StageWorker
+from fdgbench.stage import MeanMeter, StageWorker, upcast_half
 
-from .dgl import DGL
+from .dgl import DGL, LocalLossWorker
 
 # comand.sh, CIFAR-10 (--local_loss_mode contrast --aux_net_config 1c2f): per K,
 # (ixx_1, ixy_1, ixx_2, ixy_2) = (lambda1, lambda2) of the first local module, then of the last (K-2).
@@ -160,28 +160,24 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -((positives * log_prob).sum(1) / count).mean()
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+class InfoProWorker(LocalLossWorker):
+    """DGL's local-loss stage with InfoPro's auxiliary net and its decoder; its loss is InfoPro's."""
 
-
-class InfoProWorker(StageWorker):
     needs_input_image = True
 
     def __init__(self, ctx, lambda1: float, lambda2: float, aux_loss: str):
-        super().__init__(ctx, input_grad=False)
         if ctx.output_shape is None or len(ctx.output_shape) != 3:
             raise ValueError(f"InfoPro's decoder needs a (C, H, W) boundary, got {ctx.output_shape}")
-        self.lambda1, self.lambda2, self.aux_loss = lambda1, lambda2, aux_loss
         c = ctx.output_shape[0]
         with ctx.seeded():
-            self.decoder = Decoder(c)
-            self.aux = aux_classifier(c, ctx.num_classes if aux_loss == "ce" else FEATURE_DIM)
-            authors_init(self.decoder)
-            authors_init(self.aux)
-        dtype = next(ctx.module.parameters(), torch.empty(())).dtype  # the stage's (float64 in tests)
-        for name in ("decoder", "aux"):
-            net = getattr(self, name).to(ctx.device, dtype, memory_format=ctx.memory_format)
-            self.add_local(name, net, StageOptimizer(list(net.parameters()), ctx.optim))
+            decoder = Decoder(c)
+            aux = aux_classifier(c, ctx.num_classes if aux_loss == "ce" else FEATURE_DIM)
+            authors_init(decoder)
+            authors_init(aux)
+        super().__init__(ctx, aux)
+        self.lambda1, self.lambda2, self.aux_loss = lambda1, lambda2, aux_loss
+        self.decoder = decoder.to(ctx.device, ctx.dtype, memory_format=ctx.memory_format)
+        self.add_local("decoder", self.decoder, StageOptimizer(list(self.decoder.parameters()), ctx.optim))
         self.meters = {"recon_loss": MeanMeter(), "aux_loss": MeanMeter()}
         if aux_loss == "ce":
             self.meters["aux_error"] = MeanMeter()
@@ -202,7 +198,7 @@ class InfoProWorker(StageWorker):
         with self.ctx.autocast():
             recon = self.decoder(out, tuple(target.shape[-2:]))
             head = self.aux(out)
-        recon, head = _upcast(recon), _upcast(head)
+        recon, head = upcast_half(recon), upcast_half(head)
         # BCE outside autocast (it refuses to run under CUDA autocast), in the decoder's precision or fp32.
         recon_loss = F.binary_cross_entropy(recon, target.to(recon.dtype))
         if self.aux_loss == "ce":
@@ -215,10 +211,6 @@ class InfoProWorker(StageWorker):
         self.meters["aux_loss"].add(aux_loss)
         return out.detach()
 
-    def local_backward(self, batch):
-        self.store.backward(batch, None)
-        return None
-
 
 @register
 class InfoPro(DGL):
@@ -228,7 +220,6 @@ class InfoPro(DGL):
     order = 55
     summary = ("information propagation: every stage trains on reconstructing the input image plus an "
                "auxiliary classifier (or contrastive) loss")
-    breaks = ("backward", "update")
     options = (AUX_LOSS, TABLE, LAMBDA1, LAMBDA2)
     variant = "sync"
 

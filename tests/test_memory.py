@@ -180,6 +180,23 @@ def test_bench_memory_prints_measured_and_expected(cli):
     assert "= 1.00 x2" in rows["fdg legacy"] and "= 1.00 x1" in rows["bp"]
 
 
+def test_bench_memory_takes_methods_with_options_and_counts_local_nets_and_replay_buffers(cli):
+    # InfoPro's decoders and auxiliary nets, AugLocal's blocks and dgl-async's full buffers of M received
+    # activations: the estimate equals the measurement (the same storages counted both ways, float32 CPU).
+    status, out, err = cli("bench", "memory", "--model", "tiny_resnet", "-K", "3", "--batch-size", "8",
+                           "--threads", "1", "--methods", "dgl,infopro,auglocal,dgl-async[buffer=2]")
+    assert status == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()[4:]}
+    assert set(rows) == {"dgl", "infopro", "auglocal", "dgl-async"}
+    assert all(row.count("= 1.00 x1") == 3 for row in rows.values()), out
+
+    def total(row):
+        return float(row.split()[-3])
+
+    # Stage 1 and 2 each keep 2 activations of their input: more than DGL, which keeps none.
+    assert total(rows["dgl-async"]) > total(rows["dgl"])
+
+
 def test_the_estimate_probes_dp_at_more_replicas_than_its_probe_batches():
     # The estimate's probe batches (2 and 4 images) are smaller than K=4
     # replicas' shards: dp's one-process replay must take the shards there are.

@@ -1,6 +1,7 @@
 """`bench memory`: per-stage memory measured in a few real iterations beside the start-of-run estimate."""
 from __future__ import annotations
 
+from typing import Any
 
 import click
 
@@ -11,22 +12,18 @@ from ..train import build_run
 
 
 
-MEMORY_CONFIGS = (("bp", None), ("fdg", "legacy"), ("fdg", "stash"), ("fdg", "replay"), ("ddg", "legacy"),
-                  ("ddg", "stash"), ("fr", None), ("dgl", None), ("dni", None))
-
-
-def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) -> None:
+def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
+                 methods: list[tuple[str, dict[str, Any]]]) -> None:
     """Per stage, for BP and each method and staleness mode: the bytes
     measured in real iterations on the CPU (sequential engine, synthetic
     data, saved-tensor hooks until the pipeline has filled) beside the
     estimate the start-of-run guard uses (memory.estimate), and their ratio."""
     import gc
 
-    from ..memory import MiB, estimate
+    from ..memory import MiB, buffer_fill, estimate
 
-    configs = [RunConfig(method=method, method_options={"staleness": staleness} if staleness else {}, model=model,
-                         splits=splits, dataset="synthetic", batch_size=batch_size, threads=threads)
-               for method, staleness in MEMORY_CONFIGS]
+    configs = [RunConfig(method=method, method_options=options, model=model, splits=splits, dataset="synthetic",
+                         batch_size=batch_size, threads=threads) for method, options in methods]
     for cfg in configs:  # a bad K or batch is one error line, not one after the table's header
         check_config(cfg)
     data = synthetic_dataset(10, train=batch_size * 2, test=batch_size)
@@ -39,10 +36,11 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
                "+ state; the guard budgets 1.35x this for backward buffers and the allocator")
     header = f"{'method':<12}" + "".join(f"{'stage ' + str(k):>30}" for k in range(splits)) + f"{'total':>24}"
     click.echo(header)
-    for (method, staleness), cfg in zip(MEMORY_CONFIGS, configs):
+    for (method, options), cfg in zip(methods, configs):
         expected = estimate(cfg, image_shape, 10)
         trainer = build_run(cfg, dataset=data)
-        for t in range(trainer.hold_span + 3):
+        # The pipeline's fill and 2 more iterations, and until every input buffer is full.
+        for t in range(trainer.hold_span + 3 + buffer_fill(trainer.workers, trainer.stage_indices)):
             trainer.memory.watch(t)
             trainer.engine.run_iteration(t)
         measured = trainer.memory.record()
@@ -53,7 +51,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) 
             m, x = measured[f"stage{e.index}_memory_bytes"], e.peak_bytes(batch_size)
             total_m, total_e = total_m + m, total_e + x
             cells.append(f"{m / MiB:9.1f} / {x / MiB:9.1f} = {m / x:4.2f} x{e.batches()}")
-        label = method + (f" {staleness}" if staleness else "")
+        label = " ".join([method, *(str(v) for v in options.values())])
         click.echo(f"{label:<12}" + "".join(f"{c:>30}" for c in cells)
                    + f"{total_m / MiB:>10.1f} / {total_e / MiB:>9.1f}")
 

@@ -10,7 +10,7 @@ from ..config import comma_list, parse_device
 from ..errors import UserError
 
 from . import cli
-from .options import DEFAULT_DATA_DIR, REPLICAS, method_names, positive_ints
+from .options import DEFAULT_DATA_DIR, REPLICAS, method_entries, method_names, positive_ints
 
 
 @cli.group()
@@ -80,19 +80,26 @@ def bench_precision(model: str, methods: str, splits: int, batch_size: int, iter
     run_bench(model, method_names(methods), splits, batch_size, iterations, rounds, threads, compile_reference)
 
 
+# The default rows: BP and every staleness mode of the delayed-gradient methods, FR, DGL and DNI.
+MEMORY_METHODS = ("bp,fdg[staleness=legacy],fdg[staleness=stash],fdg[staleness=replay],ddg[staleness=legacy],"
+                  "ddg[staleness=stash],fr,dgl,dni")
+
+
 @bench.command("memory")
 @click.option("--model", default="resnet56", show_default=True)
 @click.option("--splits", "-K", type=int, default=2, show_default=True, help="number of stages K")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-def bench_memory(model: str, splits: int, batch_size: int, threads: int | None) -> None:
+@click.option("--methods", default=MEMORY_METHODS, show_default=True,
+              help="the rows: methods, each with its own options in brackets, as `compare --methods` takes them")
+def bench_memory(model: str, splits: int, batch_size: int, threads: int | None, methods: str) -> None:
     """Per-stage memory of BP and each method and staleness mode: measured in a few real CPU iterations
     beside the start-of-run guard's estimate."""
     from ..bench import bench_memory as run_bench
 
     if splits < 1 or batch_size < 2:
         raise UserError("--splits must be at least 1 and --batch-size at least 2")
-    run_bench(model, splits, batch_size, threads)
+    run_bench(model, splits, batch_size, threads, method_entries(methods))
 
 
 @bench.command("speedup")

@@ -24,6 +24,8 @@ def run_compute(worker: StageWorker, k: int, action: Action, stream: BatchStream
     if op is Op.FORWARD:
         if k == 0:
             x, labels = stream.batch(b)
+        elif action.source is not None:  # an activation the stage kept in its input buffer
+            x, labels = worker.kept_input(action.source), stream.labels(b)
         else:
             x, labels = received("act"), stream.labels(b)
         if worker.needs_input_image:  # batch b's images as stage 0 receives them (a reconstruction target)

@@ -196,7 +196,10 @@ class DistributedEngine:
         else:  # a receive: wait for the buffer posted at the start of the iteration
             buf, work = posted[(op, b)]
             self._wait(work)
-            self._inbox[(op, b)] = self._from_wire(buf)
+            if op is Op.RECV_ACT and self.worker.buffers_inputs:  # into the stage's input buffer
+                self.worker.keep_input(b, self._from_wire(buf))
+            else:
+                self._inbox[(op, b)] = self._from_wire(buf)
 
     def _send(self, t: int, op: Op, b: int, tensor: torch.Tensor) -> None:
         if op is Op.SEND_ACT:

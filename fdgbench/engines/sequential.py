@@ -68,7 +68,9 @@ class SequentialEngine:
         elif op in SENDS:
             key = message_key(k, action)
             self._messages[key] = self._outbox.pop((k, op, b)).to(self.workers[key[2]].device)
-        # RECV_ACT / RECV_GRAD: nothing to move; the tensor waits in _messages.
+        elif op is Op.RECV_ACT and self.workers[k].buffers_inputs:  # into the stage's input buffer
+            self.workers[k].keep_input(b, self._messages.pop(message_key(k, action)))
+        # Otherwise RECV_ACT / RECV_GRAD: nothing to move; the tensor waits in _messages.
 
     # Read-outs; the distributed engine's twins are collective.
     def train_totals(self) -> torch.Tensor:

@@ -36,6 +36,8 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("wrn16_4", lambda c: wide_resnet(16, 4, c), "WRN-16-4, pre-activation", 8),
         ModelInfo("tiny_resnet", lambda c: resnet_cifar(8, c, widths=(8, 16, 32), name="tiny_resnet"),
                   "ResNet-8 at widths 8/16/32 (5 blocks), for tests and smoke runs", 5),
+        ModelInfo("tiny_deep_resnet", lambda c: resnet_cifar(32, c, widths=(4, 8, 16), name="tiny_deep_resnet"),
+                  "ResNet-32 at widths 4/8/16 (17 blocks), for tests at K = 8 and 16", 17),
     ]
 }
 
