@@ -195,7 +195,7 @@ def test_time_table_shows_seconds_per_epoch_and_speedups_over_bp(tmp_path):
     assert csv_rows[0].startswith("table,preset,row,column") and len(csv_rows) == 7
 
 
-@pytest.mark.parametrize("kind,table", [("beta", "ablation_beta"), ("bars", "ablation_staleness")])
+@pytest.mark.parametrize("kind,table", [("beta", "ablation_beta"), ("bars", "ablation_staleness"), ("k", "deep_k")])
 def test_ablation_plots_from_run_directories(kind, table, tmp_path):
     spec = load_spec(table)
     for i, cell in enumerate(spec.cells("smoke")):
@@ -208,7 +208,11 @@ def test_ablation_plots_from_run_directories(kind, table, tmp_path):
     drawn = (tmp_path / "p.svg").read_text()
     expected = ({f"{r.id} (ours)" for r in spec.rows if r.id in spec.preset("smoke").get("rows", [r.id])}
                 if kind == "beta" else {c.column.id for c in spec.cells("smoke")})
-    assert all(label in drawn for label in expected), expected  # a line per row / a bar colour per column
+    if kind == "k":  # and a dashed line for each column with published numbers
+        expected |= {f"{c.column.paper[-1]} (published)" for c in spec.cells("smoke") if c.row.paper.get(
+            c.column.paper[-1] if c.column.paper else None) is not None}
+        assert any("(published)" in label for label in expected)
+    assert all(label in drawn for label in expected), expected  # a line per row / per column / a bar per column
     empty = _cli("plot", kind, table, "--preset", "smoke", "--out", str(tmp_path / "none"))
     assert empty.returncode == 2 and "no finished runs to plot" in empty.stderr
 

@@ -144,6 +144,7 @@ def _results_plot(kind: str, doc: str) -> None:
 for _kind, _doc in (
         ("beta", "FDG's final test error against beta (e.g. `fdgbench plot beta ablation_beta --preset quick`)."),
         ("bars", "Every column's final test error by row (e.g. `fdgbench plot bars ablation_staleness`)."),
+        ("k", "Every column's final test error against K (e.g. `fdgbench plot k deep_k --preset converge`)."),
         ("stability", "Diverged seeds and survivors' loss per column (e.g. `fdgbench plot stability "
                       "stability_resnet56 --preset map`).")):
     _results_plot(_kind, _doc)

@@ -204,6 +204,37 @@ def plot_beta(spec: TableSpec, results: list, out: Path, preset: str) -> list[Pa
     return save()
 
 
+def plot_k(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
+    """Final test error against K, one line per column; the published
+    numbers beside each (crosses, dashed), which may be another network's
+    (the spec's footnotes say)."""
+    import seaborn as sns
+
+    ax, save = _figure(out, f"{spec.title}, preset {preset}\nmedian over seeds of the final-epoch error; "
+                       "x, dashed: published (see the table's footnotes)", "test error (%)")
+    columns = list(dict.fromkeys(r.column.id for r in results))
+    colours = dict(zip(columns, sns.color_palette("tab10", len(columns))))
+    drawn = 0
+    for column in columns:
+        mine = sorted((r for r in results if r.column.id == column), key=lambda r: r.row.splits)
+        points = [(r.row.splits, r.median("final_test_error")) for r in mine]
+        points = [(k, e) for k, e in points if e is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colours[column], label=column)
+            drawn += 1
+        paper = [(r.row.splits, r.paper) for r in mine if r.paper is not None]
+        if paper:
+            ax.plot(*zip(*paper), marker="x", linestyle="--", color=colours[column],
+                    label=f"{mine[0].paper_column} (published)")
+    if not drawn:
+        raise ValueError("no finished runs to plot")
+    ax.set_xscale("log", base=2)
+    ks = sorted({r.row.splits for r in results})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (stages)")
+    return save()
+
+
 def plot_bars(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
     """Final test error of every column, grouped by row (e.g. the staleness ablation)."""
     ax, save = _figure(out, f"{spec.title}, preset {preset}\nmedian over seeds of the final-epoch error; "
