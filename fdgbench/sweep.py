@@ -91,8 +91,8 @@ def config_args(cfg: RunConfig) -> list[str]:
                                                       and f.name not in RESOLVED_FIELDS):
             continue
         flag = flag_name(f.name)
-        if f.name == "nesterov":
-            args.append("--nesterov" if value else "--no-nesterov")
+        if f.metadata.get("negatable"):  # a --x/--no-x switch (config.run_field)
+            args.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(value, bool):
             args.append(flag)  # a flag whose default is off
         else:

@@ -3,25 +3,19 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import fields
 from typing import Any, Callable
 
 import click
 
-from ..config import AUTO, FULL_WARMUP_EPOCHS, WARMUPS, comma_list, run_default
-from ..engines.registry import engine_names
+from ..config import AUTO, DEVICE_ENV, RunConfig, comma_list, field_kind, flag_name
 from ..engines.launch import under_torchrun
 from ..errors import UserError
 from ..method import all_methods, all_options, make_method, option_definitions
-from ..partition import STRATEGIES
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_RESULTS = "results"
 
-
-# Shared by `run`/`compare` (a RunConfig field) and `bench simulate`.
-REPLICAS = click.option("--replicas", "-R", type=int, default=run_default("replicas"), show_default=True,
-                        help="data-parallel replicas of every stage (K x R workers; each replica trains 1/R of every "
-                             "batch, gradients averaged at each update; dp: 1 stage x K R replicas)")
 
 
 class IntOrAuto(click.ParamType):
@@ -40,11 +34,10 @@ class IntOrAuto(click.ParamType):
             self.fail(f"'{value}' is not a valid integer or auto", param, ctx)
 
 
-DEVICE_HELP = "auto (CUDA where available, else the CPU; config.json records which), cpu, cuda or cuda:N"
-# The default of every --device that says where runs train or which runs to read (run, compare, sweep, sweep
-# status, table; plots, which have no --device, read it through sweep_cells): `make test` sets it to cpu, so the
-# suite trains where its expectations were written on any machine, and `make reproduce-*` to DEVICE.
-DEVICE_ENV = "FDGBENCH_DEVICE"
+DEVICE_HELP = RunConfig.__dataclass_fields__["device"].metadata["help"]
+# DEVICE_ENV is the default of every --device that says where runs train or which runs to read (run, compare,
+# sweep, sweep status, table; plots, which have no --device, read it through sweep_cells): `make test` sets it to
+# cpu, so the suite trains where its expectations were written on any machine, and `make reproduce-*` to DEVICE.
 
 
 def default_device() -> str:
@@ -57,62 +50,44 @@ IGNORE_MEMORY_CHECK = click.option(
     help="start even if the estimated per-stage memory exceeds what the device has free (--force does not)")
 
 
+def field_option(name: str) -> Callable:
+    """The command-line option of the RunConfig field ``name``, made from its
+    metadata (config.run_field): flag, aliases, type, default, help."""
+    f = RunConfig.__dataclass_fields__[name]
+    meta, kind, flag = f.metadata, field_kind(name), flag_name(name)
+    decls: list[str] = [flag, *meta["aliases"]]
+    kwargs: dict[str, Any] = {"help": meta["help"] or None}
+    if kind is bool and meta["negatable"]:
+        decls = [f"{flag}/--no-{flag[2:]}"]
+        kwargs.update(default=f.default, show_default=True)
+    elif kind is bool:
+        kwargs["is_flag"] = True
+    else:
+        default = f.default if meta["cli_default"] is None else meta["cli_default"]
+        kwargs.update(default=default, show_default=default is not None, type=kind)
+        if meta["auto"]:
+            kwargs["type"] = IntOrAuto()
+        elif meta["choices"] and meta["check_choices"]:
+            kwargs["type"] = click.Choice(meta["choices"]())
+        elif meta["choices"]:  # listed in the help; check_config refuses the rest in one line
+            kwargs["help"] = f"{'|'.join(meta['choices']())}; {meta['help']}"
+        if meta["envvar"]:
+            kwargs.update(envvar=meta["envvar"], show_envvar=True)
+    return click.option(*decls, name, **kwargs)
+
+
+# Shared by `run`/`compare` (a RunConfig field) and `bench simulate`.
+REPLICAS = field_option("replicas")
+
+
 def run_options(f: Callable) -> Callable:
-    """Options shared by ``run`` and ``compare``: everything in a RunConfig
-    except the method and its options, with the paper's protocol as defaults."""
-    options = [
-        # Each default is RunConfig's (config.run_default): stated once, there.
-        click.option("--model", default=run_default("model"), show_default=True,
-                     help="see `fdgbench list models`"),
-        click.option("--splits", "-K", type=int, default=run_default("splits"), show_default=True,
-                     help="number of stages K"),
-        REPLICAS,
-        click.option("--partition", default=run_default("partition"), show_default=True,
-                     help=f"{'|'.join(STRATEGIES)}; auto = the paper's split if known, else FLOPs-balanced"),
-        click.option("--split-at", help="explicit cut points: first blocks of stages 1..K-1, e.g. L2.4 or 19"),
-        click.option("--dataset", default=run_default("dataset"), show_default=True,
-                     help="see `fdgbench list datasets`"),
+    """Options shared by ``run`` and ``compare``: every RunConfig field but the
+    method and its options (made from the fields' metadata), and how the run
+    is kept and shown."""
+    options = [field_option(f_.name) for f_ in fields(RunConfig) if f_.name not in ("method", "method_options")]
+    options += [
         click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="FDGBENCH_DATA_DIR",
                      help="torchvision downloads and decoded-image caches"),
-        click.option("--train-subset", type=int, help="train on this many images (fixed subset)"),
-        click.option("--test-subset", type=int, help="evaluate on this many test images (fixed subset)"),
-        click.option("--epochs", type=int, default=run_default("epochs"), show_default=True,
-                     help="lr / 10 at 50%, 75% and 91.7% of the epochs (150/225/275 of 300)"),
-        click.option("--max-steps", type=int, help="stop after this many iterations (smoke runs)"),
-        click.option("--batch-size", type=int, default=run_default("batch_size"), show_default=True),
-        click.option("--lr", type=float, default=run_default("lr"), show_default=True),
-        click.option("--warmup-epochs", type=IntOrAuto(), default=AUTO, show_default=True,
-                     help=f"warm up over the first N epochs, then train at --lr; auto: min({FULL_WARMUP_EPOCHS}, "
-                          f"epochs // 10) for every method, BP included (the full presets' protocol: 300 epochs warm "
-                          f"up 5, 20 epochs 2, runs under 10 epochs such as the compare demo and runs cut by "
-                          f"--max-steps none); 0: no warm-up (the paper states none; the FDG authors' code has an "
-                          f"opt-in 3-epoch one)"),
-        click.option("--warmup", default=AUTO, show_default=True, type=click.Choice((AUTO, *WARMUPS)),
-                     help="auto: linear where there is a warm-up; linear: 1% of lr rising to 100% (the ADL code's, "
-                          "the full presets'); constant: lr/10 throughout the warm-up (the FDG authors' code)"),
-        click.option("--diagnose", type=int, default=0, show_default=True, metavar="N",
-                     help="every N iterations, record per stage the cosine and norm ratio of the applied gradient to "
-                          "the true gradient of the same batches at the current weights, and the weights' age "
-                          "(sequential engine; 0: off)"),
-        click.option("--momentum", type=float, default=run_default("momentum"), show_default=True),
-        click.option("--weight-decay", type=float, default=run_default("weight_decay"), show_default=True),
-        click.option("--nesterov/--no-nesterov", default=run_default("nesterov"), show_default=True),
-        click.option("--seed", type=int, default=run_default("seed"), show_default=True),
-        click.option("--device", default=AUTO, show_default=True, envvar=DEVICE_ENV, show_envvar=True,
-                     help=DEVICE_HELP),
-        click.option("--stage-devices", help="one device per stage, comma-separated (sequential engine)"),
-        click.option("--amp", default=run_default("amp"), show_default=True,
-                     help="off or bf16 (autocast, fp32 weights)"),
-        click.option("--channels-last", is_flag=True, help="NHWC memory format (faster convs on GPUs)"),
-        click.option("--deterministic", is_flag=True,
-                     help="bit-reproducible numerics: cuDNN deterministic, no TF32, data-parallel gradients summed "
-                          "in rank order (for parity and resume checks on GPUs; slower)"),
-        click.option("--engine", default=run_default("engine"), show_default=True, type=click.Choice(engine_names()),
-                     help="sequential: every stage in this process; distributed: one torch.distributed rank per "
-                          "stage (under torchrun, or spawned here)"),
-        click.option("--threads", "--threads-per-stage", "threads", type=int,
-                     help="torch intra-op threads of each process (each rank on the distributed engine; default "
-                          "there: this machine's cores / K)"),
         click.option("--trace", is_flag=True, help="record every action's start and end per stage into trace.json "
                      "(Chrome/Perfetto format; `fdgbench plot gantt RUN_DIR` draws it)"),
         click.option("--out", default=DEFAULT_RESULTS, show_default=True, help="results root directory"),

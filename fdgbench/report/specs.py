@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import UserError
 from ..method import make_method
 from ..runs import PROJECT_ROOT
-from ..config import RunConfig, check_config, flag_name
+from ..config import RunConfig, check_config, field_kind, flag_name, spec_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,10 +20,10 @@ else:  # the same parser, before it joined the standard library (a dependency on
     import tomli as tomllib
 
 SPEC_DIR = PROJECT_ROOT / "paper_tables"
-RUN_FIELDS = ("epochs", "max_steps", "train_subset", "test_subset", "batch_size", "engine", "threads",
-              "warmup_epochs", "warmup", "amp", "channels_last", "diagnose", "device")
-TEXT_FIELDS = ("engine", "amp", "warmup", "device")
-FLAG_FIELDS = ("channels_last",)
+# The RunConfig fields a spec may set, and how each is written (RunConfig's field metadata, config.run_field).
+RUN_FIELDS = spec_fields()
+TEXT_FIELDS = tuple(f for f in RUN_FIELDS if field_kind(f) is str)
+FLAG_FIELDS = tuple(f for f in RUN_FIELDS if field_kind(f) is bool)
 # The keys each part of a spec may have: anything else is a typo that would be silently ignored.
 SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure")
 COLUMN_KEYS = ("id", "method", "options", "paper", "beta_from_row", "run")
