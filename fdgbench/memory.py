@@ -33,7 +33,7 @@ from torch import nn
 
 from .engines.registry import engine_info
 from .errors import UserError
-from .schedule import Op, batches_held, hold_span, release_ops
+from .schedule import Op, batches_held, held_together, hold_span, release_ops
 
 MiB = 2**20
 GiB = 2**30
@@ -281,6 +281,17 @@ class StageEstimate:
     def batches(self) -> int:
         """The most graphs held at once."""
         return max(g for g, _ in self.holdings)
+
+
+def one_process_peak(stages: list[StageEstimate], schedule, batch: int) -> float:
+    """Bytes one process running every stage needs at its peak (the
+    sequential engine): every stage's state and full input buffer, plus the
+    most the stages hold at one moment of the schedule (held_together), which
+    for local learning is one stage's graph, not the sum of all stages' peaks."""
+    snapshots = held_together(schedule, len(stages))
+    held = max((sum(g * s.graph.at(batch) + o * s.output.at(batch) for (g, o), s in zip(snap, stages))
+                for snap in snapshots), default=0.0)
+    return sum(sum(s.state.values()) + s.kept.at(batch) for s in stages) + held
 
 
 def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | None = None) -> list[StageEstimate]:

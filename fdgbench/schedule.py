@@ -337,6 +337,40 @@ def batches_held(schedule: ScheduleFn, num_stages: int,
     return out
 
 
+def held_together(schedule: ScheduleFn, num_stages: int) -> list[tuple[tuple[int, int], ...]]:
+    """What every stage holds at once when one process runs all of them (the
+    sequential engine, in execution_order): after each action of the
+    pipeline's fill and several iterations of its steady state, each stage's
+    (graphs, outputs) as batches_held counts them. Local learning frees a
+    stage's graph before the next stage forwards; BP keeps every stage's
+    until its backward reaches it."""
+    iterations = horizon(num_stages)
+    plans = [schedule(num_stages, t) for t in range(iterations)]
+    remaining: dict[tuple[int, int | None], int] = {}  # (stage, batch) -> BACKWARD/LOCAL actions it still gets
+    for plan in plans:
+        for k, actions in enumerate(plan):
+            for action in actions:
+                if action.op in (Op.BACKWARD, Op.LOCAL):
+                    remaining[(k, action.batch)] = remaining.get((k, action.batch), 0) + 1
+    graphs: list[set[int | None]] = [set() for _ in range(num_stages)]
+    outputs: list[set[int | None]] = [set() for _ in range(num_stages)]
+    snapshots = []
+    mailbox = Mailbox()
+    for t, plan in enumerate(plans):
+        for k, action in execution_order(plan, t, mailbox):
+            b = action.batch
+            if action.op is Op.FORWARD:
+                graphs[k].add(b)
+            elif action.op in (Op.BACKWARD, Op.LOCAL) and (k, b) in remaining:
+                graphs[k].discard(b)
+                remaining[(k, b)] -= 1
+                (outputs[k].add if remaining[(k, b)] else outputs[k].discard)(b)
+            else:
+                continue
+            snapshots.append(tuple((len(g), len(o)) for g, o in zip(graphs, outputs)))
+    return snapshots
+
+
 def release_ops(schedule: ScheduleFn, num_stages: int) -> list[tuple[Op, ...]]:
     """Per stage, the BACKWARD/LOCAL actions one batch gets there in the
     steady state, in order (FDG: one BACKWARD; DNI: LOCAL, then BACKWARD)."""

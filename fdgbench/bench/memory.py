@@ -7,6 +7,7 @@ import click
 
 from ..data import synthetic_dataset
 from ..config import RunConfig, check_config
+from ..method import make_method
 from ..train import build_run
 
 
@@ -20,7 +21,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
     estimate the start-of-run guard uses (memory.estimate), and their ratio."""
     import gc
 
-    from ..memory import MiB, buffer_fill, estimate
+    from ..memory import MiB, buffer_fill, estimate, one_process_peak
 
     configs = [RunConfig(method=method, method_options=options, model=model, splits=splits, dataset="synthetic",
                          batch_size=batch_size, threads=threads) for method, options in methods]
@@ -34,7 +35,10 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
                "keeps, at the peak over the pipeline's fill and 2 more iterations, + weights, grads, optimizer state")
     click.echo("expected: (bytes one batch keeps, fitted on batches 2 and 4) x batches held (from the schedule) "
                "+ state; the guard budgets 1.35x this for backward buffers and the allocator")
-    header = f"{'method':<12}" + "".join(f"{'stage ' + str(k):>30}" for k in range(splits)) + f"{'total':>24}"
+    click.echo("one process: expected peak of one process running every stage (sequential engine): every stage's "
+               "state + the most the stages hold at one moment of the schedule")
+    header = (f"{'method':<12}" + "".join(f"{'stage ' + str(k):>30}" for k in range(splits)) + f"{'total':>24}"
+              + f"{'one process':>14}")
     click.echo(header)
     for (method, options), cfg in zip(methods, configs):
         expected = estimate(cfg, image_shape, 10)
@@ -52,8 +56,9 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
             total_m, total_e = total_m + m, total_e + x
             cells.append(f"{m / MiB:9.1f} / {x / MiB:9.1f} = {m / x:4.2f} x{e.batches()}")
         label = " ".join([method, *(str(v) for v in options.values())])
+        together = one_process_peak(expected, make_method(method, **options).schedule, batch_size)
         click.echo(f"{label:<12}" + "".join(f"{c:>30}" for c in cells)
-                   + f"{total_m / MiB:>10.1f} / {total_e / MiB:>9.1f}")
+                   + f"{total_m / MiB:>10.1f} / {total_e / MiB:>9.1f}{together / MiB:>14.1f}")
 
 
 # -- profiles, the link, and the speedup benchmark ----------------------------------------------
