@@ -110,6 +110,8 @@ def _spec(tmp_path, old, new):
     ("[presets.smoke]\n", "[presets.smoke]\nspeed = \"/abs/s.json\"\n", "speed must be a path relative to the spec"),
     ("[presets.smoke]\n", "[presets.smoke]\nfootnotes = \"one\"\n", "footnotes must be a list of strings"),
     ("[presets.smoke]\n", "[presets.smoke]\nchannels_last = 1\n", "channels_last must be true or false, got 1"),
+    ('reference = "BP"', 'reference = "bp"', "reference 'bp' names no column; columns: BP, DDG"),
+    ('reference = "BP"', 'measure = "speed"', "measure must be one of error, time, stability, got 'speed'"),
 ])
 def test_spec_typos_name_the_file_the_table_and_the_key(cli, tmp_path, old, new, message):
     path = _spec(tmp_path, old, new)

@@ -300,7 +300,7 @@ def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str,
                  threads_per_stage: int, all_threads: int, rows: list[tuple]) -> None:
     """The measured seconds per iteration, for tables' time-to-accuracy:
     BP on one process with all threads, each other method on K ranks."""
-    from ..report.tables import speed_key
+    from ..report.results import speed_key
     from ..runs import write_atomically
 
     speeds = {speed_key("bp", 1): next(per_iter for name, k, workers, per_iter, *_ in rows

@@ -94,7 +94,7 @@ def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str |
 def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: str, plot_out: Path | None) -> None:
     from ..report import plots
     from ..report.specs import spec_path
-    from ..report.tables import collect
+    from ..report.results import collect
 
     spec, cells, root = sweep_cells(table, preset, seeds, out)
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{kind}"
@@ -166,7 +166,7 @@ def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, b
     from ..bench import predicted_speedups
     from ..report.plots import plot_speedup as draw
     from ..report.specs import spec_path
-    from ..report.tables import collect
+    from ..report.results import collect
 
     ks, names = positive_ints(splits, "--splits"), method_names(methods)
     spec, cells, root = sweep_cells("table6", preset, None, out)  # a bad --preset fails before any profiling

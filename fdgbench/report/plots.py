@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .records import planned_records
 from .specs import Cell, TableSpec
-from .tables import Stability, seconds_per_iteration
+from .measures import Stability
+from .results import seconds_per_iteration
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import UserError
 from ..method import make_method
 from ..runs import PROJECT_ROOT
+from .measures import MEASURES
 from ..config import RunConfig, check_config, field_kind, flag_name, spec_fields
 
 if sys.version_info >= (3, 11):
@@ -25,7 +26,9 @@ RUN_FIELDS = spec_fields()
 TEXT_FIELDS = tuple(f for f in RUN_FIELDS if field_kind(f) is str)
 FLAG_FIELDS = tuple(f for f in RUN_FIELDS if field_kind(f) is bool)
 # The keys each part of a spec may have: anything else is a typo that would be silently ignored.
-SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure")
+# ``reference``: the id of the column the others are compared with (BP: time-to-accuracy's target, the time
+# table's speedup, the stability map's loss difference); default: the column whose method is bp, if any.
+SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure", "reference")
 COLUMN_KEYS = ("id", "method", "options", "paper", "beta_from_row", "run")
 ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
 # ``runs``: the folder under the results root holding the preset's runs (default <table>-<preset>);
@@ -76,8 +79,9 @@ class TableSpec:
     rows: list[Row]
     presets: dict[str, dict[str, Any]]
     footnotes: list[str] = field(default_factory=list)
-    measure: str = "error"  # error: test error (%); time: seconds per epoch; stability: divergences and loss
+    measure: str = "error"  # a name in report.measures.MEASURES (error, time, stability)
     path: Path | None = None  # the spec file, named in errors about its values
+    reference: str | None = None  # the column compared against (BP), or none
 
     def preset(self, name: str) -> dict[str, Any]:
         if name not in self.presets:
@@ -169,10 +173,14 @@ def load_spec(name: str) -> TableSpec:
                     raise UserError(f"{path}: {where} {key} lists unknown {', '.join(map(repr, unknown))}; "
                                     f"known: {', '.join(map(repr, ids))}")
         measure = data.get("measure", "error")
-        if measure not in ("error", "time", "stability"):
-            raise ValueError(f"measure must be error, time or stability, got {measure!r}")
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+        # Default: the column that trains BP (the one place a reference is found by its method).
+        reference = data.get("reference", next((c.id for c in columns if c.method == "bp"), None))
+        if reference is not None and reference not in [c.id for c in columns]:
+            raise ValueError(f"reference {reference!r} names no column; columns: {', '.join(c.id for c in columns)}")
         return TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows,
-                         dict(data.get("presets", {})), list(data.get("footnotes", [])), measure, path)
+                         dict(data.get("presets", {})), list(data.get("footnotes", [])), measure, path, reference)
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path} is not a valid table spec: {type(exc).__name__}: {exc}") from None
 
