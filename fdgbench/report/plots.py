@@ -178,29 +178,40 @@ def _figure(out: Path, title: str, ylabel: str):
     return ax, save
 
 
+def _error_lines(ax, results: list, group, x, label, paper_label, paper_dashed: bool) -> int:
+    """One line of final test error (median over seeds) against ``x(cell)``
+    per ``group(cell)`` (cells whose x is None left out), and the published
+    numbers of each group (crosses; joined by a dashed line if
+    ``paper_dashed``). Returns how many groups have a finished run."""
+    import seaborn as sns
+
+    groups = list(dict.fromkeys(group(r) for r in results))
+    colours = dict(zip(groups, sns.color_palette("tab10", len(groups))))
+    drawn = 0
+    for g in groups:
+        mine = sorted((r for r in results if group(r) == g and x(r) is not None), key=x)
+        points = [(x(r), r.median("final_test_error")) for r in mine]
+        points = [(a, e) for a, e in points if e is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colours[g], label=label(mine[0]))
+            drawn += 1
+        paper = [(x(r), r.paper) for r in mine if r.paper is not None]
+        if paper and paper_dashed:
+            ax.plot(*zip(*paper), marker="x", linestyle="--", color=colours[g], label=paper_label(mine[0]))
+        elif paper:
+            ax.scatter(*zip(*paper), marker="x", color=colours[g], label=paper_label(mine[0]))
+    if not drawn:
+        raise ValueError("no finished runs to plot")
+    return drawn
+
+
 def plot_beta(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]:
     """Final test error against FDG's beta, one line per row; the paper's
     numbers (its best beta and beta = 1) as crosses."""
-    import seaborn as sns
-
     ax, save = _figure(out, f"{spec.title}, preset {preset}\nmedian over seeds of the final-epoch error; "
                        "x: the paper's numbers", "test error (%)")
-    rows = list(dict.fromkeys(r.row.id for r in results))
-    colours = dict(zip(rows, sns.color_palette("tab10", len(rows))))
-    drawn = 0
-    for row in rows:
-        mine = sorted((r for r in results if r.row.id == row and "beta" in r.column.options),
-                      key=lambda r: r.column.options["beta"])
-        points = [(r.column.options["beta"], r.median("final_test_error")) for r in mine]
-        points = [(b, e) for b, e in points if e is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", color=colours[row], label=f"{row} (ours)")
-            drawn += 1
-        paper = [(r.column.options["beta"], r.paper) for r in mine if r.paper is not None]
-        if paper:
-            ax.scatter(*zip(*paper), marker="x", color=colours[row], label=f"{row} (paper, 300 epochs)")
-    if not drawn:
-        raise ValueError("no finished runs to plot")
+    _error_lines(ax, results, lambda r: r.row.id, lambda r: r.column.options.get("beta"),
+                 lambda r: f"{r.row.id} (ours)", lambda r: f"{r.row.id} (paper, 300 epochs)", paper_dashed=False)
     ax.set_xlabel("beta (gradient shrinking)")
     return save()
 
@@ -209,26 +220,10 @@ def plot_k(spec: TableSpec, results: list, out: Path, preset: str) -> list[Path]
     """Final test error against K, one line per column; the published
     numbers beside each (crosses, dashed), which may be another network's
     (the spec's footnotes say)."""
-    import seaborn as sns
-
     ax, save = _figure(out, f"{spec.title}, preset {preset}\nmedian over seeds of the final-epoch error; "
                        "x, dashed: published (see the table's footnotes)", "test error (%)")
-    columns = list(dict.fromkeys(r.column.id for r in results))
-    colours = dict(zip(columns, sns.color_palette("tab10", len(columns))))
-    drawn = 0
-    for column in columns:
-        mine = sorted((r for r in results if r.column.id == column), key=lambda r: r.row.splits)
-        points = [(r.row.splits, r.median("final_test_error")) for r in mine]
-        points = [(k, e) for k, e in points if e is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", color=colours[column], label=column)
-            drawn += 1
-        paper = [(r.row.splits, r.paper) for r in mine if r.paper is not None]
-        if paper:
-            ax.plot(*zip(*paper), marker="x", linestyle="--", color=colours[column],
-                    label=f"{mine[0].paper_column} (published)")
-    if not drawn:
-        raise ValueError("no finished runs to plot")
+    _error_lines(ax, results, lambda r: r.column.id, lambda r: r.row.splits, lambda r: r.column.id,
+                 lambda r: f"{r.paper_column} (published)", paper_dashed=True)
     ax.set_xscale("log", base=2)
     ks = sorted({r.row.splits for r in results})
     ax.set_xticks(ks, [str(k) for k in ks])
