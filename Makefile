@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-slow gpu-check bench-data bench-step bench-speedup clean reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table6
+.PHONY: setup demo test test-slow gpu-check bench-data bench-step bench-speedup clean reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table6 reproduce-deep-k
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,14 @@ reproduce-table2 reproduce-table3 reproduce-table4: $(STAMP)
 	$(BIN)/fdgbench sweep $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS) --device $(DEVICE) $(LAUNCH)
 	$(BIN)/fdgbench table $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS) --device $(DEVICE)
 	$(BIN)/fdgbench plot curves $(@:reproduce-%=%) --preset $(PRESET) --out $(RESULTS)
+
+## reproduce-deep-k: local learning against delayed gradients as K grows (paper_tables/deep_k.toml): its sweep,
+## tables and the error-against-K plot; PRESET=full|converge|quick|smoke, DEVICE and JOBS as above.
+reproduce-deep-k: export FDGBENCH_DEVICE = $(DEVICE)
+reproduce-deep-k: $(STAMP)
+	$(BIN)/fdgbench sweep deep_k --preset $(PRESET) --out $(RESULTS) --device $(DEVICE) $(LAUNCH)
+	$(BIN)/fdgbench table deep_k --preset $(PRESET) --out $(RESULTS) --device $(DEVICE)
+	$(BIN)/fdgbench plot k deep_k --preset $(PRESET) --out $(RESULTS)
 
 ## reproduce-table6: the time table (seconds per epoch, one worker per stage). DEVICE as above; JOBS is not
 ## used: runs side by side would share the hardware whose speed this table measures.
