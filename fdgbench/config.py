@@ -11,12 +11,12 @@ from typing import Any, Callable
 
 import torch
 
-from .engines.registry import engine_info
+from .engines.registry import engine_info, engine_names
 from .errors import UserError
 from .method import Method, all_options, make_method
 from .models import build_model
 from .optim import SGDConfig
-from .partition import make_partition
+from .partition import STRATEGIES, make_partition
 from .placement import Placement
 from .schedule import steps_until_every_stage_updates
 
@@ -71,14 +71,10 @@ def _warmups() -> tuple[str, ...]:
 
 
 def _strategies() -> tuple[str, ...]:
-    from .partition import STRATEGIES
-
     return STRATEGIES
 
 
 def _engines() -> tuple[str, ...]:
-    from .engines.registry import engine_names
-
     return tuple(engine_names())
 
 

@@ -22,6 +22,7 @@ from .engines.launch import (check_ranks_fit, init_process_group, is_communicati
 from .engines.registry import engine_info
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
+from .memory import check_fits
 from .run_record import CORRUPT, corrupt_text, read_run
 from .runs import RunDirectory, config_hash
 from .tracking import WandbTracker
@@ -98,7 +99,6 @@ def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
 
 def _check_memory(cfg: RunConfig, data) -> None:
     """Refuse (one line) a run whose estimated stage memory does not fit."""
-    from .memory import check_fits
 
     train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
     test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))

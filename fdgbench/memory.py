@@ -31,9 +31,15 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .config import placement_of, stage_devices
 from .engines.registry import engine_info
 from .errors import UserError
+from .method import make_method
+from .models import build_model
+from .optim import SGDConfig
+from .partition import block_output_shapes, build_stages, make_partition
 from .schedule import Op, batches_held, held_together, hold_span, release_ops
+from .stage import StageContext
 
 MiB = 2**20
 GiB = 2**30
@@ -302,7 +308,6 @@ def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | N
     batches held from the schedule (in a run of ``steps`` iterations, if
     given: a short run never fills a deep pipeline). In fp32: under --amp bf16 autocast keeps
     some activations in half the bytes, so the estimate errs high."""
-    from .method import make_method
 
     method = make_method(cfg.method, **cfg.method_options)
     num_stages = method.placement(cfg.splits, cfg.replicas).stages
@@ -320,10 +325,6 @@ def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | N
 
 def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: torch.device,
               steps: int | None) -> list[StageEstimate]:
-    from .models import build_model
-    from .optim import SGDConfig
-    from .partition import block_output_shapes, build_stages, make_partition
-    from .stage import StageContext
 
     model = build_model(cfg.model, num_classes)
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition
@@ -402,7 +403,6 @@ def memory_pools(cfg, num_stages: int) -> list[str]:
     """Which memory each stage draws on: its device on the sequential engine;
     on the distributed engine this machine's RAM for every CPU rank (spawned
     here), or the rank's own GPU."""
-    from .config import stage_devices
 
     per_rank = engine_info(cfg.engine).per_rank
     devices = None if per_rank else stage_devices(replace(cfg, splits=num_stages))
@@ -429,7 +429,6 @@ def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=None) -> 
     """Per memory pool: OVERHEAD x the stages' summed peaks, plus the data's
     uint8 copy and a process's runtime wherever a process still to start
     puts them (this process, already running, is counted in what is free)."""
-    from .config import placement_of
 
     available = available or available_bytes
     batch = cfg.batch_size
@@ -469,7 +468,6 @@ def check_fits(cfg, image_shape: tuple[int, ...], num_classes: int, data_bytes: 
         return
     worst = max(short, key=lambda n: n.needed - n.available)
     per_stage = " + ".join(f"{stages[k % len(stages)].peak_bytes(cfg.batch_size) / GiB:.1f}" for k in worst.stages)
-    from .method import make_method
 
     staleness = make_method(cfg.method, **cfg.method_options).option_values().get("staleness")
     mode = f"staleness {staleness}, " if staleness else ""
@@ -490,9 +488,6 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, availab
     """The single changes that make the estimate fit: --staleness replay, a
     larger K (where stages go to separate GPUs), a smaller batch, one device
     per stage, and always: a device with enough free."""
-    from .config import placement_of
-    from .method import make_method
-    from .models import build_model
 
     out = []
     staleness = next((o for o in make_method(cfg.method).options if o.name == "staleness"), None)

@@ -12,27 +12,13 @@ import click
 
 from ..engines.launch import under_torchrun
 from ..errors import DivergedError, RunsFailedError, UserError, WorkerFailedError
-from ..method import PLUGINS_ENV, add_plugins
+from .group import cli
 from .options import training_options  # noqa: F401  (tests and extensions build on the shared options)
 
 __all__ = ["cli", "main", "training_options"]
 
 
-def _load_plugins(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> None:
-    if specs:
-        add_plugins(specs)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--plugin", multiple=True, metavar="MODULE_OR_FILE", expose_value=False, callback=_load_plugins,
-              help=f"load methods from a module on sys.path or a .py file (repeatable); also read from "
-                   f"{PLUGINS_ENV} (separated by '{os.pathsep}'), which this sets for the processes a command starts")
-def cli() -> None:
-    """fdgbench: decoupled neural-network training, benchmarked against backprop."""
-
-
-
-from . import bench, info, plots, sweeps, train  # noqa: E402,F401  (registers their commands on ``cli``)
+from . import bench, info, plots, sweeps, train  # noqa: F401  (each registers its commands on ``cli``)
 
 
 # How each error reaches the user: its word, the exit status, whether a torchrun rank names itself

@@ -9,7 +9,7 @@ import click
 from ..config import comma_list, parse_device
 from ..errors import UserError
 
-from . import cli
+from .group import cli
 from .options import DEFAULT_DATA_DIR, REPLICAS, method_entries, method_names, positive_ints
 
 

@@ -9,7 +9,7 @@ from ..errors import UserError
 from ..method import all_methods, make_method
 from ..models import most_blocks
 
-from . import cli
+from .group import cli
 from .options import MethodOptionsCommand
 
 

@@ -9,7 +9,7 @@ import click
 from ..data import num_classes
 from ..errors import UserError
 
-from . import cli
+from .group import cli
 from .options import DEFAULT_RESULTS, method_names, positive_ints, sweep_cells, sweep_options
 
 

@@ -10,7 +10,7 @@ import click
 from ..data import num_classes
 from ..execute import RunOptions
 
-from . import cli
+from .group import cli
 from .options import (DEFAULT_DATA_DIR, IGNORE_MEMORY_CHECK, SWEEP_DEVICE, DefaultCommandGroup, sweep_cells,
                       sweep_device, sweep_options)
 

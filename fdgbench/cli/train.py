@@ -10,7 +10,7 @@ from ..errors import DivergedError
 from ..execute import RunOptions, train_run
 from ..runs import RunDirectory
 
-from . import cli
+from .group import cli
 from .options import MethodOptionsCommand, is_primary, method_entries, run_options
 
 
