@@ -285,7 +285,7 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None
         if getattr(cfg, key) < 1:
             raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
     placement = method.placement(cfg.splits, cfg.replicas)
-    problem = method.check_stages(placement.stages)
+    problem = method.check_run(placement.stages, cfg.batch_size // placement.replicas)
     if problem:
         raise UserError(f"{cfg.method}: {problem}")
     if cfg.split_at and placement.stages != cfg.splits:  # -K counts something else (dp: replicas)

@@ -105,9 +105,11 @@ class Method:
     def make_worker(self, ctx: StageContext) -> StageWorker:
         raise NotImplementedError
 
-    def check_stages(self, num_stages: int) -> str | None:
+    def check_run(self, num_stages: int, batch_size: int) -> str | None:
         """What is wrong with running this method's options on ``num_stages``
-        stages (e.g. an option naming a stage that does not exist), or None."""
+        stages and batches of ``batch_size`` per replica (an option naming a
+        stage that does not exist, micro-batches that do not divide the
+        batch), or None."""
         return None
 
     def data_batch(self, batch: int) -> int:

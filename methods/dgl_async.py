@@ -122,7 +122,7 @@ class AsyncDGL(Method):
         super().__init__(**values)
         self._replays: list[StageReplay] = []
 
-    def check_stages(self, num_stages: int) -> str | None:
+    def check_run(self, num_stages: int, batch_size: int) -> str | None:
         if self.slow_stage >= num_stages:
             return f"--slow-stage {self.slow_stage} is not a stage of K={num_stages} (0..{num_stages - 1})"
         if num_stages > ID_STRIDE:

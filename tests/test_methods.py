@@ -45,9 +45,10 @@ def case_id(method: str, options: dict) -> str:
 def _variants(single_stage: bool = False):
     """Every method with each staleness mode and forward variant it offers,
     as (method, options) cases named by case_id.
-    With ``single_stage``, ADL at M = 1 (with M > 1 it is not BP at K = 1)."""
+    With ``single_stage``, ADL at M = 1 and GPipe / 1F1B at one micro-batch (with M > 1 neither is BP at K = 1:
+    ADL accumulates M backwards, a pipeline's BatchNorm sees micro-batches)."""
     for m in all_methods():
-        base = {"accumulate": 1} if single_stage and _option(m, "accumulate") else {}
+        base = {name: 1 for name in ("accumulate", "microbatches") if single_stage and _option(m, name)}
         choices = [("staleness", c) for c in (_option(m, "staleness").choices if _option(m, "staleness") else ())]
         choices += [("variant", c) for c in (_option(m, "variant").choices if _option(m, "variant") else ())]
         for options in [{**base, name: value} for name, value in choices] or [base]:
