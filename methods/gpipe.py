@@ -81,6 +81,7 @@ class GPipe(BP):
                "(BP's up to summation order; BatchNorm sees micro-batches)")
     breaks = ()
     options = (MICROBATCHES,)
+    pipeline_schedule = "gpipe"  # the schedule class `--engine pipelining` runs (engines/pipelining.py)
 
     def check_run(self, num_stages: int, batch_size: int) -> str | None:
         if batch_size % self.microbatches:
@@ -97,3 +98,4 @@ class OneFOneB(GPipe):
     order = 13
     summary = ("1F1B (PipeDream-Flush): GPipe's micro-batches and numbers, each stage alternating forwards and "
                "backwards so it holds fewer micro-batches")
+    pipeline_schedule = "1f1b"

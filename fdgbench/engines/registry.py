@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..errors import UserError
 
 # The modules that register the built-in engines, in the order `--help` lists them.
-_BUILT_IN = ("fdgbench.engines.sequential", "fdgbench.engines.distributed")
+_BUILT_IN = ("fdgbench.engines.sequential", "fdgbench.engines.distributed", "fdgbench.engines.pipelining")
 
 
 @dataclass(frozen=True)

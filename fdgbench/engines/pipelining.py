@@ -1,0 +1,81 @@
+"""The torch.distributed.pipelining engine: GPipe and 1F1B run by PyTorch's
+own pipeline library, the implementation a practitioner would otherwise
+pick, so the suite measures that one rather than a schedule of its own.
+
+Each rank (one per stage, as the distributed engine) wraps its stage module
+in a ``PipelineStage`` and steps the library's schedule class
+(``ScheduleGPipe`` or ``Schedule1F1B``, the method's ``pipeline_schedule``)
+with ``n_microbatches`` = the method's M: rank 0 hands it the batch, the last
+rank the labels and the loss (the run's cross-entropy per micro-batch; the
+library scales the accumulated gradients by 1/M); then every rank steps its
+optimizer. The pipeline drains within ``step()``, so nothing is in flight
+between iterations (a checkpoint is the stage's state). Everything else -
+the process groups, the test set pipelined through the stages, training
+totals and meters across ranks, checkpoints - is the distributed engine's.
+
+Not yet: ``--amp bf16`` (the library calls the stage without autocast),
+``--channels-last`` (its messages are not laid out for it), replicas, the
+per-action trace and the saved-tensor memory probes (the library calls the
+module itself; the run records its stages' state only).
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from ..errors import UserError
+from ..method import make_method
+from ..stage import upcast_half
+from .distributed import DistributedEngine, _check as _distributed_check, _describe as _distributed_describe
+from .registry import EngineInfo, register_engine
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class PipeliningEngine(DistributedEngine):
+    def __init__(self, run):
+        super().__init__(run.method, run.workers[0], run.stages[0], run.stream, run.placement,
+                         tuple(run.dataset.train_images.shape[1:]), run.memory_format, run.tracer)
+        ctx = self.worker.ctx
+        self.pipe_stage = PipelineStage(self.stage, self.k, self.num_stages, self.device)
+        self.schedule = SCHEDULES[self.method.pipeline_schedule](
+            self.pipe_stage, n_microbatches=self.method.microbatches,
+            loss_fn=lambda out, labels: ctx.loss_fn(upcast_half(out), labels), scale_grads=True)
+
+    def run_iteration(self, t: int) -> None:
+        if self.k == 0:
+            x, _ = self.stream.batch(t)
+            self.schedule.step(x.to(self.device))
+        elif self.k == self.num_stages - 1:
+            labels = self.stream.labels(t).to(self.device)
+            losses: list[torch.Tensor] = []
+            out = self.schedule.step(target=labels, losses=losses)
+            # Equal micro-batches: the batch's mean loss is the mean of theirs.
+            self.worker.metrics.add(torch.stack([loss.detach() for loss in losses]).mean(), out, labels)
+        else:
+            self.schedule.step()
+        self.worker.update()
+
+
+def _check(cfg, placement, devices, name) -> None:
+    method = make_method(cfg.method, **cfg.method_options)
+    if getattr(method, "pipeline_schedule", None) not in SCHEDULES:
+        runs = ", ".join(SCHEDULES)
+        raise UserError(f"{name('engine')} pipelining runs {runs} (torch.distributed.pipelining's schedules), not "
+                        f"{cfg.method}")
+    for field, off, why in (("amp", "off", "the library calls the stage without autocast"),
+                            ("channels_last", False, "its messages are not laid out for it"),
+                            ("replicas", 1, "one pipeline of K ranks")):
+        if getattr(cfg, field) != off:
+            raise UserError(f"{name('engine')} pipelining does not take {name(field)} yet ({why})")
+    _distributed_check(cfg, placement, devices, name)
+
+
+def _describe(run) -> str:
+    return _distributed_describe(run).replace("distributed engine",
+                                              f"torch.distributed.pipelining ({run.method.pipeline_schedule})", 1)
+
+
+register_engine(EngineInfo(
+    "pipelining", "gpipe and 1f1b through torch.distributed.pipelining's PipelineStage and schedules, one rank "
+                  "per stage", per_rank=True, check=_check, describe=_describe, build=PipeliningEngine))
