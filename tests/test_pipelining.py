@@ -84,3 +84,17 @@ def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_pa
 def test_what_the_library_engine_cannot_run_yet_is_one_line(cli, tmp_path, args, message):
     status, _, err = cli("run", *TINY, "--engine", "pipelining", *args, "--out", tmp_path)
     _one_error(status, err, message)
+
+
+@pytest.mark.slow
+def test_a_library_run_resumes_bit_identically(tmp_path):
+    """Interrupted mid-epoch and resumed from its checkpoint: the pipeline
+    drains in every step(), so the checkpoint is the stages' state alone."""
+    from .test_checkpoint import BATCH as CKPT_BATCH, EPOCHS, _assert_resumed_equals_clean, _train_clean_and_interrupted
+
+    cfg = RunConfig(method="1f1b", method_options={"microbatches": 4}, model="tiny_resnet", splits=2,
+                    dataset="synthetic", batch_size=CKPT_BATCH, epochs=EPOCHS, lr=0.05, threads=1,
+                    engine="pipelining")
+    spawn_ranks(2, torch.device("cpu"), _train_clean_and_interrupted, ([cfg], str(tmp_path)))
+    _assert_resumed_equals_clean(RunDirectory(tmp_path / "clean0"), RunDirectory(tmp_path / "cut0"), 2,
+                                 "1f1b pipelining")
