@@ -39,7 +39,7 @@ def comma_list(text: str | None) -> tuple[str, ...] | None:
 def run_field(default: Any = None, *, help: str = "", spec: bool = False, added_later: bool = False,
               cli_default: Any = None, aliases: tuple[str, ...] = (), negatable: bool = False, auto: bool = False,
               choices: Callable[[], tuple[str, ...]] | None = None, check_choices: bool = True,
-              envvar: str | None = None,
+              envvar: str | None = None, metavar: str | None = None,
               default_factory: Callable[[], Any] | None = None) -> Any:
     """A RunConfig field and what every place that names run fields needs to
     know of it, stated once (the command line's options, the keys a table
@@ -57,10 +57,10 @@ def run_field(default: Any = None, *, help: str = "", spec: bool = False, added_
       itself unless ``check_choices`` is false (then check_config's one line
       does, and the help lists them); ``negatable``: a
       ``--x/--no-x`` switch; ``envvar``: the environment variable that sets
-      the option."""
+      the option; ``metavar``: how the help names its value."""
     metadata = {"help": help, "spec": spec, "added_later": added_later, "cli_default": cli_default,
                 "aliases": aliases, "negatable": negatable, "auto": auto, "choices": choices,
-                "check_choices": check_choices, "envvar": envvar}
+                "check_choices": check_choices, "envvar": envvar, "metavar": metavar}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -124,7 +124,8 @@ class RunConfig:
                                          "engine; default there: this machine's cores / K)")
     engine: str = run_field("sequential", spec=True, choices=_engines,
                             help="sequential: every stage in this process; distributed: one torch.distributed rank "
-                                 "per stage (under torchrun, or spawned here)")
+                                 "per stage (under torchrun, or spawned here); pipelining: gpipe / 1f1b through "
+                                 "torch.distributed.pipelining's own schedules, one rank per stage")
     # The first N epochs warm up (the FDG authors' code's --warm-up: 3, constant); None: auto (resolve_warmup).
     # The default here stays 0: table specs build on RunConfig's defaults and set their warm-up themselves.
     warmup_epochs: int | None = run_field(
@@ -138,7 +139,7 @@ class RunConfig:
                             help="auto: linear where there is a warm-up; linear: 1% of lr rising to 100% (the ADL "
                                  "code's, the full presets'); constant: lr/10 throughout the warm-up (the FDG "
                                  "authors' code)")
-    diagnose: int = run_field(0, spec=True, added_later=True,
+    diagnose: int = run_field(0, spec=True, added_later=True, metavar="N",
                               help="every N iterations, record per stage the cosine and norm ratio of the applied "
                                    "gradient to the true gradient of the same batches at the current weights, and the "
                                    "weights' age (sequential engine; 0: off)")
@@ -209,7 +210,7 @@ def spec_fields() -> tuple[str, ...]:
 ADDED_LATER = {f.name: f.default for f in fields(RunConfig) if f.metadata.get("added_later")}
 # Fields whose command-line default (auto) is not RunConfig's default: a command line that rebuilds a
 # config (sweep.config_args) spells them out even where they equal RunConfig's default.
-RESOLVED_FIELDS = ("warmup_epochs", "warmup", "device")
+RESOLVED_FIELDS = tuple(f.name for f in fields(RunConfig) if f.metadata.get("cli_default") is not None)
 
 
 def resolve_device(text: str) -> str:

@@ -56,6 +56,9 @@ def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = 
     it was cached. ``datasets`` caches loaded data across calls (by spec).
     A run recorded as diverged raises DivergedError, cached or not."""
     check_config(cfg)
+    if kw.trace and not engine_info(cfg.engine).observes_actions:
+        raise UserError(f"--trace times the actions an engine runs itself; --engine {cfg.engine} hands the stages to "
+                        f"a library: drop --trace")
     per_rank = engine_info(cfg.engine).per_rank  # one process per rank: this one under torchrun, else spawned
     if per_rank and under_torchrun():
         return _run_torchrun_rank(cfg, kw)

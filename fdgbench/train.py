@@ -176,7 +176,11 @@ class Run:
         return self.engine_info.describe(self)
 
     def memory_record(self) -> dict[str, Any]:
-        """Every stage's measured memory (memory.MemoryMonitor), from every rank."""
+        """Every stage's measured memory (memory.MemoryMonitor), from every rank;
+        nothing where the engine does not run the stages' actions itself (the
+        probes would see only the state, which is not a stage's memory)."""
+        if not self.engine_info.observes_actions:
+            return {}
         record = self.memory.record()
         if self.rank is not None:
             gathered: list[Any] = [None] * dist.get_world_size()

@@ -45,15 +45,11 @@ import torch
 from torch import nn
 
 from fdgbench.errors import UserError
-from fdgbench.method import MethodOption, register
+from fdgbench.method import MethodOption, at_least_one, register
 from fdgbench.stage import StageWorker
 
 from .dgl import DGL, LocalLossWorker
 from .infopro import authors_init
-
-
-def _depth_check(value: int) -> str | None:
-    return None if value >= 1 else f"must be at least 1, got {value}"
 
 
 def _pyramid_check(value: float) -> str | None:
@@ -61,7 +57,7 @@ def _pyramid_check(value: float) -> str | None:
 
 
 DEPTH = MethodOption("aug_depth", int, 2, "blocks in the first stage's auxiliary net (the authors' --aux_net_depth; "
-                     ">= 1)", check=_depth_check)
+                     ">= 1)", check=at_least_one)
 PYRAMID = MethodOption("aug_pyramid", float, 0.5, "how fast the auxiliary nets' depth falls towards 1 with the "
                        "stage's depth (the authors' --pyramid_coeff; 0: every net has --aug-depth blocks)",
                        check=_pyramid_check)

@@ -62,6 +62,7 @@ from fdgbench.stage import StageWorker
 from .dgl import LocalLossWorker
 
 ID_STRIDE = 1024  # batch id = ID_STRIDE * iteration + stage; K is at most this
+KEPT_ITERATIONS = 4096  # how far back the replayed buffers' record reaches before it is dropped (and replayed again)
 
 
 def _slowdown_check(value: float) -> str | None:
@@ -98,9 +99,17 @@ class StageReplay:
     """The buffer of one stage, replayed iteration by iteration: what it
     forwarded at each iteration so far (None: nothing), as (source, data batch)."""
 
-    forwards: list[tuple[int | None, int] | None] = field(default_factory=list)
+    forwards: list[tuple[int | None, int] | None] = field(default_factory=list)  # from iteration ``first`` on
+    first: int = 0  # the iteration of forwards[0]: older ones are dropped as the run goes on (prune)
     buffer: list[Entry] = field(default_factory=list)
     batches_taken: int = 0  # stage 0: training batches forwarded so far
+
+    @property
+    def next_t(self) -> int:
+        return self.first + len(self.forwards)
+
+    def at(self, t: int) -> tuple[int | None, int] | None:
+        return self.forwards[t - self.first]
 
 
 def pick(buffer: list[Entry]) -> Entry:
@@ -144,16 +153,33 @@ class AsyncDGL(Method):
         """(source id or None at stage 0, training batch) of stage k's forward at iteration t, or None."""
         if t < 0:
             return None
+        if any(t < replay.first for replay in self._replays[:k + 1]):  # dropped: replay from the start
+            self._replays.clear()
         while len(self._replays) <= k:
             self._replays.append(StageReplay())
         for j in range(k + 1):  # stage j at iteration u needs stage j-1 up to u-1: fill stage by stage
             replay = self._replays[j]
-            while len(replay.forwards) <= t:
+            while replay.next_t <= t:
                 self._advance(j, replay)
-        return self._replays[k].forwards[t]
+        forward = self._replays[k].at(t)
+        self._prune()
+        return forward
+
+    def _prune(self) -> None:
+        """Drop each stage's record of iterations long past (a run of 300
+        epochs would otherwise keep one per stage and iteration), keeping the
+        last KEPT_ITERATIONS and whatever the next stage still has to replay."""
+        for j, replay in enumerate(self._replays):
+            keep_from = replay.next_t - KEPT_ITERATIONS
+            if j + 1 < len(self._replays):
+                keep_from = min(keep_from, self._replays[j + 1].next_t - 1)
+            drop = keep_from - replay.first
+            if drop >= KEPT_ITERATIONS:  # in chunks, so the list is not shifted every iteration
+                del replay.forwards[:drop]
+                replay.first += drop
 
     def _advance(self, k: int, replay: StageReplay) -> None:
-        u = len(replay.forwards)
+        u = replay.next_t
         if k == 0:
             if self.steps(0, u):
                 replay.forwards.append((None, replay.batches_taken))
@@ -161,7 +187,7 @@ class AsyncDGL(Method):
             else:
                 replay.forwards.append(None)
             return
-        sent = self._replays[k - 1].forwards[u - 1] if u > 0 else None
+        sent = self._replays[k - 1].at(u - 1) if u > 0 else None
         if sent is not None:
             replay.buffer.append(Entry(forward_id(k - 1, u - 1), sent[1]))
             del replay.buffer[:-self.buffer]  # circular: the oldest entry is overwritten

@@ -48,6 +48,19 @@ def test_the_buffer_serves_the_least_used_entry_newest_first_as_worked_by_hand()
     assert [method._forward(1, t) for t in range(7)][5] == (2048, 2)
 
 
+def test_a_long_run_keeps_a_window_of_the_replay_and_gives_what_a_full_replay_gives(monkeypatch):
+    from methods import dgl_async
+
+    full = make_method("dgl-async", buffer=5, slowdown=3.0, slow_stage=1)
+    expected = [[full._forward(k, t) for t in range(600)] for k in range(3)]
+    monkeypatch.setattr(dgl_async, "KEPT_ITERATIONS", 40)
+    windowed = make_method("dgl-async", buffer=5, slowdown=3.0, slow_stage=1)
+    got = [[windowed._forward(k, t) for k in range(3)] for t in range(600)]  # as a run asks: iteration by iteration
+    assert [[got[t][k] for t in range(600)] for k in range(3)] == expected
+    assert all(len(r.forwards) < 2 * 40 for r in windowed._replays)  # the record stays bounded
+    assert windowed._forward(2, 10) == expected[2][10]  # a dropped iteration is replayed again
+
+
 def test_the_slow_stage_steps_at_the_rate_it_is_given_the_same_draws_every_time():
     method = make_method("dgl-async", slowdown=4.0, slow_stage=1)
     pattern = [method.steps(1, t) for t in range(4000)]

@@ -49,6 +49,8 @@ def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_pa
         seq, lib = RunDirectory(tmp_path / f"s{i}"), RunDirectory(tmp_path / f"p{i}")
         label = f"{cfg.method} M={cfg.method_options['microbatches']} K={k}"
         assert lib.read_json("config.json")["engine"] == "pipelining" and lib.is_done, label
+        # The library runs the modules itself: no per-stage memory is recorded rather than a state-only one.
+        assert not any("memory" in key for key in lib.read_json("summary.json")), label
         # The library divides the M micro-batches' accumulated gradient by M after the backward; the reference
         # divides each micro-batch's loss by M before it, the micro-batches in the same order. For M a power of
         # two the scaling is exact either way: the same bits (measured: identical at M = 1, 2, 4, both
@@ -80,6 +82,10 @@ def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_pa
     (["--method", "gpipe", "--amp", "bf16"], "--engine pipelining does not take --amp yet"),
     (["--method", "gpipe", "--channels-last"], "--engine pipelining does not take --channels-last yet"),
     (["--method", "gpipe", "--replicas", "2"], "--engine pipelining does not take --replicas yet"),
+    (["--method", "gpipe", "-K", "1"], "--engine pipelining runs a pipeline of K >= 2 stages"),
+    (["--method", "1f1b", "-K", "3", "--microbatches", "2"],
+     "1f1b on --engine pipelining needs at least one micro-batch per stage: --microbatches 2 < 3 stages"),
+    (["--method", "gpipe", "--trace"], "--trace times the actions an engine runs itself"),
 ])
 def test_what_the_library_engine_cannot_run_yet_is_one_line(cli, tmp_path, args, message):
     status, _, err = cli("run", *TINY, "--engine", "pipelining", *args, "--out", tmp_path)

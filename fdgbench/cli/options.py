@@ -73,6 +73,8 @@ def field_option(name: str) -> Callable:
             kwargs["help"] = f"{'|'.join(meta['choices']())}; {meta['help']}"
         if meta["envvar"]:
             kwargs.update(envvar=meta["envvar"], show_envvar=True)
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
     return click.option(*decls, name, **kwargs)
 
 

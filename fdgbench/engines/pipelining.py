@@ -14,14 +14,16 @@ the process groups, the test set pipelined through the stages, training
 totals and meters across ranks, checkpoints - is the distributed engine's.
 
 Not yet: ``--amp bf16`` (the library calls the stage without autocast),
-``--channels-last`` (its messages are not laid out for it), replicas, the
-per-action trace and the saved-tensor memory probes (the library calls the
-module itself; the run records its stages' state only).
+``--channels-last`` (its messages are not laid out for it), replicas;
+``--trace`` is refused and no per-stage memory is recorded (the library
+runs the module itself, so neither the tracer nor the memory probes see its
+actions). Not yet run on NCCL: the library infers its message shapes at the
+first ``step()`` on the world group, which the distributed engine's warm-up
+of its own groups does not cover.
 """
 from __future__ import annotations
 
 import torch
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..errors import UserError
 from ..method import make_method
@@ -29,16 +31,31 @@ from ..stage import upcast_half
 from .distributed import DistributedEngine, _check as _distributed_check, _describe as _distributed_describe
 from .registry import EngineInfo, register_engine
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}  # the method's pipeline_schedule -> the class
+
+
+def _library():
+    """torch.distributed.pipelining, imported when this engine is used (it
+    takes seconds to import, and every other engine does without it)."""
+    try:
+        import torch.distributed.pipelining as library
+        from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+    except ImportError as exc:
+        raise UserError(f"--engine pipelining needs torch.distributed.pipelining (torch 2.6 or later), which this "
+                        f"torch {torch.__version__} lacks: {exc}") from None
+    if "scale_grads" not in PipelineScheduleSingle.__init__.__code__.co_varnames:
+        raise UserError(f"--engine pipelining needs a torch.distributed.pipelining whose schedules take "
+                        f"scale_grads (torch 2.6 or later); this is torch {torch.__version__}")
+    return library
 
 
 class PipeliningEngine(DistributedEngine):
     def __init__(self, run):
         super().__init__(run.method, run.workers[0], run.stages[0], run.stream, run.placement,
                          tuple(run.dataset.train_images.shape[1:]), run.memory_format, run.tracer)
-        ctx = self.worker.ctx
-        self.pipe_stage = PipelineStage(self.stage, self.k, self.num_stages, self.device)
-        self.schedule = SCHEDULES[self.method.pipeline_schedule](
+        ctx, library = self.worker.ctx, _library()
+        self.pipe_stage = library.PipelineStage(self.stage, self.k, self.num_stages, self.device)
+        self.schedule = getattr(library, SCHEDULES[self.method.pipeline_schedule])(
             self.pipe_stage, n_microbatches=self.method.microbatches,
             loss_fn=lambda out, labels: ctx.loss_fn(upcast_half(out), labels), scale_grads=True)
 
@@ -63,6 +80,13 @@ def _check(cfg, placement, devices, name) -> None:
         runs = ", ".join(SCHEDULES)
         raise UserError(f"{name('engine')} pipelining runs {runs} (torch.distributed.pipelining's schedules), not "
                         f"{cfg.method}")
+    _library()
+    if placement.stages < 2:
+        raise UserError(f"{name('engine')} pipelining runs a pipeline of K >= 2 stages; {cfg.method} at "
+                        f"{name('splits')} 1 is BP: use the sequential engine")
+    if method.pipeline_schedule == "1f1b" and method.microbatches < placement.stages:
+        raise UserError(f"1f1b on {name('engine')} pipelining needs at least one micro-batch per stage: "
+                        f"--microbatches {method.microbatches} < {placement.stages} stages")
     for field, off, why in (("amp", "off", "the library calls the stage without autocast"),
                             ("channels_last", False, "its messages are not laid out for it"),
                             ("replicas", 1, "one pipeline of K ranks")):
@@ -78,4 +102,5 @@ def _describe(run) -> str:
 
 register_engine(EngineInfo(
     "pipelining", "gpipe and 1f1b through torch.distributed.pipelining's PipelineStage and schedules, one rank "
-                  "per stage", per_rank=True, check=_check, describe=_describe, build=PipeliningEngine))
+                  "per stage", per_rank=True, check=_check, describe=_describe, build=PipeliningEngine,
+    observes_actions=False))

@@ -33,6 +33,9 @@ class EngineInfo:
     describe: Callable[[Any], str] = lambda run: f"{run.cfg.engine} engine"
     # Whether --diagnose can run on it (its true gradient is one synchronous pass through every stage).
     diagnoses: bool = False
+    # Whether it runs the stages' actions itself, so --trace can time them and the memory probes see what each
+    # stage keeps (an engine that hands the stages to a library does neither).
+    observes_actions: bool = True
 
 
 _ENGINES: dict[str, EngineInfo] = {}
