@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from .schedule import Action, Op
+from .stage import upcast_half
 
 
 class GradientProbe:
@@ -102,8 +103,7 @@ class GradientProbe:
                     with w.ctx.autocast():
                         h = w.module(h.to(w.device))
                 last = self.workers[-1]
-                logits = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-                loss = last.ctx.loss_fn(logits, labels.to(last.device))
+                loss = last.ctx.loss_fn(upcast_half(h), labels.to(last.device))
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             for buf, saved in buffers:
