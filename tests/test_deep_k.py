@@ -41,7 +41,18 @@ def test_every_method_estimates_its_memory_at_k16(method, options):
     assert all(sum(s.state.values()) > 0 and s.held_bytes(16) > 0 for s in stages)
 
 
-@pytest.mark.parametrize("method,options", list(_variants()))
+# One case per family by default (a delayed-gradient method, a local-learning one with a buffer, one with
+# auxiliary nets shaped after the rest of the network, a micro-batched pipeline); every case is slow.
+DEFAULT_AT_K8 = {"fdg-staleness=legacy", "dgl-async", "auglocal", "gpipe"}
+
+
+def _k8_cases():
+    for case in _variants():
+        marks = () if case.id in DEFAULT_AT_K8 else (pytest.mark.slow,)
+        yield pytest.param(*case.values, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("method,options", list(_k8_cases()))
 def test_every_method_trains_every_stage_at_k8(tmp_path, method, options):
     """Every stage steps and stays finite once the pipeline has filled (FDG's
     stage 0 first steps at iteration 2(K-1) = 14), and the run records a
