@@ -344,7 +344,9 @@ def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: 
         worker = method.make_worker(ctx)
         in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
         graph, output = {}, {}
-        for batch in PROFILE_BATCHES:
+        # A micro-batched stage (gpipe, 1f1b) is probed at batches that split into its M equal micro-batches,
+        # as a run's batch does: the per-micro-batch part of its bytes then scales as in the run.
+        for batch in (b * getattr(worker, "microbatches", 1) for b in PROFILE_BATCHES):
             graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, shapes[k], num_classes,
                                                          releases[k])
         # A full replay buffer: M activations of the stage's input, counted at float32 (bf16 ones take half).
@@ -361,8 +363,11 @@ def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, re
     x = torch.randn(batch, *in_shape)
     labels = torch.arange(batch) % num_classes
     out = probe.forward(0, x, labels)
-    del x, out
+    del x
+    # The output counts while it is the message in flight: for most stages it is their graph's own output
+    # (counted once), for a micro-batched one the joined copy it sends.
     graph, left = probe.held_bytes(), 0
+    del out
     for i, op in enumerate(releases):
         if op is Op.LOCAL:
             probe.local_backward(0)
