@@ -134,6 +134,13 @@ def test_the_makefile_passes_device_and_jobs_to_the_sweep_and_the_table():
     assert "--jobs" not in _make_dry("reproduce-table6", "JOBS=2")["sweep"]  # its cells are speeds
 
 
+def test_the_deep_k_target_sweeps_tabulates_and_plots_error_against_k():
+    lines = _make_dry("reproduce-deep-k", "PRESET=converge", "JOBS=2")
+    assert lines["sweep"].split()[2:6] == ["deep_k", "--preset", "converge", "--out"]
+    assert lines["sweep"].endswith("--launcher subprocess --jobs 2")
+    assert lines["table"].split()[2] == "deep_k" and lines["plot"].split()[2:4] == ["k", "deep_k"]
+
+
 SPEC = """
 title = "Estimate test"
 dataset = "synthetic"
