@@ -73,6 +73,9 @@ class Method:
     order: ClassVar[int] = 100
     breaks: ClassVar[tuple[str, ...]] = ()  # which of LOCKINGS the method breaks
     options: ClassVar[tuple[MethodOption, ...]] = ()
+    # Why a method runs one replica per stage, if it does (its stages keep per-worker state that replicas'
+    # averaged gradients would not keep equal); None: --replicas R works.
+    single_replica: ClassVar[str | None] = None
 
     def __init__(self, **values: Any):
         known = {o.name: o for o in self.options}
@@ -126,6 +129,8 @@ class Method:
         """Where ``-K splits --replicas R`` puts the workers: K stages of R
         replicas each (placement.py). A method whose K counts something else
         (dp: K replicas of the whole model) says so here."""
+        if replicas > 1 and self.single_replica:
+            raise UserError(f"{self.name} runs one replica per stage ({self.single_replica}); use --replicas 1")
         return Placement(splits, replicas)
 
 

@@ -53,9 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fdgbench.errors import UserError
 from fdgbench.method import Method, MethodOption, at_least_one, register
-from fdgbench.placement import Placement
 from fdgbench.schedule import Action, Op
 from fdgbench.stage import StageWorker
 
@@ -126,6 +124,7 @@ class AsyncDGL(Method):
                "activations, so a slow stage (--slowdown) does not stall the next")
     breaks = ("forward", "backward", "update")
     options = (BUFFER, SLOWDOWN, SLOW_STAGE)
+    single_replica = "its buffers are per worker"
 
     def __init__(self, **values):
         super().__init__(**values)
@@ -137,11 +136,6 @@ class AsyncDGL(Method):
         if num_stages > ID_STRIDE:
             return f"runs at most K={ID_STRIDE} stages"
         return None
-
-    def placement(self, splits: int, replicas: int) -> Placement:
-        if replicas > 1:
-            raise UserError(f"{self.name} runs one replica per stage (its buffers are per worker); use --replicas 1")
-        return super().placement(splits, replicas)
 
     def steps(self, k: int, t: int) -> bool:
         """Whether stage k steps at iteration t (if it has an input)."""

@@ -27,9 +27,7 @@ import copy
 
 import torch
 
-from fdgbench.errors import UserError
 from fdgbench.method import register
-from fdgbench.placement import Placement
 from fdgbench.staleness import make_store
 from fdgbench.stage import StageWorker
 
@@ -85,12 +83,7 @@ class PipeDream2BW(BP):
     summary = ("PipeDream-2BW: every stage keeps two weight versions; a batch runs on the older, its gradient "
                "updates the newer (one step late at every stage)")
     breaks = ("forward", "backward", "update")
-
-    def placement(self, splits: int, replicas: int) -> Placement:
-        if replicas > 1:
-            raise UserError(f"{self.name} runs one replica per stage (its gradient moves between weight versions "
-                            f"inside its update); use --replicas 1")
-        return super().placement(splits, replicas)
+    single_replica = "its gradient moves between its weight versions outside the replicas' averaging"
 
     def make_worker(self, ctx):
         return StageWorker(ctx) if ctx.num_stages == 1 else TwoVersionWorker(ctx)

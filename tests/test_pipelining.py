@@ -14,6 +14,7 @@ from fdgbench.runs import RunDirectory
 from fdgbench.train import build_run, fit
 
 from .test_bad_input import TINY, _one_error
+from .test_distributed import _train_sequential
 
 BATCH, STEPS = 48, 6  # one batch per epoch: metrics.jsonl holds every iteration's training loss
 
@@ -39,12 +40,7 @@ def _train_library(rank, configs, root):
 def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_path):
     configs = _configs(k)
     spawn_ranks(k, torch.device("cpu"), _train_library, (configs, str(tmp_path)))
-    threads = torch.get_num_threads()
-    try:
-        for i, cfg in enumerate(configs):
-            fit(build_run(cfg, dataset=_data()), RunDirectory(tmp_path / f"s{i}"))
-    finally:
-        torch.set_num_threads(threads)
+    _train_sequential(configs, tmp_path)  # the same data (synthetic, one batch of 48 per epoch)
     finals = []
     for i, cfg in enumerate(configs):
         seq, lib = RunDirectory(tmp_path / f"s{i}"), RunDirectory(tmp_path / f"p{i}")
