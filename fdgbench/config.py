@@ -74,10 +74,6 @@ def _strategies() -> tuple[str, ...]:
     return STRATEGIES
 
 
-def _engines() -> tuple[str, ...]:
-    return tuple(engine_names())
-
-
 DEVICE_ENV = "FDGBENCH_DEVICE"  # `make test` sets it to cpu, `make reproduce-*` to DEVICE (cli/options.py)
 WARMUPS = ("constant", "linear")
 
@@ -122,7 +118,7 @@ class RunConfig:
     threads: int | None = run_field(None, spec=True, aliases=("--threads-per-stage",),
                                     help="torch intra-op threads of each process (each rank on the distributed "
                                          "engine; default there: this machine's cores / K)")
-    engine: str = run_field("sequential", spec=True, choices=_engines,
+    engine: str = run_field("sequential", spec=True, choices=engine_names,
                             help="sequential: every stage in this process; distributed: one torch.distributed rank "
                                  "per stage (under torchrun, or spawned here); pipelining: gpipe / 1f1b through "
                                  "torch.distributed.pipelining's own schedules, one rank per stage")

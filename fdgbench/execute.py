@@ -56,10 +56,11 @@ def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = 
     it was cached. ``datasets`` caches loaded data across calls (by spec).
     A run recorded as diverged raises DivergedError, cached or not."""
     check_config(cfg)
-    if kw.trace and not engine_info(cfg.engine).observes_actions:
+    engine = engine_info(cfg.engine)
+    if kw.trace and not engine.observes_actions:
         raise UserError(f"--trace times the actions an engine runs itself; --engine {cfg.engine} hands the stages to "
                         f"a library: drop --trace")
-    per_rank = engine_info(cfg.engine).per_rank  # one process per rank: this one under torchrun, else spawned
+    per_rank = engine.per_rank  # one process per rank: this one under torchrun, else spawned
     if per_rank and under_torchrun():
         return _run_torchrun_rank(cfg, kw)
     run = RunDirectory.for_config(kw.out, cfg.to_dict())
@@ -102,7 +103,6 @@ def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
 
 def _check_memory(cfg: RunConfig, data) -> None:
     """Refuse (one line) a run whose estimated stage memory does not fit."""
-
     train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
     test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))
     data_bytes = (train + test) * data.train_images[0].nbytes

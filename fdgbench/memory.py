@@ -344,9 +344,7 @@ def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: 
         worker = method.make_worker(ctx)
         in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
         graph, output = {}, {}
-        # A micro-batched stage (gpipe, 1f1b) is probed at batches that split into its M equal micro-batches,
-        # as a run's batch does: the per-micro-batch part of its bytes then scales as in the run.
-        for batch in (b * getattr(worker, "microbatches", 1) for b in PROFILE_BATCHES):
+        for batch in (b * worker.probe_batch_multiple for b in PROFILE_BATCHES):
             graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, shapes[k], num_classes,
                                                          releases[k])
         # A full replay buffer: M activations of the stage's input, counted at float32 (bf16 ones take half).

@@ -298,6 +298,45 @@ def hold_span(schedule: ScheduleFn, num_stages: int) -> int:
     return span
 
 
+def _release_counts(plans: list[IterationPlan]) -> dict[tuple[int, int | None], int]:
+    """(stage, batch) -> how many BACKWARD/LOCAL actions the batch gets at that stage in ``plans``."""
+    counts: dict[tuple[int, int | None], int] = {}
+    for plan in plans:
+        for k, actions in enumerate(plan):
+            for action in actions:
+                if action.op in (Op.BACKWARD, Op.LOCAL):
+                    counts[(k, action.batch)] = counts.get((k, action.batch), 0) + 1
+    return counts
+
+
+class _Holdings:
+    """What stage k keeps as its actions run: a batch's graph from its FORWARD
+    to its first BACKWARD or LOCAL; then, while it still has releases to come
+    (``remaining``, from _release_counts), its output."""
+
+    def __init__(self, k: int, remaining: dict[tuple[int, int | None], int]):
+        self.k, self.remaining = k, remaining
+        self.graphs: set[int | None] = set()
+        self.outputs: set[int | None] = set()
+
+    def apply(self, action: Action) -> bool:
+        """Account for ``action``; whether it changed what the stage keeps."""
+        b = action.batch
+        if action.op is Op.FORWARD:
+            self.graphs.add(b)
+        elif action.op in (Op.BACKWARD, Op.LOCAL) and (self.k, b) in self.remaining:
+            self.graphs.discard(b)
+            self.remaining[(self.k, b)] -= 1
+            (self.outputs.add if self.remaining[(self.k, b)] else self.outputs.discard)(b)
+        else:
+            return False
+        return True
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return len(self.graphs), len(self.outputs)
+
+
 def batches_held(schedule: ScheduleFn, num_stages: int,
                  iterations: int | None = None) -> list[tuple[tuple[int, int], ...]]:
     """What each stage keeps at once, over the pipeline's fill and several
@@ -311,28 +350,15 @@ def batches_held(schedule: ScheduleFn, num_stages: int,
     ``iterations`` than it takes to fill the pipeline holds fewer."""
     iterations = min(horizon(num_stages), iterations or horizon(num_stages))
     plans = [schedule(num_stages, t) for t in range(iterations)]
-    releases: dict[tuple[int, int | None], int] = {}  # (stage, batch) -> how many BACKWARD/LOCAL it gets
-    for plan in plans:
-        for k, actions in enumerate(plan):
-            for action in actions:
-                if action.op in (Op.BACKWARD, Op.LOCAL):
-                    releases[(k, action.batch)] = releases.get((k, action.batch), 0) + 1
+    releases = _release_counts(plans)
     out = []
     for k in range(num_stages):
-        graphs: set[int | None] = set()
-        outputs: set[int | None] = set()
-        remaining = dict(releases)
+        held = _Holdings(k, dict(releases))
         seen = {(0, 0)}
         for plan in plans:
             for action in plan[k]:
-                b = action.batch
-                if action.op is Op.FORWARD:
-                    graphs.add(b)
-                elif action.op in (Op.BACKWARD, Op.LOCAL) and (k, b) in remaining:
-                    graphs.discard(b)
-                    remaining[(k, b)] -= 1
-                    (outputs.add if remaining[(k, b)] else outputs.discard)(b)
-                seen.add((len(graphs), len(outputs)))
+                held.apply(action)
+                seen.add(held.counts)
         out.append(tuple(sorted(p for p in seen if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in seen))))
     return out
 
@@ -344,30 +370,15 @@ def held_together(schedule: ScheduleFn, num_stages: int) -> list[tuple[tuple[int
     (graphs, outputs) as batches_held counts them. Local learning frees a
     stage's graph before the next stage forwards; BP keeps every stage's
     until its backward reaches it."""
-    iterations = horizon(num_stages)
-    plans = [schedule(num_stages, t) for t in range(iterations)]
-    remaining: dict[tuple[int, int | None], int] = {}  # (stage, batch) -> BACKWARD/LOCAL actions it still gets
-    for plan in plans:
-        for k, actions in enumerate(plan):
-            for action in actions:
-                if action.op in (Op.BACKWARD, Op.LOCAL):
-                    remaining[(k, action.batch)] = remaining.get((k, action.batch), 0) + 1
-    graphs: list[set[int | None]] = [set() for _ in range(num_stages)]
-    outputs: list[set[int | None]] = [set() for _ in range(num_stages)]
+    plans = [schedule(num_stages, t) for t in range(horizon(num_stages))]
+    remaining = _release_counts(plans)  # keyed by stage: one count serves every stage's holdings
+    held = [_Holdings(k, remaining) for k in range(num_stages)]
     snapshots = []
     mailbox = Mailbox()
     for t, plan in enumerate(plans):
         for k, action in execution_order(plan, t, mailbox):
-            b = action.batch
-            if action.op is Op.FORWARD:
-                graphs[k].add(b)
-            elif action.op in (Op.BACKWARD, Op.LOCAL) and (k, b) in remaining:
-                graphs[k].discard(b)
-                remaining[(k, b)] -= 1
-                (outputs[k].add if remaining[(k, b)] else outputs[k].discard)(b)
-            else:
-                continue
-            snapshots.append(tuple((len(g), len(o)) for g, o in zip(graphs, outputs)))
+            if held[k].apply(action):
+                snapshots.append(tuple(h.counts for h in held))
     return snapshots
 
 

@@ -168,6 +168,9 @@ class StageWorker:
     # A worker that keeps received activations (DGL's replay buffer) sets this: the engines hand it every
     # activation it receives (keep_input), and a FORWARD with a ``source`` reads one back (kept_input).
     buffers_inputs = False
+    # The memory estimate probes a stage at small batches times this: a stage that splits every batch into M
+    # micro-batches (gpipe) is probed at batches that split as a run's do.
+    probe_batch_multiple = 1
 
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
                  grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True):

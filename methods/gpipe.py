@@ -42,7 +42,7 @@ class MicroBatchWorker(StageWorker):
 
     def __init__(self, ctx, microbatches: int):
         super().__init__(ctx)
-        self.microbatches = microbatches
+        self.microbatches = self.probe_batch_multiple = microbatches
         self._parts_of: dict[int, int] = {}  # batch -> micro-batches its forward made
 
     def _parts(self, n: int) -> int:

@@ -58,7 +58,6 @@ def test_the_older_version_is_checkpointed_and_restored():
 
 
 def test_replicas_are_one_line(cli, tmp_path):
-    from .test_bad_input import TINY, _one_error
+    from .test_bad_input import _run_refused
 
-    status, _, err = cli("run", "--method", "2bw", *TINY, "--replicas", "2", "--out", tmp_path)
-    _one_error(status, err, "2bw runs one replica per stage")
+    _run_refused(cli, tmp_path, ["--method", "2bw", "--replicas", "2"], "2bw runs one replica per stage")

@@ -22,6 +22,13 @@ def _one_error(status, err, message):
     assert message in err, err
 
 
+def _run_refused(cli, tmp_path, args, message):
+    """`fdgbench run` on the tiny net with ``args``: one error line holding ``message``, exit 2, nothing written."""
+    status, _, err = cli("run", *TINY, *args, "--out", tmp_path)
+    _one_error(status, err, message)
+    assert not any(tmp_path.iterdir())
+
+
 def test_adding_an_image_to_a_folder_dataset_invalidates_its_cache(tmp_path):
     tree = _make_tree(tmp_path / "imgs")
     before = load_image_folder(tree, tmp_path / "cache")

@@ -12,7 +12,7 @@ from fdgbench.method import make_method
 from fdgbench.optim import SGDConfig
 
 from .helpers import ToyStream, engine_for
-from .test_bad_input import TINY, _one_error
+from .test_bad_input import _run_refused
 
 B, STEPS = 8, 3
 
@@ -87,11 +87,9 @@ def test_batchnorm_sees_micro_batches():
     (["--microbatches", "3"], "gpipe: --microbatches 3 does not divide the batch of 32"),
 ])
 def test_bad_microbatches_are_one_line(cli, tmp_path, args, message):
-    status, _, err = cli("run", "--method", "gpipe", *TINY, *args, "--out", tmp_path)
-    _one_error(status, err, message)
-    assert not any(tmp_path.iterdir())
+    _run_refused(cli, tmp_path, ["--method", "gpipe", *args], message)
 
 
 def test_microbatches_on_a_method_without_them_is_one_line(cli, tmp_path):
-    status, _, err = cli("run", "--method", "fdg", *TINY, "--microbatches", "2", "--out", tmp_path)
-    _one_error(status, err, "--microbatches is an option of gpipe, 1f1b, not fdg")
+    _run_refused(cli, tmp_path, ["--method", "fdg", "--microbatches", "2"],
+                 "--microbatches is an option of gpipe, 1f1b, not fdg")

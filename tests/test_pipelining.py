@@ -13,7 +13,7 @@ from fdgbench.engines.launch import spawn_ranks
 from fdgbench.runs import RunDirectory
 from fdgbench.train import build_run, fit
 
-from .test_bad_input import TINY, _one_error
+from .test_bad_input import _run_refused
 from .test_distributed import _train_sequential
 
 BATCH, STEPS = 48, 6  # one batch per epoch: metrics.jsonl holds every iteration's training loss
@@ -85,8 +85,7 @@ def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_pa
     (["--method", "gpipe", "--trace"], "--trace times the actions an engine runs itself"),
 ])
 def test_what_the_library_engine_cannot_run_yet_is_one_line(cli, tmp_path, args, message):
-    status, _, err = cli("run", *TINY, "--engine", "pipelining", *args, "--out", tmp_path)
-    _one_error(status, err, message)
+    _run_refused(cli, tmp_path, ["--engine", "pipelining", *args], message)
 
 
 @pytest.mark.slow
