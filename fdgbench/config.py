@@ -1,24 +1,21 @@
-"""What defines a run: ``RunConfig`` (its fields are the numbers' inputs; a
-hash of them names the run directory) and the checks that refuse a bad one in
-one line before anything is loaded."""
+"""What defines a run: ``RunConfig``, a plain value (its fields are the
+numbers' inputs; a hash of them names the run directory), each field's
+metadata, and the device and warm-up defaults it resolves when made. It sits
+on the ground floor: the checks that refuse a bad config and resolve it into
+a run's plan are plan.py's."""
 from __future__ import annotations
 
 import functools
-import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import torch
 
-from .engines.registry import engine_info, engine_names
+from .engines.registry import engine_names
 from .errors import UserError
-from .method import Method, all_options, make_method
-from .models import build_model
 from .optim import SGDConfig
-from .partition import STRATEGIES, make_partition
-from .placement import Placement
-from .schedule import steps_until_every_stage_updates
+from .partition import STRATEGIES
 
 # Seeds are 32-bit: numpy's generator takes no more, and a stage seeds its own
 # modules' init with seed * 1009 + k + 1 (stage.py), which must stay in int64.
@@ -156,22 +153,9 @@ class RunConfig:
         if self.stage_devices and AUTO in self.stage_devices:
             object.__setattr__(self, "stage_devices", tuple(map(resolve_device, self.stage_devices)))
 
-    @classmethod
-    def from_options(cls, method: str, options: dict[str, Any]) -> RunConfig:
-        """The config that command-line ``options`` (named as the fields; other
-        keys such as ``out`` are not a config's business) and ``method`` give:
-        a method's options are the keys some method declares (given ones only),
-        and a tuple field may come as comma-separated text."""
-        method_options = {name: options[name] for name in all_options() if options.get(name) is not None}
-        values = {}
-        for f in fields(cls):
-            if f.name in ("method", "method_options") or f.name not in options:
-                continue
-            value = options[f.name]
-            if f.name in TUPLE_FIELDS and isinstance(value, str):
-                value = comma_list(value)
-            values[f.name] = value
-        return cls(method=method, method_options=method_options, **values)
+    def sgd(self) -> SGDConfig:
+        """The stages' optimiser settings."""
+        return SGDConfig(self.lr, self.momentum, self.weight_decay, self.nesterov)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -238,99 +222,6 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> None:
-    """Reject bad values before anything is loaded. ``name`` says how the user
-    wrote each field (a flag by default; a table spec passes its own keys)."""
-    for key in ("epochs", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise UserError(f"{name('seed')} must be in [0, {MAX_SEED}], got {cfg.seed}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(f"{name('max_steps')} must be at least 1, got {cfg.max_steps}")
-    if cfg.warmup_epochs < 0:
-        raise UserError(f"{name('warmup_epochs')} must be at least 0, got {cfg.warmup_epochs}")
-    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
-        raise UserError(f"{name('warmup_epochs')} {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the run "
-                        f"would never train at {name('lr')}; use fewer warm-up epochs")
-    if cfg.warmup not in WARMUPS:
-        raise UserError(f"{name('warmup')} must be {' or '.join(WARMUPS)}, got '{cfg.warmup}'")
-    if cfg.warmup != "constant" and not cfg.warmup_epochs:
-        raise UserError(f"{name('warmup')} {cfg.warmup} needs {name('warmup_epochs')} N (how long to warm up)")
-    if cfg.diagnose < 0:
-        raise UserError(f"{name('diagnose')} must be at least 0 (0: off), got {cfg.diagnose}")
-    engine = engine_info(cfg.engine, name("engine"))
-    if cfg.diagnose and not engine.diagnoses:
-        raise UserError(f"{name('diagnose')} runs on the sequential engine (its true gradient is one synchronous "
-                        f"pass through every stage); drop {name('engine')} {cfg.engine}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise UserError(f"{name('lr')} must be a positive finite number, got {cfg.lr}")
-    if not 0 <= cfg.momentum < 1:
-        raise UserError(f"{name('momentum')} must be in [0, 1), got {cfg.momentum}")
-    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
-        raise UserError(f"{name('weight_decay')} must be a non-negative finite number, got {cfg.weight_decay}")
-    if cfg.amp not in ("off", "bf16"):
-        raise UserError(f"{name('amp')} must be off or bf16, got '{cfg.amp}'")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise UserError(f"{name('threads')} must be at least 1, got {cfg.threads}")
-    if cfg.split_at and cfg.partition not in ("auto", "explicit"):
-        # The cut points decide the stages; the strategy would be ignored yet recorded (and hashed).
-        raise UserError(f"--split-at gives the stages itself; --partition {cfg.partition} would be ignored: "
-                        f"drop one of the two")
-    method = make_method(cfg.method, **cfg.method_options)
-    for key in ("splits", "replicas"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{name(key)} must be at least 1, got {getattr(cfg, key)}")
-    placement = method.placement(cfg.splits, cfg.replicas)
-    problem = method.check_run(placement.stages, cfg.batch_size // placement.replicas)
-    if problem:
-        raise UserError(f"{cfg.method}: {problem}")
-    if cfg.split_at and placement.stages != cfg.splits:  # -K counts something else (dp: replicas)
-        raise UserError(f"{cfg.method} places {placement.describe()} ({name('splits')} {cfg.splits} counts its "
-                        f"replicas), so there is nothing to cut: drop {name('split_at')}")
-    if engine.per_rank and cfg.stage_devices:  # before stage_devices(), whose own message would mislead
-        raise UserError(f"{name('stage_devices')} is for the sequential engine; distributed ranks take one device "
-                        f"each")
-    devices = stage_devices(cfg)
-    engine.check(cfg, placement, devices, name)
-    if cfg.batch_size % placement.replicas:
-        raise UserError(f"{cfg.method} splits each batch across {placement.replicas} replicas: {name('batch_size')} "
-                        f"{cfg.batch_size} must be a multiple of {placement.replicas}")
-    if placement.replicas > 1 and cfg.diagnose:
-        raise UserError(f"{name('diagnose')} measures one stage's gradient, and {cfg.method} here has "
-                        f"{placement.replicas} replicas of each: run the diagnosis with one replica")
-    # Model name, K and split points are checked on a weightless (meta) model:
-    # instant even for ResNet-1202, and before any data is loaded.
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    num_stages = placement.stages
-    cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
-    make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
-                   sample=torch.zeros(1, 3, 32, 32, device="meta"))
-    if cfg.max_steps is not None:
-        check_pipeline_depth(cfg, method, num_stages, cfg.max_steps, f"{name('max_steps')} is {cfg.max_steps}")
-
-
-def check_pipeline_depth(cfg: RunConfig, method: Method, num_stages: int, total_steps: int, budget: str) -> None:
-    """Refuse a run that ends before some stage has ever updated: it would
-    "finish" with that stage's weights as initialised."""
-    needed = steps_until_every_stage_updates(method.schedule, num_stages)
-    if total_steps < needed:
-        raise UserError(f"{cfg.method} with K={num_stages} updates every stage only from iteration {needed - 1} "
-                        f"on, so the run needs at least {needed} iterations; {budget}")
-
-
-def check_budget(cfg: RunConfig, method: Method, num_stages: int, steps_per_epoch: int, total_steps: int) -> None:
-    """The checks that need the data's iterations per epoch (once it is loaded)."""
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    if cfg.warmup_epochs and warmup_steps >= total_steps:
-        raise UserError(f"--warmup-epochs {cfg.warmup_epochs} ({warmup_steps} iterations) covers all {total_steps} "
-                        f"iterations of the run: it would never train at --lr; use fewer warm-up epochs")
-    # (--max-steps alone was checked before the data loaded; here the epochs are short.)
-    check_pipeline_depth(cfg, method, num_stages, total_steps, f"--epochs {cfg.epochs} of {steps_per_epoch} "
-                                                               f"iteration(s) each give {total_steps}")
-
-
 def parse_device(text: str) -> torch.device:
     text = resolve_device(text)
     try:
@@ -354,17 +245,3 @@ def device_available(text: str) -> bool:
     except UserError:
         return False
     return True
-
-
-def placement_of(cfg: RunConfig) -> Placement:
-    """The run's stages x replicas (its method decides what K counts)."""
-    return make_method(cfg.method, **cfg.method_options).placement(cfg.splits, cfg.replicas)
-
-
-def stage_devices(cfg: RunConfig) -> list[torch.device]:
-    if cfg.stage_devices:
-        if len(cfg.stage_devices) != cfg.splits:
-            raise UserError(f"--stage-devices lists {len(cfg.stage_devices)} devices for {cfg.splits} stages")
-        return [parse_device(d) for d in cfg.stage_devices]
-    return [parse_device(cfg.device)] * cfg.splits
-

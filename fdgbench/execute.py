@@ -15,16 +15,16 @@ from typing import Any, Iterator
 import torch
 
 from . import checkpoint
-from .config import RunConfig, check_config, parse_device, placement_of
+from .config import RunConfig
 from .data import load_dataset
 from .engines.launch import (check_ranks_fit, init_process_group, is_communication_error, lost_contact_of, spawn_ranks,
                              under_torchrun)
-from .engines.registry import engine_info
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .memory import check_fits
 from .run_record import CORRUPT, corrupt_text, read_run
-from .runs import RunDirectory, config_hash
+from .plan import Plan, as_plan, check_config
+from .runs import RunDirectory
 from .tracking import WandbTracker
 from .callbacks import standard_callbacks
 from .train import build_run, fit, train_rank
@@ -49,40 +49,40 @@ class RunOptions:
         return cls(**{k: options[k] for k in cls.__dataclass_fields__ if k in options})
 
 
-def train_run(cfg: RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = None
+def train_run(plan_or_config: Plan | RunConfig, kw: RunOptions, datasets: dict[str, Any] | None = None
               ) -> tuple[dict[str, Any], Path, bool]:
     """Train one config unless its run directory is done (resuming from its
     checkpoint if it has one); returns the summary, the directory and whether
     it was cached. ``datasets`` caches loaded data across calls (by spec).
     A run recorded as diverged raises DivergedError, cached or not."""
-    check_config(cfg)
-    engine = engine_info(cfg.engine)
+    plan = as_plan(plan_or_config)
+    cfg, engine = plan.cfg, plan.engine
     if kw.trace and not engine.observes_actions:
         raise UserError(f"--trace times the actions an engine runs itself; --engine {cfg.engine} hands the stages to "
                         f"a library: drop --trace")
     per_rank = engine.per_rank  # one process per rank: this one under torchrun, else spawned
     if per_rank and under_torchrun():
-        return _run_torchrun_rank(cfg, kw)
-    run = RunDirectory.for_config(kw.out, cfg.to_dict())
+        return _run_torchrun_rank(plan, kw)
+    run = plan.directory(kw.out)
     if run.is_done and not kw.force:
         return _cached(run, done_summary(run))
     run.ensure_writable()
     with run.lock(), _removed_if_left_empty(run):  # the lock is held until the run ends: its ranks write under it
         if run.is_done and not kw.force:  # finished by another process since the check above
             return _cached(run, done_summary(run))
-        resume = _resume_point(run, cfg, kw)
+        resume = _resume_point(run, plan, kw)
         datasets = {} if datasets is None else datasets
         if cfg.dataset not in datasets:
             datasets[cfg.dataset] = load_dataset(cfg.dataset, kw.data_dir)
         if not kw.ignore_memory_check:
-            _check_memory(cfg, datasets[cfg.dataset])
+            _check_memory(plan, datasets[cfg.dataset])
         if per_rank:  # spawn one process per rank here; the data is checked (and cached) above
-            summaries = spawn_ranks(placement_of(cfg).ranks, parse_device(cfg.device), train_rank,
+            summaries = spawn_ranks(plan.placement.ranks, plan.devices[0], _spawned_rank,
                                     (cfg, kw.data_dir, str(run.path), kw.progress, kw.trace, None,
                                      _wandb_project(kw), resume))
             return summaries[0], run.path, False
         tracker = WandbTracker(_wandb_project(kw)) if kw.use_wandb else None  # fails before training if absent
-        trainer = build_run(cfg, dataset=datasets[cfg.dataset], tracer=Tracer() if kw.trace else None, resume=resume)
+        trainer = build_run(plan, dataset=datasets[cfg.dataset], tracer=Tracer() if kw.trace else None, resume=resume)
         print(trainer.describe(), file=sys.stderr, flush=True)
         return fit(trainer, run, standard_callbacks(trainer, kw.progress, tracker)), run.path, False
 
@@ -101,13 +101,14 @@ def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
         raise
 
 
-def _check_memory(cfg: RunConfig, data) -> None:
+def _check_memory(plan: Plan, data) -> None:
     """Refuse (one line) a run whose estimated stage memory does not fit."""
+    cfg = plan.cfg
     train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
     test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))
     data_bytes = (train + test) * data.train_images[0].nbytes
     steps = cfg.epochs * max(1, train // cfg.batch_size)
-    check_fits(cfg, tuple(data.train_images.shape[1:]), data.num_classes, data_bytes,
+    check_fits(plan, tuple(data.train_images.shape[1:]), data.num_classes, data_bytes,
                min(steps, cfg.max_steps or steps))
 
 
@@ -134,37 +135,44 @@ def _cached(run: RunDirectory, summary: dict[str, Any]) -> tuple[dict[str, Any],
     return summary, run.path, True
 
 
-def _resume_point(run: RunDirectory, cfg: RunConfig, kw: RunOptions) -> dict[str, Any] | None:
+def _resume_point(run: RunDirectory, plan: Plan, kw: RunOptions) -> dict[str, Any] | None:
     """The checkpoint an unfinished run continues from (None: start afresh,
     also under --force), announced on stderr; one another run wrote is refused."""
-    resume = None if kw.force else checkpoint.latest(run.path, config_hash(cfg.to_dict()))
+    resume = None if kw.force else checkpoint.latest(run.path, plan.config_hash)
     if resume is not None:
         print(f"resuming {run.path.name} from its checkpoint after epoch {resume['epoch']} (--force starts over)",
               file=sys.stderr, flush=True)
     return resume
 
 
+def _spawned_rank(rank: int, cfg: RunConfig, *args: Any) -> dict[str, Any]:
+    """One spawned rank of a distributed run: a process of its own, so it
+    resolves its own plan (a method from a plug-in is found there by name, as
+    the parent found it) and trains its stage (train.train_rank's arguments)."""
+    return train_rank(rank, check_config(cfg), *args)
+
+
 def _wandb_project(kw: RunOptions) -> str | None:
     return (kw.wandb_project or "fdgbench") if kw.use_wandb else None
 
 
-def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], Path, bool]:
+def _run_torchrun_rank(plan: Plan, kw: RunOptions) -> tuple[dict[str, Any], Path, bool]:
     """This process is one rank that torchrun started (multi-node: torchrun's
     flags). Rank 0 decides whether the run is already done."""
     import torch.distributed as dist
 
-    device = parse_device(cfg.device)
+    device = plan.devices[0]
     check_ranks_fit(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                     torch.cuda.device_count() if device.type == "cuda" else 0)
     init_process_group(device, int(os.environ["LOCAL_RANK"]))
     peer_lost = False
     try:
-        placement = placement_of(cfg)
+        placement = plan.placement
         if dist.get_world_size() != placement.ranks:
             raise UserError(f"torchrun started {dist.get_world_size()} ranks but the run places "
                             f"{placement.describe()} = {placement.ranks} ranks; use --nproc-per-node "
                             f"{placement.ranks} (times the nodes)")
-        run = RunDirectory.for_config(kw.out, cfg.to_dict())
+        run = plan.directory(kw.out)
         with contextlib.ExitStack() as held:
             # (summary if done already, checkpoint to resume from, rank 0's error): every rank must
             # learn of the error, or the others would wait for rank 0 until the collective times out.
@@ -176,7 +184,7 @@ def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], 
                     if run.is_done and not kw.force:
                         decision[0] = done_summary(run)
                     else:
-                        decision[1] = _resume_point(run, cfg, kw)
+                        decision[1] = _resume_point(run, plan, kw)
                 except UserError as exc:
                     decision[2] = str(exc)
             dist.broadcast_object_list(decision, src=0)
@@ -186,7 +194,7 @@ def _run_torchrun_rank(cfg: RunConfig, kw: RunOptions) -> tuple[dict[str, Any], 
                 return _cached(run, decision[0])
             if dist.get_rank() == 0:  # the directory's owner removes it if nothing was written
                 held.enter_context(_removed_if_left_empty(run))
-            summary = train_rank(dist.get_rank(), cfg, kw.data_dir, str(run.path), kw.progress, kw.trace,
+            summary = train_rank(dist.get_rank(), plan, kw.data_dir, str(run.path), kw.progress, kw.trace,
                                  local_rank=int(os.environ["LOCAL_RANK"]), wandb_project=_wandb_project(kw),
                                  resume=decision[1])
             return summary, run.path, False

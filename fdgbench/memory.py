@@ -31,15 +31,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .config import placement_of, stage_devices
-from .engines.registry import engine_info
+from .config import RunConfig
 from .errors import UserError
-from .method import make_method
 from .models import build_model
-from .optim import SGDConfig
 from .partition import block_output_shapes, build_stages, make_partition
+from .plan import Plan, as_plan, check_config
 from .schedule import Op, batches_held, held_together, hold_span, release_ops
-from .stage import StageContext
 
 MiB = 2**20
 GiB = 2**30
@@ -300,8 +297,9 @@ def one_process_peak(stages: list[StageEstimate], schedule, batch: int) -> float
     return sum(sum(s.state.values()) + s.kept.at(batch) for s in stages) + held
 
 
-def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | None = None) -> list[StageEstimate]:
-    """Each stage's memory for ``cfg`` (a RunConfig), without training: the
+def estimate(run: Plan | RunConfig, image_shape: tuple[int, ...], num_classes: int, steps: int | None = None
+             ) -> list[StageEstimate]:
+    """Each stage's memory for ``run`` (a plan, or a config checked into one), without training: the
     stages built on the CPU (a cheap partition in place of a measured one),
     one forward of each at two small batches recording what it keeps, then that batch's backward(s) and a step (the
     optimizer's state); bytes per batch scaled linearly to the run's batch,
@@ -309,8 +307,7 @@ def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | N
     given: a short run never fills a deep pipeline). In fp32: under --amp bf16 autocast keeps
     some activations in half the bytes, so the estimate errs high."""
 
-    method = make_method(cfg.method, **cfg.method_options)
-    num_stages = method.placement(cfg.splits, cfg.replicas).stages
+    plan = as_plan(run)
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
     # On the CPU, one thread: fastest at these batches (the meta device's Python shape functions are slower
@@ -318,14 +315,14 @@ def estimate(cfg, image_shape: tuple[int, ...], num_classes: int, steps: int | N
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _estimate(cfg, method, num_stages, image_shape, num_classes, cpu, steps)
+            return _estimate(plan, image_shape, num_classes, cpu, steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: torch.device,
-              steps: int | None) -> list[StageEstimate]:
-
+def _estimate(plan: Plan, image_shape, num_classes: int, cpu: torch.device, steps: int | None
+              ) -> list[StageEstimate]:
+    cfg, method, num_stages = plan.cfg, plan.method, plan.num_stages
     model = build_model(cfg.model, num_classes)
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition
     partition = make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,
@@ -337,11 +334,7 @@ def _estimate(cfg, method, num_stages: int, image_shape, num_classes: int, cpu: 
     releases = release_ops(method.schedule, num_stages)
     out = []
     for k, stage in enumerate(stages):
-        ctx = StageContext(k, num_stages, stage, cpu, SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay,
-                                                                cfg.nesterov),
-                           output_shape=shapes[k], blocks=partition.ranges()[k], block_shapes=block_shapes,
-                           num_classes=num_classes, seed=cfg.seed)
-        worker = method.make_worker(ctx)
+        worker = method.make_worker(plan.stage_context(k, stage, partition, block_shapes, num_classes, cpu))
         in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
         graph, output = {}, {}
         for batch in (b * worker.probe_batch_multiple for b in PROFILE_BATCHES):
@@ -402,16 +395,16 @@ def available_bytes(device: torch.device) -> int:
     return 2**62  # unknown: do not refuse
 
 
-def memory_pools(cfg, num_stages: int) -> list[str]:
+def memory_pools(plan: Plan, num_stages: int) -> list[str]:
     """Which memory each stage draws on: its device on the sequential engine;
     on the distributed engine this machine's RAM for every CPU rank (spawned
     here), or the rank's own GPU."""
 
-    per_rank = engine_info(cfg.engine).per_rank
-    devices = None if per_rank else stage_devices(replace(cfg, splits=num_stages))
-    if devices is None:  # rank k's device, as engines.launch.rank_device picks it (check_ranks_fit came first)
-        base = torch.device(cfg.device)
+    if plan.engine.per_rank:  # rank k's device, as engines.launch.rank_device picks it (check_ranks_fit came first)
+        base = plan.devices[0]
         devices = [torch.device("cuda", k) if base.type == "cuda" else base for k in range(num_stages)]
+    else:
+        devices = list(plan.devices[:num_stages])
     return [str(torch.device(d.type, d.index if d.index is not None else 0)) if d.type == "cuda" else d.type
             for d in devices]
 
@@ -428,21 +421,22 @@ class Need:
         return self.needed <= self.available
 
 
-def needs(cfg, stages: list[StageEstimate], data_bytes: int, available=None) -> list[Need]:
+def needs(plan: Plan, stages: list[StageEstimate], data_bytes: int, available=None, batch: int | None = None
+          ) -> list[Need]:
     """Per memory pool: OVERHEAD x the stages' summed peaks, plus the data's
     uint8 copy and a process's runtime wherever a process still to start
     puts them (this process, already running, is counted in what is free)."""
 
     available = available or available_bytes
-    batch = cfg.batch_size
-    replicas = placement_of(cfg).replicas
-    per_rank = engine_info(cfg.engine).per_rank
+    batch = batch or plan.cfg.batch_size  # (another batch size: what would fit)
+    replicas = plan.placement.replicas
+    per_rank = plan.engine.per_rank
     if per_rank and replicas > 1:
         # A rank per stage and replica, each on its own shard of the batch. (The sequential engine replays the
         # shards through one copy of each stage, holding what the whole batch would.)
         batch = max(1, batch // replicas)
         stages = stages * replicas
-    pools = memory_pools(cfg, len(stages))
+    pools = memory_pools(plan, len(stages))
     if per_rank:  # one new process per stage (rank), each with the data on its device
         extra = [data_bytes + RUNTIME_BYTES] * len(stages)
     else:  # this process; the data goes to stage 0's device (already here on a CPU)
@@ -459,22 +453,24 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f} GiB"
 
 
-def check_fits(cfg, image_shape: tuple[int, ...], num_classes: int, data_bytes: int = 0, steps: int | None = None,
-               available=None) -> None:
+def check_fits(run: Plan | RunConfig, image_shape: tuple[int, ...], num_classes: int, data_bytes: int = 0,
+               steps: int | None = None, available=None) -> None:
     """Refuse, in one line, a run (of ``steps`` iterations) whose estimated
     stage peaks exceed the memory free where they go; name the changes that
     would fit. ``available(device)`` defaults to available_bytes."""
     available = available or available_bytes
-    stages = estimate(cfg, image_shape, num_classes, steps)
-    short = [n for n in needs(cfg, stages, data_bytes, available) if not n.fits]
+    plan = as_plan(run)
+    cfg = plan.cfg
+    stages = estimate(plan, image_shape, num_classes, steps)
+    short = [n for n in needs(plan, stages, data_bytes, available) if not n.fits]
     if not short:
         return
     worst = max(short, key=lambda n: n.needed - n.available)
     per_stage = " + ".join(f"{stages[k % len(stages)].peak_bytes(cfg.batch_size) / GiB:.1f}" for k in worst.stages)
 
-    staleness = make_method(cfg.method, **cfg.method_options).option_values().get("staleness")
+    staleness = plan.method.option_values().get("staleness")
     mode = f"staleness {staleness}, " if staleness else ""
-    suggestions = _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available)
+    suggestions = _what_fits(plan, stages, image_shape, num_classes, data_bytes, steps, available)
     raise UserError(
         f"{cfg.method} {cfg.model} K={cfg.splits} batch {cfg.batch_size} ({mode}{cfg.engine} engine) needs about "
         f"{gib(worst.needed)} on {worst.pool} (stages {per_stage} GiB held and state, x{OVERHEAD} for backward "
@@ -482,41 +478,51 @@ def check_fits(cfg, image_shape: tuple[int, ...], num_classes: int, data_bytes: 
         f"--ignore-memory-check runs it anyway")
 
 
-def _fits(cfg, stages, data_bytes, available) -> tuple[bool, float]:
-    found = needs(cfg, stages, data_bytes, available)
+def _fits(plan: Plan, stages, data_bytes, available, batch: int | None = None) -> tuple[bool, float]:
+    found = needs(plan, stages, data_bytes, available, batch)
     return all(n.fits for n in found), max(n.needed for n in found)
 
 
-def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, available) -> list[str]:
+def _alternative(cfg: RunConfig) -> Plan | None:
+    """The plan of a change _what_fits would suggest, or None where the change is not a valid run."""
+    try:
+        return check_config(cfg)
+    except UserError:
+        return None
+
+
+def _what_fits(plan: Plan, stages, image_shape, num_classes, data_bytes, steps, available) -> list[str]:
     """The single changes that make the estimate fit: --staleness replay, a
     larger K (where stages go to separate GPUs), a smaller batch, one device
     per stage, and always: a device with enough free."""
 
+    cfg = plan.cfg
     out = []
-    staleness = next((o for o in make_method(cfg.method).options if o.name == "staleness"), None)
+    staleness = next((o for o in plan.method.options if o.name == "staleness"), None)
     if staleness and "replay" in (staleness.choices or ()) and cfg.method_options.get("staleness") != "replay":
-        alt = replace(cfg, method_options={**cfg.method_options, "staleness": "replay"})
-        ok, need = _fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available)
+        alt = _alternative(replace(cfg, method_options={**cfg.method_options, "staleness": "replay"}))
+        ok, need = _fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available) if alt else (False, 0)
         if ok:
             out.append(f"--staleness replay ({gib(need)})")
     with torch.device("meta"):
         blocks = len(build_model(cfg.model, num_classes))
-    pools = memory_pools(cfg, len(stages))
+    pools = memory_pools(plan, len(stages))
     # More stages help only where they spread over more memory: on one pool the sum over stages only
     # grows with K (as many activations, more batches in flight), so it is not tried there.
-    spread = engine_info(cfg.engine).per_rank and pools[0] != "cpu"
-    if spread and placement_of(cfg).stages == cfg.splits:  # (dp's K counts replicas: more hold no less each)
+    spread = plan.engine.per_rank and pools[0] != "cpu"
+    if spread and plan.num_stages == cfg.splits:  # (dp's K counts replicas: more hold no less each)
         for k in sorted({cfg.splits + 1, 2 * cfg.splits}):
             if k > blocks:
                 continue
-            alt = replace(cfg, splits=k, split_at=None)
-            ok, need = _fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available)
+            alt = _alternative(replace(cfg, splits=k, split_at=None))
+            ok, need = (_fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available) if alt
+                        else (False, 0))
             if ok:
                 out.append(f"--splits {k} ({gib(need)} per GPU)")
                 break
     batch = cfg.batch_size // 2
     while batch >= 1:
-        ok, need = _fits(replace(cfg, batch_size=batch), stages, data_bytes, available)
+        ok, need = _fits(plan, stages, data_bytes, available, batch)
         if ok:
             out.append(f"--batch-size {batch} ({gib(need)}; changes the protocol)")
             break
@@ -527,6 +533,6 @@ def _what_fits(cfg, stages, image_shape, num_classes, data_bytes, steps, availab
         if largest <= available(pool):
             kind = "GPUs (--engine distributed)" if pool.type == "cuda" else "machines (torchrun)"
             out.append(f"{len(stages)} {kind} like this one, one stage each ({gib(largest)} for the largest)")
-    worst = max(needs(cfg, stages, data_bytes, available), key=lambda n: n.needed - n.available)
+    worst = max(needs(plan, stages, data_bytes, available), key=lambda n: n.needed - n.available)
     out.append(f"a device with {gib(worst.needed)} free")
     return out

@@ -15,10 +15,11 @@ import importlib.util
 import os
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
+from .config import RunConfig
 from .errors import UserError
 from .placement import Placement
 from .schedule import IterationPlan
@@ -190,7 +191,7 @@ def _check_classes(methods: list[type[Method]]) -> None:
 
 def _check_options(methods: list[type[Method]]) -> None:
     """Every method's options become flags of ``fdgbench run`` and keys of a
-    config (RunConfig.from_options reads them from the same dict as the run's
+    config (cli.options.run_config reads them from the same dict as the run's
     own fields): a name must not be a run option's, and methods that share a
     name share one flag, which parses one type."""
     run_options = _run_option_names()
@@ -207,10 +208,6 @@ def _check_options(methods: list[type[Method]]) -> None:
 
 @functools.cache
 def _run_option_names() -> frozenset[str]:
-    from dataclasses import fields
-
-    from .config import RunConfig  # config imports this module: looked up at the first check, not at import
-
     return frozenset(f.name for f in fields(RunConfig))
 
 

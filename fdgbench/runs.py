@@ -104,9 +104,11 @@ class RunDirectory:
         self.path = Path(path)
 
     @classmethod
-    def for_config(cls, root: str | os.PathLike, config: dict[str, Any]) -> "RunDirectory":
+    def for_config(cls, root: str | os.PathLike, config: dict[str, Any], digest: str | None = None) -> "RunDirectory":
+        """The directory of the run of ``config`` (a RunConfig's dict) under
+        ``root``; ``digest``: its config_hash where the caller has it already."""
         replicas = f"R{config['replicas']}" if config.get("replicas", 1) > 1 else ""
-        name = f"{config['method']}-{config['model']}-K{config['splits']}{replicas}-{config_hash(config)}"
+        name = f"{config['method']}-{config['model']}-K{config['splits']}{replicas}-{digest or config_hash(config)}"
         return cls(Path(root) / name)
 
     @property

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import checkpoint
-from .config import RESOLVED_FIELDS, TUPLE_FIELDS, RunConfig, device_available, flag_name
+from .config import AUTO, RESOLVED_FIELDS, TUPLE_FIELDS, RunConfig, device_available, flag_name
 from .data import load_dataset
 from .errors import DivergedError, RunInUseError, UserError
 from .engines.launch import set_parent_death_signal
 from .execute import RunOptions, done_summary, train_run
 from .method import all_options
-from .report.specs import Cell, TableSpec, load_spec
+from .report.specs import Cell, Preset, load_spec
 from .run_record import CORRUPT, RECORDED, SETTLED, RunRecord, corrupt_text, read_run, run_state  # noqa: F401
 from .runs import RunDirectory
 
@@ -51,32 +51,36 @@ class Job:
         return self.record.state
 
 
-def preset_root(spec: TableSpec, preset: str, out: str | Path) -> Path:
+def preset_root(preset: Preset, out: str | Path) -> Path:
     """Where a preset's runs go: OUT/<table>-<preset>, or OUT/<the preset's runs>."""
-    return Path(out) / spec.preset(preset).get("runs", f"{spec.name}-{preset}")
+    return Path(out) / preset.runs
 
 
 def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path, data_dir: str = "data",
-                device: str | None = None) -> tuple[TableSpec, list[Cell], list[Job]]:
-    """The spec, its preset's cells and one Job per cell, under the preset's
-    results root (``preset_root``); ``device``, where given, replaces the
-    preset's. A preset with a ``fallback_dataset`` uses it where the spec's
-    dataset cannot be loaded (sweep, status and table all decide the same way)."""
-    spec = load_spec(table)
-    p = spec.preset(preset)
+                device: str | None = None) -> tuple[Preset, list[Cell], list[Job]]:
+    """TABLE's preset (resolved here, once: the object the caller hands on;
+    its ``spec`` is the table's), its cells and one Job per cell, under the
+    preset's results root (``preset_root``); ``device``, where given, replaces
+    the preset's, except that ``auto`` keeps a preset's own device (converge-gpu's
+    cuda, wherever the command runs) and is otherwise this machine's (RunConfig
+    resolves it). A preset with a ``fallback_dataset`` uses it where the
+    spec's dataset cannot be loaded (sweep, status and table all decide the
+    same way)."""
+    p = load_spec(table).preset(preset)
+    spec = p.spec
     dataset = spec.dataset
-    if p.get("fallback_dataset"):
+    if p.fallback_dataset:
         try:
             load_dataset(spec.dataset, data_dir)
         except UserError as exc:  # e.g. no CIFAR-100 here: the preset allows labelled synthetic data
-            print(f"note: {exc}; using {p['fallback_dataset']} as this preset allows", file=sys.stderr)
-            dataset = p["fallback_dataset"]
-    cells = spec.cells(preset, seeds, dataset)
-    if device is not None:
+            print(f"note: {exc}; using {p.fallback_dataset} as this preset allows", file=sys.stderr)
+            dataset = p.fallback_dataset
+    cells = spec.cells(p, seeds, dataset)
+    if device is not None and not (device == AUTO and "device" in p.run):
         cells = [replace(c, config=replace(c.config, device=device)) for c in cells]
-    root = preset_root(spec, preset, out)
+    root = preset_root(p, out)
     jobs = [Job(f"{c.row.id} / {c.column.id} / seed {c.seed}", c.config, root) for c in cells]
-    return spec, cells, jobs
+    return p, cells, jobs
 
 
 def config_args(cfg: RunConfig) -> list[str]:

@@ -12,25 +12,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import RunConfig, check_budget, check_config, stage_devices
+from .config import RunConfig
 from .data import BatchStream, ImageDataset, Normalizer, RenamedBatches, load_dataset
 from .diagnose import GradientProbe
 from .engines.launch import from_rank0, rank_device, threads_per_rank
-from .engines.registry import engine_info
 from .engines.sequential import Observer
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
 from .memory import MemoryMonitor
-from .method import make_method
 from .models import build_model, count_parameters
 from .numerics import configure_numerics, seed_everything
-from .optim import SGDConfig, lr_at
+from .optim import lr_at
 from .placement import ReplicaStream, replay_shards, replica_groups, steps_outside_update, sync_replicas
 from .resume import restore
 from .partition import Partition, block_output_shapes, build_stages, make_partition
-from .runs import RunDirectory, config_hash
+from .plan import Plan, as_plan, check_budget
+from .runs import RunDirectory
 from .schedule import hold_span
-from .stage import StageContext, summarize_totals
+from .stage import summarize_totals
 from .callbacks import Callback, standard_callbacks
 from .tracking import WandbTracker
 
@@ -38,8 +37,8 @@ CHECK_EVERY = 50  # iterations between loss read-outs (progress bar, divergence 
 
 
 class Run:
-    """Every piece of a run, built once from its config (``build_run``);
-    ``fit`` trains it.
+    """Every piece of a run, built once from its plan (``build_run``: the
+    config checked and resolved by plan.check_config); ``fit`` trains it.
 
     With ``rank`` (a torch.distributed process group is up, one rank per
     stage and replica: placement.py) this process builds the same model and
@@ -51,17 +50,17 @@ class Run:
     its recorded stage boundaries are used (a measured partition could come
     out different) and ``fit`` restores the checkpoint before training on."""
 
-    def __init__(self, cfg: RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None,
+    def __init__(self, plan: Plan, data_dir: str = "data", dataset: ImageDataset | None = None,
                  observer: Observer | None = None, rank: int | None = None, local_rank: int | None = None,
                  tracer: Tracer | None = None, resume: dict[str, Any] | None = None):
-        check_config(cfg)
+        cfg = plan.cfg
         # The config names the engine; a per-rank engine's process is one rank of it (the group is up).
-        self.engine_info = engine_info(cfg.engine)
+        self.engine_info = plan.engine
         if self.engine_info.per_rank != (rank is not None):
             raise ValueError(f"a {cfg.engine}-engine run is built " + ("with a rank" if rank is not None else
                              "without its rank: build it in each rank of a torch.distributed group"))
-        self.cfg = cfg
-        self.config_hash = config_hash(cfg.to_dict())  # the run directory's name; checkpoints carry it
+        self.plan, self.cfg = plan, cfg
+        self.config_hash = plan.config_hash  # the run directory's name; checkpoints carry it
         self.rank = rank
         # This process among the run's processes (the sequential engine is one).
         self.process, self.processes = (0, 1) if rank is None else (rank, dist.get_world_size())
@@ -73,12 +72,12 @@ class Run:
             torch.set_num_threads(threads)
         configure_numerics(cfg.deterministic)
         seed_everything(cfg.seed)
-        self.method = make_method(cfg.method, **cfg.method_options)
-        self.placement = self.method.placement(cfg.splits, cfg.replicas)
+        self.method = plan.method
+        self.placement = plan.placement
         self.num_stages = self.placement.stages
         # This process's replica (replica 0 saves the weights and scores the test set).
         self.replica = 0 if rank is None else self.placement.replica_of(rank)
-        devices = stage_devices(cfg)
+        devices = list(plan.devices)
         if rank is not None:
             devices = [rank_device(devices[0], rank if local_rank is None else local_rank)] * self.num_stages
         self.devices = devices
@@ -105,7 +104,7 @@ class Run:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         block_shapes = block_output_shapes(model, tuple(self.dataset.train_images.shape[1:]), self.devices[0])
         all_stages = build_stages(model, self.partition)
-        self.output_shapes = shapes = [block_shapes[r.stop - 1] for r in self.partition.ranges()]
+        self.output_shapes = [block_shapes[r.stop - 1] for r in self.partition.ranges()]
         # The stages this process trains: all of them, or the rank's own.
         self.stage_indices = list(range(self.num_stages)) if rank is None else [self.placement.stage_of(rank)]
         self.stages = [all_stages[k].to(self.devices[k], memory_format=self.memory_format)
@@ -115,7 +114,7 @@ class Run:
         # Every rank creates the replica groups here, before the engine's groups (one order on every rank).
         self._replica_group = (replica_groups(self.placement, self.devices[0])
                                if rank is not None and self.placement.replicas > 1 else None)
-        self.workers = [self._make_worker(k, stage, shapes[k], block_shapes)
+        self.workers = [self._make_worker(k, stage, block_shapes)
                         for k, stage in zip(self.stage_indices, self.stages)]
         mean, std = self.dataset.channel_stats()
         self.normalizer = Normalizer(mean, std, self.devices[0], cfg.channels_last)
@@ -136,7 +135,7 @@ class Run:
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(self.planned_steps, cfg.max_steps or self.planned_steps)
         self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch
-        check_budget(cfg, self.method, self.num_stages, self.steps_per_epoch, self.total_steps)
+        check_budget(plan, self.steps_per_epoch, self.total_steps)
         # Forwards this close to a checkpoint keep their weights (their batches may still be in flight there).
         self.hold_span = hold_span(self.method.schedule, self.num_stages)
         self.memory = MemoryMonitor(self.workers, self.stage_indices, self.devices, self.method.schedule,
@@ -145,14 +144,11 @@ class Run:
         self.identity = {"method": cfg.method, **self.method.option_values(), "model": cfg.model,
                           "splits": cfg.splits, "seed": cfg.seed}
 
-    def _make_worker(self, k: int, stage: nn.Module, output_shape: tuple[int, ...],
-                     block_shapes: tuple[tuple[int, ...], ...]):
+    def _make_worker(self, k: int, stage: nn.Module, block_shapes: tuple[tuple[int, ...], ...]):
         cfg = self.cfg
-        ctx = StageContext(k, self.num_stages, stage, self.devices[k],
-                           SGDConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov), amp_dtype=self.amp_dtype,
-                           output_shape=output_shape, blocks=self.partition.ranges()[k], block_shapes=block_shapes,
-                           num_classes=self.dataset.num_classes, seed=cfg.seed, memory_format=self.memory_format)
-        worker = self.method.make_worker(ctx)
+        worker = self.method.make_worker(self.plan.stage_context(k, stage, self.partition, block_shapes,
+                                                                 self.dataset.num_classes, self.devices[k],
+                                                                 self.amp_dtype, self.memory_format))
         replicas = self.placement.replicas
         if replicas == 1:
             return worker
@@ -239,11 +235,12 @@ class Run:
                 torch.cuda.current_stream(d).synchronize()
 
 
-def build_run(cfg: RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None, **kw: Any) -> Run:
-    """Check ``cfg``, load its data (unless ``dataset`` is given) and build the
-    model, partition, stages, workers, batch stream, test set and engine,
-    once (Run's keyword arguments: observer, rank, local_rank, tracer, resume)."""
-    return Run(cfg, data_dir, dataset, **kw)
+def build_run(run: Plan | RunConfig, data_dir: str = "data", dataset: ImageDataset | None = None, **kw: Any) -> Run:
+    """Load the data of ``run`` (a plan; a config is checked into its plan
+    here) unless ``dataset`` is given, and build the model, partition, stages,
+    workers, batch stream, test set and engine, once (Run's keyword
+    arguments: observer, rank, local_rank, tracer, resume)."""
+    return Run(as_plan(run), data_dir, dataset, **kw)
 
 
 def fit(run: Run, directory: RunDirectory, callbacks: list[Callback] | None = None) -> dict[str, Any]:
@@ -329,18 +326,18 @@ def _check_finite(totals: dict[str, Any], t: int, first: int) -> None:
                             f"{since}-{t}; the loss is checked every {CHECK_EVERY} iterations)")
 
 
-def train_rank(rank: int, cfg: RunConfig, data_dir: str, run_path: str, progress: bool | None, trace: bool,
+def train_rank(rank: int, plan: Plan, data_dir: str, run_path: str, progress: bool | None, trace: bool,
                local_rank: int | None = None, wandb_project: str | None = None,
                resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """One rank of a distributed run (the process group is up): load the data
     (rank 0 first, so a decoding cache is written once), build this rank's
     stage and train it (from ``resume``, rank 0's checkpoint pointer, if given)."""
     if rank == 0:
-        dataset = load_dataset(cfg.dataset, data_dir)
+        dataset = load_dataset(plan.cfg.dataset, data_dir)
     dist.barrier()
     if rank != 0:
-        dataset = load_dataset(cfg.dataset, data_dir)
-    trainer = build_run(cfg, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None,
+        dataset = load_dataset(plan.cfg.dataset, data_dir)
+    trainer = build_run(plan, dataset=dataset, rank=rank, local_rank=local_rank, tracer=Tracer() if trace else None,
                         resume=resume)
     if rank == 0:
         print(trainer.describe(), file=sys.stderr, flush=True)

@@ -6,7 +6,8 @@ import torch
 from fdgbench.data import load_image_folder
 from fdgbench.method import make_method
 from fdgbench.schedule import steps_until_every_stage_updates
-from fdgbench.config import RunConfig, check_config
+from fdgbench.config import RunConfig
+from fdgbench.plan import check_config
 from fdgbench.errors import UserError
 
 from .conftest import ROOT

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from fdgbench.config import RunConfig, check_config
+from fdgbench.config import RunConfig
+from fdgbench.plan import check_config
 from fdgbench.method import make_method
 from fdgbench.memory import estimate
 from fdgbench.runs import RunDirectory

@@ -9,7 +9,8 @@ import torch
 import fdgbench.cli.train as train_cli
 from fdgbench.cli.options import sweep_cells
 from fdgbench.cli.sweeps import cpu_preset_hint, duration_text
-from fdgbench.config import RunConfig, check_config, parse_device, resolve_device, resolve_warmup
+from fdgbench.config import RunConfig, parse_device, resolve_device, resolve_warmup
+from fdgbench.plan import check_config
 from fdgbench.errors import UserError
 from fdgbench.runs import RunDirectory
 

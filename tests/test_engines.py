@@ -2,7 +2,8 @@
 is one registration, and nothing above the engines names one."""
 import pytest
 
-from fdgbench.config import RunConfig, check_config
+from fdgbench.config import RunConfig
+from fdgbench.plan import check_config
 from fdgbench.data import synthetic_dataset
 from fdgbench.engines import registry
 from fdgbench.engines.sequential import SequentialEngine

@@ -80,7 +80,7 @@ def _own(node: ast.AST) -> bool:
 
 
 # The run's path from its config to its first iteration (and the memory guard on it).
-@pytest.mark.parametrize("module", ["memory.py", "config.py", "train.py", "execute.py"])
+@pytest.mark.parametrize("module", ["memory.py", "config.py", "plan.py", "method.py", "train.py", "execute.py"])
 def test_no_import_of_the_package_hides_in_a_function(module):
     tree = ast.parse((PACKAGE / module).read_text())
     hidden = [f"line {node.lineno}" for func in ast.walk(tree) if isinstance(func, ast.FunctionDef)

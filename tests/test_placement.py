@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fdgbench.config import RunConfig, check_config, placement_of
+from fdgbench.config import RunConfig
+from fdgbench.plan import check_config
 from fdgbench.data import synthetic_dataset
 from fdgbench.engines.launch import spawn_ranks
 from fdgbench.engines.sequential import SequentialEngine
@@ -70,8 +71,8 @@ def test_placement_puts_each_replica_on_consecutive_ranks():
     assert p.ranks == 6
     assert [(p.stage_of(r), p.replica_of(r)) for r in range(6)] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
     assert all(p.rank_of(p.stage_of(r), p.replica_of(r)) == r for r in range(6))
-    assert placement_of(RunConfig(method="dp", splits=4, replicas=2)) == Placement(1, 8)
-    assert placement_of(RunConfig(method="fdg", splits=4, replicas=2)) == Placement(4, 2)
+    assert check_config(RunConfig(method="dp", splits=4, replicas=2)).placement == Placement(1, 8)
+    assert check_config(RunConfig(method="fdg", splits=4, replicas=2)).placement == Placement(4, 2)
 
 
 def _data():
@@ -104,7 +105,7 @@ def test_fdg_x_dp_on_four_ranks_equals_the_sequential_replay(tmp_path):
         torch.set_num_threads(threads)
     for i, cfg in enumerate(configs):
         seq, dis = RunDirectory(tmp_path / f"s{i}"), RunDirectory(tmp_path / f"d{i}")
-        stages = placement_of(cfg).stages
+        stages = check_config(cfg).placement.stages
         # Bit for bit: the same kernels on the same shards, the mean added in replica order on both.
         # Every buffer too: each replica keeps its own BN statistics on both engines, and replica 0's are saved.
         for k in range(stages):

@@ -11,6 +11,7 @@ import click
 import pytest
 
 from fdgbench.cli import training_options
+from fdgbench.cli.options import run_config
 from fdgbench.config import RunConfig
 from fdgbench.report.records import planned_records, run_records
 from fdgbench.report.specs import SPEC_DIR, load_spec
@@ -27,7 +28,7 @@ def _parsed(args: list[str]) -> RunConfig:
     @click.option("--method")
     @training_options
     def probe(method, **kw):
-        probe.config = RunConfig.from_options(method, kw)
+        probe.config = run_config(method, kw)
 
     probe.main(args, standalone_mode=False)
     return probe.config

@@ -49,7 +49,7 @@ def test_paper_specs_hold_the_published_numbers():
     # The stability map's decision: every full-preset cell warms up linearly over 5 epochs, and says why.
     for spec in (load_spec(n) for n in ("table2", "table3", "table4", "ablation_beta", "ablation_staleness")):
         assert {(c.config.warmup, c.config.warmup_epochs) for c in spec.cells("full")} == {("linear", 5)}, spec.name
-        assert any("docs/stability.md" in note for note in spec.preset("full")["footnotes"]), spec.name
+        assert any("docs/stability.md" in note for note in spec.preset("full").footnotes), spec.name
 
 
 def test_converge_presets_share_their_k2_runs():
@@ -60,13 +60,13 @@ def test_converge_presets_share_their_k2_runs():
     assert {(c.config.amp, c.config.channels_last) for c in t2 + t4} == {("bf16", True)}
     # Every column of the spec the preset names (all of them where it names none), once, in the spec's order.
     spec2, preset2 = load_spec("table2"), load_spec("table2").preset("converge")
-    named = preset2.get("columns", [c.id for c in spec2.columns])
+    named = preset2.columns or [c.id for c in spec2.columns]
     assert [c.column.id for c in t2] == [c.id for c in spec2.columns if c.id in named] and len(t2) >= 6
     assert sorted((c.config.splits, c.column.id) for c in t4) == [
         (2, "BP"), (2, "DGL"), (2, "FDG b=1"), (4, "BP"), (4, "DGL"), (4, "FDG b=1")]
     shared = {c.config.to_dict()["method"]: c.config for c in t4 if c.config.splits == 2}
     assert all(cfg in [c.config for c in t2] for cfg in shared.values())
-    assert load_spec("table2").preset("converge")["runs"] == load_spec("table4").preset("converge")["runs"]
+    assert load_spec("table2").preset("converge").runs == load_spec("table4").preset("converge").runs
 
 
 def test_converge_gpu_presets_are_the_converge_cells_on_a_gpu():
@@ -76,7 +76,7 @@ def test_converge_gpu_presets_are_the_converge_cells_on_a_gpu():
         spec = load_spec(name)
         cpu, gpu = spec.cells("converge", seeds=seeds), spec.cells("converge-gpu")
         assert [replace(c.config, device="cuda") for c in cpu] == [c.config for c in gpu], name
-        assert spec.preset("converge-gpu")["runs"] == "resnet20-converge-gpu" != spec.preset("converge")["runs"]
+        assert spec.preset("converge-gpu").runs == "resnet20-converge-gpu" != spec.preset("converge").runs
 
 
 def _fake_runs(spec_path, root):
@@ -206,7 +206,7 @@ def test_ablation_plots_from_run_directories(kind, table, tmp_path):
     assert result.returncode == 0, result.stderr
     assert all((tmp_path / f"p.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
     drawn = (tmp_path / "p.svg").read_text()
-    expected = ({f"{r.id} (ours)" for r in spec.rows if r.id in spec.preset("smoke").get("rows", [r.id])}
+    expected = ({f"{r.id} (ours)" for r in spec.rows if r.id in (spec.preset("smoke").rows or [r.id])}
                 if kind == "beta" else {c.column.id for c in spec.cells("smoke")})
     if kind == "k":  # and a dashed line for each column with published numbers
         expected |= {f"{c.column.paper[-1]} (published)" for c in spec.cells("smoke") if c.row.paper.get(

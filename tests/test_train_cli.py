@@ -10,6 +10,7 @@ from fdgbench.models import MODELS
 from fdgbench.method import STALENESS, all_methods, option_definitions
 from fdgbench.runs import RunDirectory, config_hash
 from methods.ddg import DDG_STALENESS
+from fdgbench.cli.options import run_config
 from fdgbench.config import RunConfig
 from fdgbench.optim import LR_MILESTONES, lr_at
 
@@ -226,7 +227,7 @@ def test_a_run_directory_name_does_not_depend_on_the_machine(monkeypatch):
     @click.command()
     @training_options
     def probe(**kw):
-        probe.config = RunConfig.from_options("fdg", kw)
+        probe.config = run_config("fdg", kw)
 
     names = set()
     for cores in (2, 64):
@@ -238,7 +239,7 @@ def test_a_run_directory_name_does_not_depend_on_the_machine(monkeypatch):
 
 
 def test_a_config_is_built_from_the_options_by_its_fields():
-    cfg = RunConfig.from_options("fdg", {"model": "resnet20", "splits": 3, "split_at": "L1.0, L2.0",
+    cfg = run_config("fdg", {"model": "resnet20", "splits": 3, "split_at": "L1.0, L2.0",
                                          "beta": 0.5, "staleness": None, "out": "ignored"})
     assert (cfg.model, cfg.splits, cfg.split_at) == ("resnet20", 3, ("L1.0", "L2.0"))
     assert cfg.method_options == {"beta": 0.5} and cfg.epochs == RunConfig().epochs

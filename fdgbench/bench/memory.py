@@ -6,7 +6,8 @@ from typing import Any
 import click
 
 from ..data import synthetic_dataset
-from ..config import RunConfig, check_config
+from ..config import RunConfig
+from ..plan import check_config
 from ..method import make_method
 from ..train import build_run
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from ..config import RunConfig, check_config
+from ..config import RunConfig
+from ..plan import check_config
 from .profile import load_or_profile, model_block_names, profile_path
 
 

@@ -12,7 +12,8 @@ import click
 import torch
 
 from ..data import synthetic_dataset
-from ..config import RunConfig, check_config, parse_device
+from ..config import RunConfig, parse_device
+from ..plan import check_config
 from ..errors import UserError
 from ..train import build_run
 from .profile import corun_factors, load_or_profile, profile_path, scaled_blocks

@@ -8,7 +8,8 @@ import click
 import torch
 
 from ..data import synthetic_dataset
-from ..config import RunConfig, check_config, parse_device
+from ..config import RunConfig, parse_device
+from ..plan import check_config
 from ..train import Run, build_run
 
 

@@ -10,7 +10,7 @@ from ..method import all_methods, make_method
 from ..models import most_blocks
 
 from .group import cli
-from .options import MethodOptionsCommand
+from .options import MethodOptionsCommand, run_config
 
 
 @cli.group("list")
@@ -61,7 +61,6 @@ def schedule() -> None:
 def schedule_show(method: str, splits: int, iterations: int, messages: bool, **method_flags: Any) -> None:
     """Print the step x stage grid of the first iterations (validated first),
     with the method's options as `fdgbench run` takes them."""
-    from ..config import RunConfig
     from ..schedule import ScheduleError, format_grid, legend, validate
 
     if splits < 1 or iterations < 1:
@@ -69,7 +68,7 @@ def schedule_show(method: str, splits: int, iterations: int, messages: bool, **m
     if splits > most_blocks():  # the check costs K^2 plans: a K no model can have would run for hours
         raise UserError(f"--splits {splits} is more stages than any model has blocks (at most {most_blocks()}, "
                         f"`fdgbench list models`)")
-    given = RunConfig.from_options(method, method_flags).method_options  # the flags given, read as run reads them
+    given = run_config(method, method_flags).method_options  # the flags given, read as run reads them
     m = make_method(method, **given)
     placement = m.placement(splits, 1)
     stages = placement.stages

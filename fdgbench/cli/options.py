@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import AUTO, DEVICE_ENV, RunConfig, comma_list, field_kind, flag_name
+from ..config import AUTO, DEVICE_ENV, TUPLE_FIELDS, RunConfig, comma_list, field_kind, flag_name
 from ..engines.launch import under_torchrun
 from ..errors import UserError
 from ..method import all_methods, all_options, make_method, option_definitions
@@ -76,6 +76,23 @@ def field_option(name: str) -> Callable:
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
     return click.option(*decls, name, **kwargs)
+
+
+def run_config(method: str, options: dict[str, Any]) -> RunConfig:
+    """The config that command-line ``options`` (named as the fields; other
+    keys such as ``out`` are not a config's business) and ``method`` give:
+    a method's options are the keys some method declares (given ones only),
+    and a tuple field may come as comma-separated text."""
+    method_options = {name: options[name] for name in all_options() if options.get(name) is not None}
+    values = {}
+    for f in fields(RunConfig):
+        if f.name in ("method", "method_options") or f.name not in options:
+            continue
+        value = options[f.name]
+        if f.name in TUPLE_FIELDS and isinstance(value, str):
+            value = comma_list(value)
+        values[f.name] = value
+    return RunConfig(method=method, method_options=method_options, **values)
 
 
 # Shared by `run`/`compare` (a RunConfig field) and `bench simulate`.
@@ -268,23 +285,13 @@ SWEEP_DEVICE = click.option(
          "CPU; cpu, cuda or cuda:N replace the preset's")
 
 
-def sweep_device(table: str, preset: str, device: str) -> str | None:
-    """What replaces the preset's device in its runs (sweep.preset_jobs; None: nothing): ``auto`` keeps a
-    preset's own device (converge-gpu's cuda, wherever the command runs) and is otherwise this machine's
-    (RunConfig resolves it); any other device replaces the preset's."""
-    from ..report.specs import load_spec
-
-    return None if device == AUTO and load_spec(table).preset(preset).get("device") else device
-
-
 def sweep_cells(table: str, preset: str, seeds: int | None, out: str, data_dir: str = DEFAULT_DATA_DIR,
                 device: str | None = None):
-    """The spec, its preset's cells (on ``device``, default default_device(): sweep_device) and their
-    results root (sweep.preset_jobs)."""
+    """TABLE's preset (the object: its ``spec`` is the table's), its cells (on ``device``, default
+    default_device(), as sweep.preset_jobs reads it) and their results root."""
     from ..sweep import preset_jobs, preset_root
 
-    device = sweep_device(table, preset, device or default_device())
-    spec, cells, _ = preset_jobs(table, preset, seeds, out, data_dir, device)
-    return spec, cells, preset_root(spec, preset, out)
+    p, cells, _ = preset_jobs(table, preset, seeds, out, data_dir, device or default_device())
+    return p, cells, preset_root(p, out)
 
 

@@ -70,14 +70,15 @@ def plot_curves(table: str, preset: str, seeds: int | None, out: str, row: str |
     from ..report.tables import load_speed
     from ..report.specs import spec_path
 
-    spec, cells, root = sweep_cells(table, preset, seeds, out)
+    resolved, cells, root = sweep_cells(table, preset, seeds, out)
+    spec = resolved.spec
     rows = list(dict.fromkeys(c.row.id for c in cells))
     row = row or rows[0]
     if row not in rows:
         raise UserError(f"{table} preset {preset} has no row '{row}'; rows: {', '.join(rows)}")
     speed = None
     if against_time:
-        speed = load_speed(spec, preset)
+        speed = load_speed(resolved)
         if speed is None:
             raise UserError(f"--time needs the preset's speed file (`speed` in [presets.{preset}], measured by "
                             f"`fdgbench bench speedup --save`)")
@@ -96,7 +97,8 @@ def _plot_results(kind: str, table: str, preset: str, seeds: int | None, out: st
     from ..report.specs import spec_path
     from ..report.results import collect
 
-    spec, cells, root = sweep_cells(table, preset, seeds, out)
+    resolved, cells, root = sweep_cells(table, preset, seeds, out)
+    spec = resolved.spec
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-{kind}"
 
     def draw() -> list[Path]:
@@ -118,7 +120,8 @@ def plot_diagnostics(table: str, preset: str, seeds: int | None, out: str, plot_
     from ..report.plots import diagnostics_by_cell, diagnostics_summary, plot_diagnostics as draw
     from ..report.specs import spec_path
 
-    spec, cells, root = sweep_cells(table, preset, seeds, out)
+    resolved, cells, root = sweep_cells(table, preset, seeds, out)
+    spec = resolved.spec
     target = plot_out or spec_path(table).parent / "results" / f"{spec.name}-{preset}-cosine"
     found = diagnostics_by_cell(cells, root)
 
@@ -169,7 +172,8 @@ def plot_speedup(model: str, splits: str, methods: str, preset: str, out: str, b
     from ..report.results import collect
 
     ks, names = positive_ints(splits, "--splits"), method_names(methods)
-    spec, cells, root = sweep_cells("table6", preset, None, out)  # a bad --preset fails before any profiling
+    resolved, cells, root = sweep_cells("table6", preset, None, out)  # a bad --preset fails before any profiling
+    spec = resolved.spec
     predicted = predicted_speedups(model, ks, names, batch_size, device, threads)
     results = [r for r in collect(spec, cells, root) if r.row.model == model]
     measured: dict[str, dict[int, float]] = {}

@@ -12,7 +12,7 @@ from ..execute import RunOptions
 
 from .group import cli
 from .options import (DEFAULT_DATA_DIR, IGNORE_MEMORY_CHECK, SWEEP_DEVICE, DefaultCommandGroup, sweep_cells,
-                      sweep_device, sweep_options)
+                      sweep_options)
 
 DAY_FROM_HOURS = 48  # a longer estimate is given in days
 
@@ -137,14 +137,13 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
     from ..errors import RunsFailedError
     from ..sweep import CLUSTER_KEYS, LAUNCHERS, LaunchSettings, describe, preset_jobs, preset_root, progress
 
-    spec, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"], sweep_device(table, preset, device))
+    p, cells, jobs = preset_jobs(table, preset, seeds, out, kw["data_dir"], device)
+    spec = p.spec
     for c in cells:  # an error names the spec file and key that set the bad value; a dry run may list,
         # on a machine without the preset's GPU, runs that another machine trains: it checks all but the device
-        spec.check(preset, replace(c, config=replace(c.config, device="cpu")) if dry_run else c)
-    p = spec.preset(preset)
-    root = preset_root(spec, preset, out)
-    click.echo(f"{spec.title}, preset {preset}: {len(jobs)} runs -> {root}"
-               + (f" ({p['description']})" if p.get("description") else ""))
+        spec.check(p, replace(c, config=replace(c.config, device="cpu")) if dry_run else c)
+    root = preset_root(p, out)
+    click.echo(f"{spec.title}, preset {preset}: {len(jobs)} runs -> {root} ({p.description})")
     if dry_run:
         for i, job in enumerate(jobs, 1):
             click.echo(f"[{i}/{len(jobs)}] {job.label}: {describe(job)}")
@@ -154,7 +153,7 @@ def sweep_run(table: str, preset: str, seeds: int | None, out: str, dry_run: boo
                       "estimated total: {time} for {runs} runs on this machine{basis}; `fdgbench sweep status` "
                       "refines it as epochs finish")
     # The cluster's resources: the preset's slurm table, each flag given replacing its entry.
-    cluster = {**p.get("slurm", {}), **{key: kw[f"slurm_{key}"] for key in CLUSTER_KEYS
+    cluster = {**p.slurm, **{key: kw[f"slurm_{key}"] for key in CLUSTER_KEYS
                                          if kw[f"slurm_{key}"] is not None}}
     settings = LaunchSettings(parallel, slurm_executor, cluster, slurm_wait)
     counts = LAUNCHERS[launcher](settings).launch(jobs, RunOptions.from_options({**kw, "out": str(root)}))
@@ -176,7 +175,8 @@ def sweep_status(table: str, preset: str, seeds: int | None, out: str, device: s
     (recorded epoch times, and for models with none yet a few timed BP iterations here)."""
     from ..sweep import progress
 
-    spec, cells, root = sweep_cells(table, preset, seeds, out, device=device)
+    resolved, cells, root = sweep_cells(table, preset, seeds, out, device=device)
+    spec = resolved.spec
     p = progress(cells, root)
     click.echo(f"{spec.title}, preset {preset}, {root}: " + ", ".join(f"{v} {k}" for k, v in p.counts.items())
                + f" (of {len(cells)})" + (f" ({p.resumable} can resume from a checkpoint)" if p.resumable else ""))
@@ -195,7 +195,7 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     from ..report.specs import spec_path
     from ..report.tables import write_tables
 
-    spec, cells, root = sweep_cells(table, preset, seeds, out, device=device)
-    paths, filled, total = write_tables(spec, preset, cells, root, tables_dir or spec_path(table).parent / "results",
+    resolved, cells, root = sweep_cells(table, preset, seeds, out, device=device)
+    paths, filled, total = write_tables(resolved, cells, root, tables_dir or spec_path(table).parent / "results",
                                         num_classes(cells[0].config.dataset))
-    click.echo(f"{spec.name} ({preset}): {filled} of {total} cells have finished runs; " + " ".join(map(str, paths)))
+    click.echo(f"{resolved.spec.name} ({preset}): {filled} of {total} cells have finished runs; " + " ".join(map(str, paths)))

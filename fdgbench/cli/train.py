@@ -5,13 +5,14 @@ from typing import Any
 
 import click
 
-from ..config import RunConfig, check_config
+from ..config import RunConfig
 from ..errors import DivergedError
 from ..execute import RunOptions, train_run
+from ..plan import check_config
 from ..runs import RunDirectory
 
 from .group import cli
-from .options import MethodOptionsCommand, is_primary, method_entries, run_options
+from .options import MethodOptionsCommand, is_primary, method_entries, run_config, run_options
 
 
 @cli.command(cls=MethodOptionsCommand)
@@ -19,8 +20,8 @@ from .options import MethodOptionsCommand, is_primary, method_entries, run_optio
 @run_options
 def run(method: str, **kw: Any) -> None:
     """Train one configuration (paper defaults for everything not given)."""
-    cfg = RunConfig.from_options(method, kw)
-    summary, path, cached = train_run(cfg, RunOptions.from_options(kw))
+    cfg = run_config(method, kw)
+    summary, path, cached = train_run(check_config(cfg), RunOptions.from_options(kw))
     if not is_primary():
         return
     note = " (already done; --force reruns)" if cached else ""
@@ -62,26 +63,26 @@ def compare(ctx: click.Context, methods: str, **kw: Any) -> None:
         if is_default(key) and (is_default("dataset") or not key.endswith("_subset")):
             kw[key] = value
     # An entry's own options override the flags given to all: the same keys a config reads its options from.
-    configs = [RunConfig.from_options(name, {**kw, **own}) for name, own in method_entries(methods)]
-    for cfg in configs:  # every config is checked before the first one trains
-        check_config(cfg)
+    # Every config is checked (resolved into its plan) before the first one trains.
+    plans = [check_config(run_config(name, {**kw, **own})) for name, own in method_entries(methods)]
     datasets: dict[str, Any] = {}
     rows = []
     diverged = []
     options = RunOptions.from_options(kw)
-    for cfg in configs:
+    for plan in plans:
         try:
-            summary, path, cached = train_run(cfg, options, datasets)
+            summary, path, cached = train_run(plan, options, datasets)
         except DivergedError as exc:  # recorded in its run directory; the comparison goes on
             click.echo(f"diverged: {exc}", err=True)
-            path = RunDirectory.for_config(kw["out"], cfg.to_dict()).path
+            path = plan.directory(kw["out"]).path
             summary, cached = RunDirectory(path).read_json("summary.json"), False
-            diverged.append(cfg.method)
+            diverged.append(plan.cfg.method)
         opts = ",".join(f"{k}={v}" for k, v in summary["method_options"].items())
-        rows.append((f"{cfg.method}({opts})" if opts else cfg.method, summary, path, cached))
+        method = plan.cfg.method
+        rows.append((f"{method}({opts})" if opts else method, summary, path, cached))
     first = rows[0][1]
     click.echo(f"\n{first['model']} ({first['parameters']:,} params), K={first['splits']}, {first['dataset']}, "
-               f"{first['steps']} iterations of batch {kw['batch_size']}, seed {kw['seed']}{warmup_text(configs[0])}")
+               f"{first['steps']} iterations of batch {kw['batch_size']}, seed {kw['seed']}{warmup_text(plans[0].cfg)}")
     width = max(len("method"), *(len(r[0]) for r in rows))
     click.echo(f"{'method':<{width}}  {'final err %':>11} {'best err %':>10} {'img/s':>7}  run directory")
     for label, s, path, cached in rows:

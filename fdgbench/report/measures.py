@@ -13,7 +13,7 @@ from ..run_record import CORRUPT
 from .results import CellResult, time_to_accuracy
 
 if TYPE_CHECKING:
-    from .specs import TableSpec
+    from .specs import Preset
 
 STATISTICS = {"final": ("final_test_error", "final-epoch"), "best": ("best_test_error", "best-epoch")}
 
@@ -29,14 +29,14 @@ class Measure:
     statistics: dict[str, tuple[str, str]]
     # A cell's text: (the cell, its row's reference cell or None, the summary key, the number of classes).
     cell_text: Callable[[CellResult, "CellResult | None", str, int], str]
-    # A table's caption: (spec, preset, the preset's description, the table's name, the data's descriptions).
-    caption: Callable[["TableSpec", str, str, str, list[str]], str]
-    # The CSV: (spec, preset, results, speed record or None, number of classes).
-    csv: Callable[["TableSpec", str, list[CellResult], "dict[str, Any] | None", int], CsvLines]
+    # A table's caption: (the preset, the table's name, the data's descriptions).
+    caption: Callable[["Preset", str, list[str]], str]
+    # The CSV: (the preset, results, speed record or None, number of classes).
+    csv: Callable[["Preset", list[CellResult], "dict[str, Any] | None", int], CsvLines]
 
 
-def _head(spec: TableSpec, preset: str, preset_text: str) -> str:
-    return f"{spec.title}, preset {preset} ({preset_text})"
+def _head(preset: Preset) -> str:
+    return f"{preset.spec.title}, preset {preset.name} ({preset.description})"
 
 
 def _data(datasets: list[str]) -> str:
@@ -115,19 +115,19 @@ def _stability_cell_text(r: CellResult, bp: CellResult | None, key: str, num_cla
         f" ({cell.survivors_loss - reference:+.3f} vs BP)" if reference is not None else "")
 
 
-def _error_caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets: list[str]) -> str:
-    return (f"{_head(spec, preset, preset_text)}. Each cell: ours = median over n seeds of the "
+def _error_caption(preset: Preset, stat: str, datasets: list[str]) -> str:
+    return (f"{_head(preset)}. Each cell: ours = median over n seeds of the "
             f"{STATISTICS[stat][1]} test error / the paper's number (the column named in the header) / "
             f"ours - paper. Data: {_data(datasets)}.")
 
 
-def _time_caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets: list[str]) -> str:
-    return (f"{_head(spec, preset, preset_text)}. Each cell: ours = seconds per epoch at the median "
+def _time_caption(preset: Preset, stat: str, datasets: list[str]) -> str:
+    return (f"{_head(preset)}. Each cell: ours = seconds per epoch at the median "
             f"over n runs of the measured training rate (speedup over BP) / the paper's. Data: {_data(datasets)}.")
 
 
-def _stability_caption(spec: TableSpec, preset: str, preset_text: str, stat: str, datasets: list[str]) -> str:
-    return (f"{_head(spec, preset, preset_text)}. Each cell: seeds that diverged (non-finite loss) "
+def _stability_caption(preset: Preset, stat: str, datasets: list[str]) -> str:
+    return (f"{_head(preset)}. Each cell: seeds that diverged (non-finite loss) "
             f"of those run, and that blew up (an epoch's mean training loss above {BLOW_UP:g} x ln(classes), "
             f"exploded logits); the median over the others of the last epoch's mean training loss, and its "
             f"difference from BP's at the same iterations. Data: {_data(datasets)}.")
@@ -148,9 +148,9 @@ def _tta_fields(tta: dict | None, r: CellResult) -> list[str]:
             _fmt(ratio)]
 
 
-def _error_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: dict[str, Any] | None,
+def _error_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] | None,
                num_classes: int) -> CsvLines:
-    tta = time_to_accuracy(results, speed, spec.reference) if speed is not None else None
+    tta = time_to_accuracy(results, speed, preset.spec.reference) if speed is not None else None
     header = ["table", "preset", "row", "column", "model", "splits", "method", "options", "runs_expected",
               "runs_finished", "runs_diverged", "final_error_median", "best_error_median", "paper_column",
               "paper_error", "final_minus_paper", "best_minus_paper", "dataset"] + (
@@ -162,7 +162,7 @@ def _error_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: d
         options = ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items()))
         if r.column.beta_from_row:
             options = ";".join(filter(None, [options, f"beta={r.row.best_beta}"]))
-        lines.append([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
+        lines.append([preset.spec.name, preset.name, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
                       options, r.expected, len(r.finished), r.diverged, _fmt(final), _fmt(best),
                       r.paper_column or "", _fmt(r.paper),
                       _fmt(None if final is None or r.paper is None else final - r.paper),
@@ -171,21 +171,21 @@ def _error_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: d
     return header, lines
 
 
-def _time_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: dict[str, Any] | None,
+def _time_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] | None,
               num_classes: int) -> CsvLines:
     header = ["table", "preset", "row", "column", "model", "splits", "method", "runs_expected", "runs_finished",
               "images_per_s_median", "seconds_per_epoch", "paper_seconds", "engine"]
     lines = []
     for r in results:
         rate = r.median("images_per_s")
-        lines.append([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
+        lines.append([preset.spec.name, preset.name, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
                       r.expected, len(r.finished), "" if rate is None else f"{rate:.2f}",
                       "" if r.seconds is None else f"{r.seconds:.2f}", "" if r.paper is None else r.paper,
                       r.column.run.get("engine", "")])
     return header, lines
 
 
-def _stability_csv(spec: TableSpec, preset: str, results: list[CellResult], speed: dict[str, Any] | None,
+def _stability_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] | None,
                    num_classes: int) -> CsvLines:
     header = ["table", "preset", "row", "column", "model", "splits", "method", "options", "warmup",
               "runs_expected", "runs_finished", "runs_diverged", "runs_blew_up", "survivors_final_train_loss_median"]
@@ -193,9 +193,9 @@ def _stability_csv(spec: TableSpec, preset: str, results: list[CellResult], spee
     for r in results:
         cell = Stability.of(r, num_classes)
         loss = cell.survivors_loss
-        run = {**spec.preset(preset), **r.column.run}  # a column's run keys override its preset's
+        run = {**preset.run, **r.column.run}  # a column's run keys override its preset's
         warmup = f"{run.get('warmup', 'constant')} x{run['warmup_epochs']}" if run.get("warmup_epochs") else "none"
-        lines.append([spec.name, preset, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
+        lines.append([preset.spec.name, preset.name, r.row.id, r.column.id, r.row.model, r.row.splits, r.column.method,
                       ";".join(f"{k}={v}" for k, v in sorted(r.column.options.items())), warmup, r.expected,
                       len(r.finished), r.diverged, cell.blew_up, "" if loss is None else f"{loss:.4f}"])
     return header, lines

@@ -13,7 +13,8 @@ from ..errors import UserError
 from ..method import make_method
 from ..runs import PROJECT_ROOT
 from .measures import MEASURES
-from ..config import RunConfig, check_config, field_kind, flag_name, spec_fields
+from ..config import RunConfig, field_kind, flag_name, spec_fields
+from ..plan import check_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,6 +70,36 @@ class Cell:
     config: RunConfig
 
 
+@dataclass(frozen=True)
+class Preset:
+    """One of a spec's presets, resolved once when the spec loads: which of
+    its rows and columns it keeps, its budget (RunConfig fields), and where
+    its runs, speed record and notes are. Commands look it up once
+    (``TableSpec.preset``) and hand the object down."""
+
+    name: str
+    spec: "TableSpec" = field(repr=False, compare=False)
+    description: str = "the paper's protocol"
+    rows: tuple[str, ...] | None = None  # the row ids it keeps (None: all)
+    columns: tuple[str, ...] | None = None  # the column ids it keeps (None: all)
+    seeds: int = 1
+    fallback_dataset: str | None = None  # trained on where the spec's dataset cannot be loaded
+    run: dict[str, Any] = field(default_factory=dict)  # RunConfig fields: the budget every cell shares
+    runs: str = ""  # the folder under the results root holding its runs (default <table>-<preset>)
+    speed: str | None = None  # a `bench speedup --save` file, relative to the spec
+    footnotes: tuple[str, ...] = ()  # notes for this preset's tables only
+    slurm: dict[str, Any] = field(default_factory=dict)  # `sweep --launcher slurm`'s resources
+
+    @classmethod
+    def from_toml(cls, name: str, spec: "TableSpec", values: dict[str, Any]) -> "Preset":
+        keep = {key: tuple(values[key]) for key in ("rows", "columns") if key in values}
+        return cls(name, spec, values.get("description", cls.description), seeds=values.get("seeds", 1),
+                   fallback_dataset=values.get("fallback_dataset"),
+                   run={k: values[k] for k in RUN_FIELDS if k in values},
+                   runs=values.get("runs", f"{spec.name}-{name}"), speed=values.get("speed"),
+                   footnotes=tuple(values.get("footnotes", ())), slurm=dict(values.get("slurm", {})), **keep)
+
+
 @dataclass
 class TableSpec:
     name: str
@@ -77,29 +108,30 @@ class TableSpec:
     source: str
     columns: list[Column]
     rows: list[Row]
-    presets: dict[str, dict[str, Any]]
+    presets: dict[str, Preset]  # by name, resolved when the spec loads
     footnotes: list[str] = field(default_factory=list)
     measure: str = "error"  # a name in report.measures.MEASURES (error, time, stability)
     path: Path | None = None  # the spec file, named in errors about its values
     reference: str | None = None  # the column compared against (BP), or none
 
-    def preset(self, name: str) -> dict[str, Any]:
+    def preset(self, name: str) -> Preset:
+        """The preset called ``name``; an unknown name is one line naming the known ones."""
         if name not in self.presets:
             raise UserError(f"{self.name} has no preset '{name}'; known: {', '.join(self.presets)}")
         return self.presets[name]
 
-    def cells(self, preset: str, seeds: int | None = None, dataset: str | None = None) -> list[Cell]:
-        """The runs of ``preset`` (rows and columns it keeps, its budget),
-        with ``seeds`` seeds (default: the preset's) and ``dataset`` (default:
-        the spec's)."""
-        p = self.preset(preset)
-        rows = [r for r in self.rows if r.id in p.get("rows", [r.id for r in self.rows])]
-        columns = [c for c in self.columns if c.id in p.get("columns", [c.id for c in self.columns])]
-        n = seeds if seeds is not None else p.get("seeds", 1)
+    def cells(self, preset: Preset | str, seeds: int | None = None, dataset: str | None = None) -> list[Cell]:
+        """The runs of ``preset`` (the object, or its name: rows and columns it
+        keeps, its budget), with ``seeds`` seeds (default: the preset's) and
+        ``dataset`` (default: the spec's)."""
+        p = preset if isinstance(preset, Preset) else self.preset(preset)
+        rows = [r for r in self.rows if p.rows is None or r.id in p.rows]
+        columns = [c for c in self.columns if p.columns is None or c.id in p.columns]
+        n = seeds if seeds is not None else p.seeds
         if n < 1:
-            where = "--seeds" if seeds is not None else f"{self.path}: [presets.{preset}] seeds"
+            where = "--seeds" if seeds is not None else f"{self.path}: [presets.{p.name}] seeds"
             raise UserError(f"{where} must be at least 1, got {n}")
-        budget = {k: p[k] for k in RUN_FIELDS if k in p}
+        budget = p.run
         out = []
         for row in rows:
             for column in columns:
@@ -113,7 +145,7 @@ class TableSpec:
                     out.append(Cell(row, column, seed, cfg))
         return out
 
-    def check(self, preset: str, cell: Cell) -> None:
+    def check(self, preset: Preset, cell: Cell) -> None:
         """check_config on a cell, with its errors naming this spec file and
         the key that set the bad value (not a command-line flag); fields the
         spec cannot set (e.g. a sweep's --device) keep their flags."""
@@ -127,7 +159,7 @@ class TableSpec:
         try:
             check_config(cell.config, name)
         except UserError as exc:
-            raise UserError(f"{self.path}, preset '{preset}', row '{cell.row.id}', column '{cell.column.id}': "
+            raise UserError(f"{self.path}, preset '{preset.name}', row '{cell.row.id}', column '{cell.column.id}': "
                             f"{exc}") from None
 
 
@@ -179,8 +211,11 @@ def load_spec(name: str) -> TableSpec:
         reference = data.get("reference", next((c.id for c in columns if c.method == "bp"), None))
         if reference is not None and reference not in [c.id for c in columns]:
             raise ValueError(f"reference {reference!r} names no column; columns: {', '.join(c.id for c in columns)}")
-        return TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows,
-                         dict(data.get("presets", {})), list(data.get("footnotes", [])), measure, path, reference)
+        spec = TableSpec(path.stem, data["title"], data["dataset"], data.get("source", ""), columns, rows, {},
+                         list(data.get("footnotes", [])), measure, path, reference)
+        spec.presets.update({name: Preset.from_toml(name, spec, values)
+                             for name, values in data.get("presets", {}).items()})
+        return spec
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path} is not a valid table spec: {type(exc).__name__}: {exc}") from None
 
