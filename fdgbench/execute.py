@@ -21,13 +21,13 @@ from .engines.launch import (check_ranks_fit, init_process_group, is_communicati
                              under_torchrun)
 from .engines.trace import Tracer
 from .errors import DivergedError, UserError
-from .memory import check_fits
+from .memory import check_fits, estimate_built
 from .run_record import CORRUPT, corrupt_text, read_run
 from .plan import Plan, as_plan, check_config
 from .runs import RunDirectory
 from .tracking import WandbTracker
 from .callbacks import standard_callbacks
-from .train import build_run, fit, train_rank
+from .train import Run, build_run, fit, train_rank
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,17 @@ def train_run(plan_or_config: Plan | RunConfig, kw: RunOptions, datasets: dict[s
         datasets = {} if datasets is None else datasets
         if cfg.dataset not in datasets:
             datasets[cfg.dataset] = load_dataset(cfg.dataset, kw.data_dir)
-        if not kw.ignore_memory_check:
-            _check_memory(plan, datasets[cfg.dataset])
         if per_rank:  # spawn one process per rank here; the data is checked (and cached) above
+            if not kw.ignore_memory_check:
+                _check_memory(plan, datasets[cfg.dataset])
             summaries = spawn_ranks(plan.placement.ranks, plan.devices[0], _spawned_rank,
                                     (cfg, kw.data_dir, str(run.path), kw.progress, kw.trace, None,
                                      _wandb_project(kw), resume))
             return summaries[0], run.path, False
         tracker = WandbTracker(_wandb_project(kw)) if kw.use_wandb else None  # fails before training if absent
         trainer = build_run(plan, dataset=datasets[cfg.dataset], tracer=Tracer() if kw.trace else None, resume=resume)
+        if not kw.ignore_memory_check:
+            _check_built_memory(trainer)
         print(trainer.describe(), file=sys.stderr, flush=True)
         return fit(trainer, run, standard_callbacks(trainer, kw.progress, tracker)), run.path, False
 
@@ -101,15 +103,32 @@ def _removed_if_left_empty(run: RunDirectory) -> Iterator[None]:
         raise
 
 
+def _check_built_memory(trainer: Run) -> None:
+    """Refuse (one line) a run on the sequential engine whose stages, measured
+    on its own workers before it trains (memory.estimate_built), do not fit.
+    Its data and weights are in place already, so they are counted in what is
+    free (the weights once more in the stages' state: the check errs high)."""
+    data = trainer.dataset  # the run's subset
+    check_fits(trainer.plan, tuple(data.train_images.shape[1:]), data.num_classes,
+               _data_bytes(data, len(data.train_labels), len(data.test_labels)), trainer.total_steps,
+               built=estimate_built(trainer))
+
+
 def _check_memory(plan: Plan, data) -> None:
-    """Refuse (one line) a run whose estimated stage memory does not fit."""
+    """Refuse (one line) a run on a per-rank engine whose estimated stage
+    memory does not fit, before its ranks start (on copies of its stages
+    built here on the CPU: each rank builds only its own)."""
     cfg = plan.cfg
     train = min(len(data.train_labels), cfg.train_subset or len(data.train_labels))
     test = min(len(data.test_labels), cfg.test_subset or len(data.test_labels))
-    data_bytes = (train + test) * data.train_images[0].nbytes
     steps = cfg.epochs * max(1, train // cfg.batch_size)
-    check_fits(plan, tuple(data.train_images.shape[1:]), data.num_classes, data_bytes,
+    check_fits(plan, tuple(data.train_images.shape[1:]), data.num_classes, _data_bytes(data, train, test),
                min(steps, cfg.max_steps or steps))
+
+
+def _data_bytes(data, train: int, test: int) -> int:
+    """The bytes of a process's copy of ``train`` + ``test`` of the data's images (uint8)."""
+    return (train + test) * data.train_images[0].nbytes
 
 
 def done_summary(run: RunDirectory) -> dict[str, Any]:

@@ -22,11 +22,13 @@ scaled linearly to the run's batch (estimate, check_fits).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -335,15 +337,64 @@ def _estimate(plan: Plan, image_shape, num_classes: int, cpu: torch.device, step
     out = []
     for k, stage in enumerate(stages):
         worker = method.make_worker(plan.stage_context(k, stage, partition, block_shapes, num_classes, cpu))
-        in_shape = tuple(image_shape) if k == 0 else shapes[k - 1]
-        graph, output = {}, {}
-        for batch in (b * worker.probe_batch_multiple for b in PROFILE_BATCHES):
-            graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, shapes[k], num_classes,
-                                                         releases[k])
-        # A full replay buffer: M activations of the stage's input, counted at float32 (bf16 ones take half).
-        kept = Linear(0.0, worker.kept_size * math.prod(in_shape) * 4.0) if worker.buffers_inputs else Linear(0, 0)
-        out.append(StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings[k], kept))
+        out.append(_measure_stage(k, worker, tuple(image_shape) if k == 0 else shapes[k - 1], shapes[k],
+                                  num_classes, releases[k], holdings[k]))
     return out
+
+
+def estimate_built(run) -> list[StageEstimate]:
+    """Each stage's memory for a run built on the sequential engine
+    (train.Run, before it trains), measured on the run's own workers where
+    they are (its devices, precision and partition): each runs the profile
+    batches as ``estimate``'s copies do, its state is read, and it is put
+    back as it was built (_put_back), so the run trains exactly as if it had
+    not been measured. Nothing is built again for the measurement."""
+    plan = run.plan
+    holdings = batches_held(plan.method.schedule, plan.num_stages, run.total_steps)
+    releases = release_ops(plan.method.schedule, plan.num_stages)
+    image_shape = tuple(run.dataset.train_images.shape[1:])
+    shapes = run.output_shapes
+    cuda = [d for d in dict.fromkeys(run.devices) if d.type == "cuda"]
+    out = []
+    with torch.random.fork_rng(devices=cuda):  # the run's random streams are left alone
+        for k, worker in zip(run.stage_indices, run.workers):
+            with _put_back(worker):
+                out.append(_measure_stage(k, worker, image_shape if k == 0 else shapes[k - 1], shapes[k],
+                                          run.dataset.num_classes, releases[k], holdings[k]))
+    return out
+
+
+@contextlib.contextmanager
+def _put_back(worker: Any) -> Iterator[None]:
+    """Leave a freshly built ``worker`` as it was: its checkpoint state
+    (weights, BatchNorm statistics, optimizers, whatever it carries from one
+    iteration to the next), no gradients, empty training metrics and meters."""
+    saved = copy.deepcopy(worker.checkpoint_state())
+    try:
+        yield
+    finally:
+        worker.restore_state(saved)
+        for module in _modules(worker):
+            for p in module.parameters():
+                p.grad = None
+        worker.metrics.reset()
+        for meter in worker.meters.values():
+            meter.take()
+
+
+def _measure_stage(k: int, worker, in_shape: tuple[int, ...], out_shape: tuple[int, ...], num_classes: int,
+                   releases: list[Op], holdings) -> StageEstimate:
+    """Stage ``k``'s estimate from its worker: what one batch keeps at two
+    small batches (times the micro-batches or replicas a batch is split
+    into, so each part is a batch of at least two), fitted linearly, and
+    the state after a step."""
+    graph, output = {}, {}
+    split = worker.probe_batch_multiple * getattr(worker, "replicas", 1)
+    for batch in (b * split for b in PROFILE_BATCHES):
+        graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, out_shape, num_classes, releases)
+    # A full replay buffer: M activations of the stage's input, counted at float32 (bf16 ones take half).
+    kept = Linear(0.0, worker.kept_size * math.prod(in_shape) * 4.0) if worker.buffers_inputs else Linear(0, 0)
+    return StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings, kept)
 
 
 def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, releases: list[Op]) -> tuple[int, int]:
@@ -351,8 +402,8 @@ def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, re
     release), then finish the batch and step (creating optimizer state)."""
     probe = StageProbe(worker, len(releases))
     probe.armed = True
-    x = torch.randn(batch, *in_shape)
-    labels = torch.arange(batch) % num_classes
+    x = torch.randn(batch, *in_shape, device=worker.device)
+    labels = torch.arange(batch, device=worker.device) % num_classes
     out = probe.forward(0, x, labels)
     del x
     # The output counts while it is the message in flight: for most stages it is their graph's own output
@@ -363,7 +414,7 @@ def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, re
         if op is Op.LOCAL:
             probe.local_backward(0)
         else:
-            probe.backward(0, None if worker.ctx.is_last else torch.zeros(batch, *out_shape))
+            probe.backward(0, None if worker.ctx.is_last else torch.zeros(batch, *out_shape, device=worker.device))
         if i == 0:
             left = probe.held_bytes()
     probe.update()
@@ -421,11 +472,12 @@ class Need:
         return self.needed <= self.available
 
 
-def needs(plan: Plan, stages: list[StageEstimate], data_bytes: int, available=None, batch: int | None = None
-          ) -> list[Need]:
+def needs(plan: Plan, stages: list[StageEstimate], data_bytes: int, available=None, batch: int | None = None,
+          data_placed: bool = False) -> list[Need]:
     """Per memory pool: OVERHEAD x the stages' summed peaks, plus the data's
     uint8 copy and a process's runtime wherever a process still to start
-    puts them (this process, already running, is counted in what is free)."""
+    puts them (this process, already running, is counted in what is free,
+    and so is its data once ``data_placed``: a built run's)."""
 
     available = available or available_bytes
     batch = batch or plan.cfg.batch_size  # (another batch size: what would fit)
@@ -440,7 +492,7 @@ def needs(plan: Plan, stages: list[StageEstimate], data_bytes: int, available=No
     if per_rank:  # one new process per stage (rank), each with the data on its device
         extra = [data_bytes + RUNTIME_BYTES] * len(stages)
     else:  # this process; the data goes to stage 0's device (already here on a CPU)
-        extra = [data_bytes if k == 0 and pools[0] != "cpu" else 0 for k in range(len(stages))]
+        extra = [data_bytes if k == 0 and pools[0] != "cpu" and not data_placed else 0 for k in range(len(stages))]
     out = []
     for pool in dict.fromkeys(pools):
         mine = tuple(k for k, p in enumerate(pools) if p == pool)
@@ -454,15 +506,18 @@ def gib(nbytes: float) -> str:
 
 
 def check_fits(run: Plan | RunConfig, image_shape: tuple[int, ...], num_classes: int, data_bytes: int = 0,
-               steps: int | None = None, available=None) -> None:
+               steps: int | None = None, available=None, built: list[StageEstimate] | None = None) -> None:
     """Refuse, in one line, a run (of ``steps`` iterations) whose estimated
     stage peaks exceed the memory free where they go; name the changes that
-    would fit. ``available(device)`` defaults to available_bytes."""
+    would fit. ``available(device)`` defaults to available_bytes. ``built``:
+    the stages of the run built in this process, measured (estimate_built),
+    its data in place already; else the stages are estimated here."""
     available = available or available_bytes
     plan = as_plan(run)
     cfg = plan.cfg
-    stages = estimate(plan, image_shape, num_classes, steps)
-    short = [n for n in needs(plan, stages, data_bytes, available) if not n.fits]
+    placed = built is not None
+    stages = built if placed else estimate(plan, image_shape, num_classes, steps)
+    short = [n for n in needs(plan, stages, data_bytes, available, data_placed=placed) if not n.fits]
     if not short:
         return
     worst = max(short, key=lambda n: n.needed - n.available)
@@ -470,7 +525,7 @@ def check_fits(run: Plan | RunConfig, image_shape: tuple[int, ...], num_classes:
 
     staleness = plan.method.option_values().get("staleness")
     mode = f"staleness {staleness}, " if staleness else ""
-    suggestions = _what_fits(plan, stages, image_shape, num_classes, data_bytes, steps, available)
+    suggestions = _what_fits(plan, stages, image_shape, num_classes, data_bytes, steps, available, placed)
     raise UserError(
         f"{cfg.method} {cfg.model} K={cfg.splits} batch {cfg.batch_size} ({mode}{cfg.engine} engine) needs about "
         f"{gib(worst.needed)} on {worst.pool} (stages {per_stage} GiB held and state, x{OVERHEAD} for backward "
@@ -478,8 +533,9 @@ def check_fits(run: Plan | RunConfig, image_shape: tuple[int, ...], num_classes:
         f"--ignore-memory-check runs it anyway")
 
 
-def _fits(plan: Plan, stages, data_bytes, available, batch: int | None = None) -> tuple[bool, float]:
-    found = needs(plan, stages, data_bytes, available, batch)
+def _fits(plan: Plan, stages, data_bytes, available, batch: int | None = None, data_placed: bool = False
+          ) -> tuple[bool, float]:
+    found = needs(plan, stages, data_bytes, available, batch, data_placed)
     return all(n.fits for n in found), max(n.needed for n in found)
 
 
@@ -491,17 +547,20 @@ def _alternative(cfg: RunConfig) -> Plan | None:
         return None
 
 
-def _what_fits(plan: Plan, stages, image_shape, num_classes, data_bytes, steps, available) -> list[str]:
+def _what_fits(plan: Plan, stages, image_shape, num_classes, data_bytes, steps, available, placed: bool
+               ) -> list[str]:
     """The single changes that make the estimate fit: --staleness replay, a
     larger K (where stages go to separate GPUs), a smaller batch, one device
-    per stage, and always: a device with enough free."""
+    per stage, and always: a device with enough free. ``placed``: the run is
+    built here, its data in place (needs)."""
 
     cfg = plan.cfg
     out = []
     staleness = next((o for o in plan.method.options if o.name == "staleness"), None)
     if staleness and "replay" in (staleness.choices or ()) and cfg.method_options.get("staleness") != "replay":
         alt = _alternative(replace(cfg, method_options={**cfg.method_options, "staleness": "replay"}))
-        ok, need = _fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available) if alt else (False, 0)
+        ok, need = (_fits(alt, estimate(alt, image_shape, num_classes, steps), data_bytes, available, None, placed)
+                    if alt else (False, 0))
         if ok:
             out.append(f"--staleness replay ({gib(need)})")
     with torch.device("meta"):
@@ -522,7 +581,7 @@ def _what_fits(plan: Plan, stages, image_shape, num_classes, data_bytes, steps, 
                 break
     batch = cfg.batch_size // 2
     while batch >= 1:
-        ok, need = _fits(plan, stages, data_bytes, available, batch)
+        ok, need = _fits(plan, stages, data_bytes, available, batch, placed)
         if ok:
             out.append(f"--batch-size {batch} ({gib(need)}; changes the protocol)")
             break
@@ -533,6 +592,6 @@ def _what_fits(plan: Plan, stages, image_shape, num_classes, data_bytes, steps, 
         if largest <= available(pool):
             kind = "GPUs (--engine distributed)" if pool.type == "cuda" else "machines (torchrun)"
             out.append(f"{len(stages)} {kind} like this one, one stage each ({gib(largest)} for the largest)")
-    worst = max(needs(plan, stages, data_bytes, available), key=lambda n: n.needed - n.available)
+    worst = max(needs(plan, stages, data_bytes, available, data_placed=placed), key=lambda n: n.needed - n.available)
     out.append(f"a device with {gib(worst.needed)} free")
     return out
