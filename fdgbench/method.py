@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 from .config import RunConfig
 from .errors import UserError
 from .placement import Placement
-from .schedule import IterationPlan
+from .schedule import IterationPlan, update_delays
 from .stage import StageContext, StageWorker
 from .staleness import STALENESS_MODES
 
@@ -39,6 +39,10 @@ class MethodOption:
     help: str
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], str | None] | None = None  # returns an error message or None
+    # Added to its methods after runs were recorded: at its default it is left out of option_values (so of
+    # every run's summary, metrics lines, description and compare label), as RunConfig's added_later fields
+    # are left out of config.json: an earlier run's records read the same.
+    added_later: bool = False
 
     @property
     def flag(self) -> str:
@@ -63,6 +67,19 @@ BETA = MethodOption("beta", float, 1.0, "gradient shrinking factor in (0, 1]; st
 STALENESS = MethodOption("staleness", str, "legacy", "what a delayed backward sees: legacy (authors' "
                          "PyTorch-1.0 behaviour), stash (weights of the forward), replay (recompute)",
                          choices=STALENESS_MODES)
+PREDICT = MethodOption("predict", str, "none", "weight prediction: none, or spectrain (a stage's forward runs at "
+                       "W - lr * s * v: v its SGD momentum buffer, s its delay in updates; what the delayed "
+                       "backward sees follows --staleness)", choices=("none", "spectrain"), added_later=True)
+
+
+def prediction_delay(method: Any, ctx: StageContext) -> float:
+    """The s of stage ``ctx.index``'s weight prediction (a method with the
+    PREDICT option): its delay in updates, the number of updates it makes
+    between a batch's forward and the update applying that batch's gradient
+    (schedule.update_delays), under --predict spectrain; 0 (none) otherwise."""
+    if method.predict == "none":
+        return 0.0
+    return update_delays(method.schedule, ctx.num_stages)[ctx.index]
 
 
 class Method:
@@ -96,7 +113,9 @@ class Method:
             setattr(self, option.name, value)
 
     def option_values(self) -> dict[str, Any]:
-        return {o.name: getattr(self, o.name) for o in self.options}
+        """The method's options as a run records them (added-later ones only where set off their default)."""
+        return {o.name: getattr(self, o.name) for o in self.options
+                if not (o.added_later and getattr(self, o.name) == o.default)}
 
     def schedule(self, num_stages: int, t: int) -> IterationPlan:
         raise NotImplementedError

@@ -44,6 +44,17 @@ class StageOptimizer:
         if self.sgd is not None:
             self.sgd.load_state_dict(state)
 
+    def lr(self) -> float:
+        return self.sgd.param_groups[0]["lr"] if self.sgd is not None else 0.0
+
+    def directions(self) -> list[torch.Tensor | None]:
+        """Per parameter, SGD's momentum buffer (the smoothed gradient its
+        steps follow: weight decay included, before the learning rate), or
+        None before its first step or without momentum."""
+        if self.sgd is None:
+            return [None] * len(self.params)
+        return [self.sgd.state.get(t, {}).get("momentum_buffer") for t in self._targets]
+
     def step(self) -> None:
         """One SGD step on the accumulated gradients, then clear them.
         Parameters without a gradient are left alone (no decay, no momentum)."""

@@ -137,6 +137,33 @@ def local_plan(k: int, num_stages: int, forward: int, latency: int, send_grad: b
     return tuple(plan)
 
 
+def update_delays(schedule: ScheduleFn, num_stages: int) -> list[float]:
+    """Per stage, how many updates it makes between a batch's FORWARD and the
+    UPDATE that applies that batch's gradient, in the steady state (the
+    mean over the second half of the horizon: a stage that accumulates
+    gradients over M backwards, ADL's, applies batches of several ages).
+    FDG: 2(K-1-k) - 1 at a stage k < K-1 (its forward follows the update of
+    its own iteration), 0 at the last; DDG: K-1-k; BP: 0."""
+    made = [0] * num_stages  # updates each stage has made so far
+    forwarded: list[dict[int | None, int]] = [{} for _ in range(num_stages)]
+    waiting: list[list[int | None]] = [[] for _ in range(num_stages)]  # back-propagated, not yet applied
+    ages: list[list[int]] = [[] for _ in range(num_stages)]
+    steps = horizon(num_stages)
+    for t in range(steps):
+        for k, actions in enumerate(schedule(num_stages, t)):
+            for action in actions:
+                if action.op is Op.FORWARD:
+                    forwarded[k][action.batch] = made[k]
+                elif action.op is Op.BACKWARD:
+                    waiting[k].append(action.batch)
+                elif action.op is Op.UPDATE:
+                    if t >= steps // 2:
+                        ages[k] += [made[k] - forwarded[k].pop(b) for b in waiting[k] if b in forwarded[k]]
+                    waiting[k].clear()
+                    made[k] += 1
+    return [sum(a) / len(a) if a else 0.0 for a in ages]
+
+
 class Mailbox:
     """Messages sent and not yet received: key -> (iteration sent, latency)."""
 

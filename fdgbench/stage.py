@@ -173,7 +173,7 @@ class StageWorker:
     probe_batch_multiple = 1
 
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
-                 grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True):
+                 grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True, predict_steps: float = 0.0):
         self.ctx = ctx
         self.module = ctx.module
         self.device = ctx.device
@@ -183,6 +183,7 @@ class StageWorker:
         self.grad_scale = grad_scale
         self.lr_scale = lr_scale
         self.input_grad = input_grad and not ctx.is_first  # whether a gradient goes back to stage k-1
+        self.predict_steps = predict_steps  # --predict spectrain's s (0: the forward runs at the live weights)
         self.metrics = TrainMetrics(ctx.device)
         self.meters: dict[str, MeanMeter] = {}
         self.locals: dict[str, LocalModule] = {}
@@ -217,13 +218,40 @@ class StageWorker:
         None at the last stage, which computes and keeps the loss instead."""
         if self.input_grad:
             x.requires_grad_(True)
-        out = self.store.forward(batch, x)
+        with self._predicted_weights():
+            out = self.store.forward(batch, x)
         if not self.ctx.is_last:
             return out.detach()
         loss = self.ctx.loss_fn(upcast_half(out), labels)
         self.store.set_root(batch, loss)
         self.metrics.add(loss, out, labels)
         return None
+
+    @contextlib.contextmanager
+    def _predicted_weights(self):
+        """Weight prediction (SpecTrain, Chen et al. 2018; PipeOptim's form):
+        during the forward the parameters hold W - lr * s * v, the weights
+        the stage is expected to have when this batch's gradient is applied
+        s updates later (v: the momentum buffer, zero before the first
+        step), and the live W afterwards, restored exactly from a copy. The
+        swap writes through ``.data`` (no version bump), so what the delayed
+        backward sees is the staleness mode's: legacy's graph reads the live
+        weights, stash keeps a copy of the predicted ones it ran on, replay
+        recomputes at the live ones."""
+        directions = self.optimizer.directions() if self.predict_steps else []
+        moved = [(p, v) for p, v in zip(self.optimizer.params, directions) if v is not None]
+        if not moved:
+            yield
+            return
+        live = [p.detach().clone() for p, _ in moved]
+        with torch.no_grad():
+            torch._foreach_add_([p.data for p, _ in moved], [v for _, v in moved],
+                                alpha=-self.optimizer.lr() * self.predict_steps)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p, _ in moved], live)
 
     def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Back-propagate ``batch`` (from the received gradient, or from the

@@ -5,8 +5,10 @@ accumulation: a stage steps only after every M-th backward (--accumulate M),
 so its weights change M times less often and a delayed gradient is fewer
 updates stale. Gradients are summed, as in the authors' code, with the
 learning rate unchanged; --accumulate-mean averages them instead.
+``--predict spectrain`` predicts a stage's weights by its mean delay in
+updates (batches applied at one update are of different ages).
 """
-from fdgbench.method import MethodOption, at_least_one, register
+from fdgbench.method import MethodOption, at_least_one, prediction_delay, register
 from fdgbench.schedule import Op
 from fdgbench.stage import StageWorker
 
@@ -47,4 +49,5 @@ class ADL(FDG):
 
     def make_worker(self, ctx):
         return AccumulatingWorker(ctx, self.accumulate if self.accumulate_mean else 1, staleness=self.staleness,
-                                  delayed=not ctx.is_last, grad_scale=1.0 if ctx.is_last else self.beta)
+                                  delayed=not ctx.is_last, grad_scale=1.0 if ctx.is_last else self.beta,
+                                  predict_steps=prediction_delay(self, ctx))

@@ -5,8 +5,10 @@ The backward is decoupled: stage k back-propagates batch t-(K-1-k) with the
 gradient stage k+1 sent at t-1 (never one made in the same iteration); the
 last stage does plain backprop on batch t. Every stage steps after its
 backward. The stored graph is read under --staleness legacy or stash.
+``--predict spectrain``: stage k's forward runs at its weights predicted
+K-1-k updates ahead (fdgbench.stage.StageWorker._predicted_weights).
 """
-from fdgbench.method import STALENESS, Method, MethodOption, register
+from fdgbench.method import PREDICT, STALENESS, Method, MethodOption, prediction_delay, register
 from fdgbench.schedule import stage_plan
 from fdgbench.stage import StageWorker
 
@@ -20,11 +22,12 @@ class DDG(Method):
     order = 30
     summary = "decoupled backward: locked forward, stage k's gradient is K-1-k iterations old"
     breaks = ("backward", "update")
-    options = (DDG_STALENESS,)
+    options = (DDG_STALENESS, PREDICT)
 
     def schedule(self, num_stages, t):
         return tuple(stage_plan(k, num_stages, forward=t, backward=t - (num_stages - 1 - k), forward_latency=0,
                                 backward_latency=1, backward_first=False) for k in range(num_stages))
 
     def make_worker(self, ctx):
-        return StageWorker(ctx, staleness=self.staleness, delayed=not ctx.is_last)
+        return StageWorker(ctx, staleness=self.staleness, delayed=not ctx.is_last,
+                           predict_steps=prediction_delay(self, ctx))

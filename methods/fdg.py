@@ -9,8 +9,11 @@ steps, then forwards the new one; the last stage forwards, takes the loss,
 back-propagates and steps. Every stage k < K-1 multiplies the received
 gradient by beta (gradient shrinking), so stage k's gradient carries
 beta^(K-1-k). The pipeline runs on across epochs, never drained.
+
+``--predict spectrain``: stage k's forward runs at its weights predicted
+2(K-1-k) - 1 updates ahead (fdgbench.stage.StageWorker._predicted_weights).
 """
-from fdgbench.method import BETA, STALENESS, Method, register
+from fdgbench.method import BETA, PREDICT, STALENESS, Method, prediction_delay, register
 from fdgbench.schedule import stage_plan
 from fdgbench.stage import StageWorker
 
@@ -21,7 +24,7 @@ class FDG(Method):
     order = 20
     summary = "fully decoupled: pipelined forward, delayed gradients shrunk by beta"
     breaks = ("forward", "backward", "update")
-    options = (BETA, STALENESS)
+    options = (BETA, STALENESS, PREDICT)
 
     def schedule(self, num_stages, t):
         last = num_stages - 1
@@ -30,4 +33,4 @@ class FDG(Method):
 
     def make_worker(self, ctx):
         return StageWorker(ctx, staleness=self.staleness, delayed=not ctx.is_last,
-                           grad_scale=1.0 if ctx.is_last else self.beta)
+                           grad_scale=1.0 if ctx.is_last else self.beta, predict_steps=prediction_delay(self, ctx))
