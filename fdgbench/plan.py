@@ -114,8 +114,8 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> Plan
     if engine.per_rank and cfg.stage_devices:  # before stage_devices(), whose own message would mislead
         raise UserError(f"{name('stage_devices')} is for the sequential engine; distributed ranks take one device "
                         f"each")
-    devices = _stage_devices(cfg)
-    engine.check(cfg, placement, devices, name)
+    plan = Plan(cfg, method, placement, tuple(_stage_devices(cfg)), engine, config_hash(cfg.to_dict()))
+    engine.check(plan, name)
     if cfg.batch_size % placement.replicas:
         raise UserError(f"{cfg.method} splits each batch across {placement.replicas} replicas: {name('batch_size')} "
                         f"{cfg.batch_size} must be a multiple of {placement.replicas}")
@@ -132,7 +132,7 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> Plan
                    sample=torch.zeros(1, 3, 32, 32, device="meta"))
     if cfg.max_steps is not None:
         _check_pipeline_depth(cfg, method, num_stages, cfg.max_steps, f"{name('max_steps')} is {cfg.max_steps}")
-    return Plan(cfg, method, placement, tuple(devices), engine, config_hash(cfg.to_dict()))
+    return plan
 
 
 def as_plan(run: Plan | RunConfig) -> Plan:

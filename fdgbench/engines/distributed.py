@@ -320,13 +320,14 @@ def _decode_spec(buf: torch.Tensor):
     return tuple(values[1:1 + values[0]]), DTYPES[values[7]]
 
 
-def _check(cfg, placement, devices, name) -> None:
-    """A distributed run's config: a usable FDGBENCH_DIST_TIMEOUT and (spawned here) enough GPUs on this
+def _check(plan, name) -> None:
+    """A distributed run's plan: a usable FDGBENCH_DIST_TIMEOUT and (spawned here) enough GPUs on this
     node for its ranks."""
     dist_timeout()  # a bad FDGBENCH_DIST_TIMEOUT is refused here, before any rank starts
     if not under_torchrun():  # spawned here: one GPU per rank, on this node
+        device = plan.devices[0]
         try:
-            check_ranks_fit(devices[0], placement.ranks, torch.cuda.device_count() if devices[0].type == "cuda" else 0)
+            check_ranks_fit(device, plan.placement.ranks, torch.cuda.device_count() if device.type == "cuda" else 0)
         except UserError as exc:  # --device auto picks the GPU wherever there is one, even one too few
             raise UserError(f"{exc}; or {name('device')} cpu") from None
 

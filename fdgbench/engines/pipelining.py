@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..method import make_method
 from ..stage import upcast_half
 from .distributed import DistributedEngine, _check as _distributed_check, _describe as _distributed_describe
 from .registry import EngineInfo, register_engine
@@ -74,8 +73,8 @@ class PipeliningEngine(DistributedEngine):
         self.worker.update()
 
 
-def _check(cfg, placement, devices, name) -> None:
-    method = make_method(cfg.method, **cfg.method_options)
+def _check(plan, name) -> None:
+    cfg, method, placement = plan.cfg, plan.method, plan.placement
     if getattr(method, "pipeline_schedule", None) not in SCHEDULES:
         runs = ", ".join(SCHEDULES)
         raise UserError(f"{name('engine')} pipelining runs {runs} (torch.distributed.pipelining's schedules), not "
@@ -92,7 +91,7 @@ def _check(cfg, placement, devices, name) -> None:
                             ("replicas", 1, "one pipeline of K ranks")):
         if getattr(cfg, field) != off:
             raise UserError(f"{name('engine')} pipelining does not take {name(field)} yet ({why})")
-    _distributed_check(cfg, placement, devices, name)
+    _distributed_check(plan, name)
 
 
 def _describe(run) -> str:

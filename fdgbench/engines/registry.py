@@ -26,9 +26,9 @@ class EngineInfo:
     per_rank: bool
     # The engine of a run being built (train.Run, with its workers, stream and placement made).
     build: Callable[[Any], Any]
-    # What the engine refuses in a config (a UserError), given the placement and stage devices check_config
-    # worked out and how the user wrote each field (``name``).
-    check: Callable[[Any, Any, list, Callable[[str], str]], None] = lambda cfg, placement, devices, name: None
+    # What the engine refuses in a run's plan (plan.Plan: its config, method, placement and stage devices, as
+    # check_config resolved them) in one line (a UserError), naming each field as the user wrote it (``name``).
+    check: Callable[[Any, Callable[[str], str]], None] = lambda plan, name: None
     # How a run's description (its first line on stderr) names the engine, its processes and threads.
     describe: Callable[[Any], str] = lambda run: f"{run.cfg.engine} engine"
     # Whether --diagnose can run on it (its true gradient is one synchronous pass through every stage).
