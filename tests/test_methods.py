@@ -188,11 +188,23 @@ def test_gradient_shrinking_compounds_as_beta_to_the_k(k):
                 assert torch.equal(fb, f1 * shrink)
 
 
-def _hand_fdg_two_stages(mode, steps, lr, xs, ys, w1, w2, w3):
-    """FDG, K = 2, plain SGD, on stage 0 = (w1*, w2*), stage 1 = (w3*),
-    loss 0.5 (y - target)^2, written out by hand."""
+def _hand_fdg_two_stages(mode, steps, lr, xs, ys, w1, w2, w3, momentum=0.0, predict=False):
+    """FDG, K = 2, on stage 0 = (w1*, w2*), stage 1 = (w3*), loss
+    0.5 (y - target)^2, written out by hand: SGD (``momentum``: torch's, no
+    dampening). Stage 0's forward follows its own update, so its delay is 1
+    update; with ``predict`` (weight prediction) that forward runs at
+    w - lr * 1 * buf, its momentum buffer (none before its first step)."""
     sent_act, sent_grad = {}, {}
     held = {}  # what stage 0 keeps for batch b: (x, u at forward, w1 at forward, w2 at forward)
+    bufs = {}
+
+    def step(name, w, g):
+        bufs[name] = g if name not in bufs else momentum * bufs[name] + g
+        return w - lr * bufs[name]
+
+    def ahead(name, w):
+        return w - lr * bufs[name] if predict and name in bufs else w
+
     for t in range(steps):
         new_act, new_grad = {}, {}
         # Stage 0: backward of batch t-2 (gradient sent at t-1), step, forward batch t.
@@ -206,17 +218,18 @@ def _hand_fdg_two_stages(mode, steps, lr, xs, ys, w1, w2, w3):
                 d_w2, d_w1 = g * u_fwd, g * w2_fwd * x
             else:  # replay: recompute u with the current w1
                 d_w2, d_w1 = g * (w1 * x), g * w2 * x
-            w1, w2 = w1 - lr * d_w1, w2 - lr * d_w2
-        u = w1 * xs[t]
-        held[t] = (xs[t], u, w1, w2)
-        new_act[t] = w2 * u
+            w1, w2 = step("w1", w1, d_w1), step("w2", w2, d_w2)
+        f1, f2 = ahead("w1", w1), ahead("w2", w2)
+        u = f1 * xs[t]
+        held[t] = (xs[t], u, f1, f2)
+        new_act[t] = f2 * u
         # Stage 1: forward batch t-1 (activation sent at t-1), loss, backward, step.
         b = t - 1
         if b >= 0:
             h = sent_act[b]
             r = w3 * h - ys[b]
             new_grad[b] = r * w3
-            w3 = w3 - lr * r * h
+            w3 = step("w3", w3, r * h)
         sent_act.update(new_act)
         sent_grad.update(new_grad)
     return w1, w2, w3

@@ -12,55 +12,16 @@ from fdgbench.optim import SGDConfig
 from fdgbench.schedule import update_delays
 
 from .helpers import Scale, ToyStream, engine_for, half_sse
+from .test_methods import _hand_fdg_two_stages
 
 XS = [1.0, -0.5, 2.0, 0.7, -1.2, 0.3, 1.5, -0.8]
 YS = [0.5, 1.0, -1.0, 0.2, 0.9, -0.4, 0.1, 0.6]
 LR, MOMENTUM = 0.1, 0.9
 
 
-def _sgd(w, buf, g):
-    """torch.optim.SGD with momentum, no dampening, no weight decay: (w, buf) after one step."""
-    buf = g if buf is None else MOMENTUM * buf + g
-    return w - LR * buf, buf
-
-
-def _hand_fdg_predicted(mode, predict, a1, a2, c):
-    """FDG K=2 on stage 0 = (x -> a1 x -> a2 u), stage 1 = (h -> c h), loss
-    0.5 (c h - y)^2, worked by hand. Stage 0 back-propagates batch t-2 and
-    steps, then forwards batch t (delay s = 1 update); with prediction its
-    forward uses a - LR * s * buf. Stage 1 forwards batch t-1, back-propagates
-    and steps at once (delay 0: nothing to predict)."""
-    s = 1 if predict else 0
-    b1 = b2 = bc = None
-    held, sent_act, sent_grad = {}, {}, {}
-    for t in range(len(XS)):
-        new_act, new_grad = {}, {}
-        b = t - 2
-        if b >= 0:
-            g = sent_grad[b]
-            x, u_fwd, p1, p2 = held.pop(b)
-            if mode == "legacy":  # the stored activation u, the live a2
-                d2, d1 = g * u_fwd, g * a2 * x
-            elif mode == "stash":  # everything as at the (predicted) forward
-                d2, d1 = g * u_fwd, g * p2 * x
-            else:  # replay: recompute u with the live a1
-                d2, d1 = g * (a1 * x), g * a2 * x
-            a1, b1 = _sgd(a1, b1, d1)
-            a2, b2 = _sgd(a2, b2, d2)
-        p1 = a1 - LR * s * (b1 or 0.0)
-        p2 = a2 - LR * s * (b2 or 0.0)
-        u = p1 * XS[t]
-        held[t] = (XS[t], u, p1, p2)
-        new_act[t] = p2 * u
-        b = t - 1
-        if b >= 0:
-            h = sent_act[b]
-            r = c * h - YS[b]
-            new_grad[b] = r * c
-            c, bc = _sgd(c, bc, r * h)
-        sent_act.update(new_act)
-        sent_grad.update(new_grad)
-    return a1, a2, c
+def _hand(mode, predict):
+    """The hand computation of FDG K=2 (test_methods'), with momentum: stage 0's delay is 1 update."""
+    return list(_hand_fdg_two_stages(mode, len(XS), LR, XS, YS, 0.9, 1.1, 0.8, MOMENTUM, predict))
 
 
 def _fdg_run(mode, predict):
@@ -77,10 +38,10 @@ def _fdg_run(mode, predict):
 @pytest.mark.parametrize("mode", ["legacy", "stash", "replay"])
 def test_fdg_with_prediction_matches_the_hand_computation(mode):
     got = _fdg_run(mode, "spectrain")
-    expected = _hand_fdg_predicted(mode, True, 0.9, 1.1, 0.8)
+    expected = _hand(mode, True)
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)  # float64, a few hundred operations
     # Not vacuous: prediction changes the numbers (and the hand computation without it is FDG's).
-    plain = _hand_fdg_predicted(mode, False, 0.9, 1.1, 0.8)
+    plain = _hand(mode, False)
     assert _fdg_run(mode, "none") == pytest.approx(plain, rel=1e-12, abs=1e-12)
     assert abs(plain[0] - expected[0]) > 1e-4
 
