@@ -15,6 +15,16 @@ so those methods' predictions are low. A method that replays its forward
 before a delayed backward (FR, --staleness replay) is charged that forward
 again.
 
+GPipe and 1F1B as ``torch.distributed.pipelining`` runs them (``--engine
+pipelining``) are simulated micro-batch by micro-batch
+(``library_pipeline``): each of the M micro-batches costs 1/M of the
+stage's batch (compute and message), every stage forwards and
+back-propagates all M in the library's order and then steps, and the
+pipeline drains each iteration: the bubble, (K-1)/(M+K-1) of the time with
+equal stages, comes out of the timeline, not a formula. (The suite's own
+engines run those methods' micro-batches one stage at a time, BP's
+timeline: ``simulate`` without ``library``.)
+
 With R replicas of each stage (placement.py; dp is one stage with K
 replicas) every replica computes on B/R images: compute and messages are
 scaled by 1/R, and each UPDATE first all-reduces the stage's gradients over
@@ -25,10 +35,11 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .method import Method
-from .schedule import COMPUTE, SENDS, Mailbox, Op, execution_order, message_key
+from .schedule import (COMPUTE, SENDS, Action, IterationPlan, Mailbox, Op, StagePlan, execution_order,
+                       message_key)
 from .engines.trace import CATEGORIES, Span
 
 
@@ -61,11 +72,19 @@ class Prediction:
 
 
 def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iterations: int = 40,
-             send_s: float = 0.0, replicas: int = 1) -> Prediction:
+             send_s: float = 0.0, replicas: int = 1, library: bool = False) -> Prediction:
     """Run ``iterations`` iterations of ``method``'s schedule on K = len(stages)
     stages of ``replicas`` workers each (one timeline per stage: its replicas
-    run alike); the steady state is measured over the second half."""
+    run alike); the steady state is measured over the second half. With
+    ``library``, a micro-batched pipeline (gpipe, 1f1b) as
+    ``torch.distributed.pipelining`` runs it (library_pipeline)."""
     k_stages = len(stages)
+    schedule = method.schedule
+    if library:
+        schedule = library_pipeline(method.pipeline_schedule, method.microbatches)
+        m = method.microbatches  # each action is one micro-batch's: 1/M of the batch (the update stays whole)
+        stages = [replace(c, forward=c.forward / m, backward=c.backward / m, output_bytes=c.output_bytes / m)
+                  for c in stages]
     if replicas > 1:
         stages = [replace(c, forward=c.forward / replicas, backward=c.backward / replicas, local=c.local / replicas,
                           output_bytes=c.output_bytes / replicas,
@@ -81,7 +100,7 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
     busy = [0.0] * k_stages
     mailbox = Mailbox()
     for t in range(iterations):
-        plan = method.schedule(k_stages, t)
+        plan = schedule(k_stages, t)
         for k, action in execution_order(plan, t, mailbox):
             start = clock[k]
             cost = stages[k]
@@ -104,6 +123,46 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
     per_iteration = window / (iterations - half)
     utilisation = [(busy_at[-1][k] - busy_at[half][k]) / window if window else 1.0 for k in range(k_stages)]
     return Prediction(per_iteration, utilisation, spans)
+
+
+def library_pipeline(kind: str, microbatches: int) -> Callable[[int, int], IterationPlan]:
+    """The schedule of ``torch.distributed.pipelining``'s ScheduleGPipe
+    (``gpipe``: every stage forwards micro-batches 0..M-1, then
+    back-propagates them in the same order) or Schedule1F1B (``1f1b``: stage
+    k forwards min(K-1-k, M) micro-batches, then alternates one forward and
+    one backward, then back-propagates the rest), each stage stepping once
+    at the end; micro-batch m of iteration t is batch t * M + m, and every
+    message is received in the iteration it is sent."""
+
+    def schedule(num_stages: int, t: int) -> IterationPlan:
+        return tuple(_pipeline_stage(kind, microbatches, k, num_stages, t) for k in range(num_stages))
+
+    return schedule
+
+
+def _pipeline_stage(kind: str, microbatches: int, k: int, num_stages: int, t: int) -> StagePlan:
+    first, last = k == 0, k == num_stages - 1
+    batches = [t * microbatches + m for m in range(microbatches)]
+
+    def forward(b: int) -> list[Action]:
+        return ([] if first else [Action(Op.RECV_ACT, b)]) + [Action(Op.FORWARD, b)] + (
+            [] if last else [Action(Op.SEND_ACT, b)])
+
+    def backward(b: int) -> list[Action]:
+        return ([] if last else [Action(Op.RECV_GRAD, b)]) + [Action(Op.BACKWARD, b)] + (
+            [] if first else [Action(Op.SEND_GRAD, b)])
+
+    if kind == "gpipe":
+        order = [forward(b) for b in batches] + [backward(b) for b in batches]
+    elif kind == "1f1b":
+        warmup = min(num_stages - 1 - k, microbatches)
+        order = [forward(b) for b in batches[:warmup]]
+        for i, b in enumerate(batches[warmup:]):
+            order += [forward(b), backward(batches[i])]
+        order += [backward(b) for b in batches[microbatches - warmup:]]
+    else:
+        raise ValueError(f"unknown pipeline schedule {kind!r}")
+    return tuple(a for actions in order for a in actions) + (Action(Op.UPDATE),)
 
 
 def has_auxiliary_nets(method: Method, num_stages: int) -> bool:

@@ -2,7 +2,8 @@
 Gantt chart drawn from its spans."""
 import pytest
 
-from fdgbench.simulator import Link, StageCosts, simulate, stage_costs
+from fdgbench.schedule import validate
+from fdgbench.simulator import Link, StageCosts, library_pipeline, simulate, stage_costs
 from fdgbench.method import make_method
 from fdgbench.report.gantt import draw_gantt
 
@@ -81,6 +82,36 @@ def test_replicas_of_pipelined_stages_halve_compute_and_messages_and_all_reduce_
     pred = simulate(make_method("fdg"), stages, link, replicas=2)
     assert pred.iteration_s == pytest.approx(1.0 + 0.5 + 0.5 + 1.2)
     assert simulate(make_method("fdg"), stages, FREE, replicas=1).iteration_s == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("k,m", [(2, 4), (4, 4), (4, 8), (8, 2)])
+def test_the_librarys_pipelines_lose_the_bubble_to_equal_stages(kind, k, m):
+    """torch.distributed.pipelining's GPipe and 1F1B with K equal stages and
+    a free link: M micro-batches of 1/M of the batch's forward f and backward
+    b take (M + K - 1)(f + b) / M per iteration, the pipeline's bubble
+    (K - 1)/(M + K - 1) of it, then the update: the textbook's time, out of
+    the timeline (the same for both schedules)."""
+    f, b, u = 0.3, 0.6, 0.05
+    method = make_method(kind, microbatches=m)
+    pred = simulate(method, [StageCosts(f, b, u)] * k, Link(0.0, float("inf")), library=True)
+    assert pred.iteration_s == pytest.approx((m + k - 1) * (f + b) / m + u, rel=1e-9)
+
+
+def test_one_micro_batch_through_the_library_is_bps_timeline():
+    """M = 1: every stage waits for the others, as BP does; messages priced as BP's."""
+    stages = [StageCosts(0.2, 0.4, 0.01, output_bytes=4e6), StageCosts(0.3, 0.5, 0.02, output_bytes=4e5)]
+    link = Link(1e-3, 1e9)
+    bp = simulate(make_method("bp"), stages, link)
+    assert simulate(make_method("gpipe", microbatches=1), stages, link, library=True).iteration_s == pytest.approx(
+        bp.iteration_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+def test_the_librarys_schedules_are_valid_schedules(kind):
+    for k in (2, 3, 8):
+        for m in (1, 2, 5, 8):
+            validate(library_pipeline(kind, m), k, 4)
 
 
 def test_stage_costs_sum_a_profile_over_a_partition():

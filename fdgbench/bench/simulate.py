@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..config import RunConfig
+from ..method import make_method
 from ..plan import check_config
 from .profile import load_or_profile, model_block_names, profile_path
 
@@ -25,7 +26,14 @@ class GridPoint:
     starred: bool  # auxiliary nets not costed
 
 
-def check_grid(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
+def _entry(method) -> tuple[str, dict[str, Any], str]:
+    """(name, options, label) of a grid's method: the label names the options given (``gpipe[microbatches=4]``)."""
+    name, options = (method, {}) if isinstance(method, str) else method
+    label = name + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
+    return name, dict(options), label
+
+
+def check_grid(model: str, splits: list[int], methods: list, batch_size: int, device: str, threads: int,
                replicas: int) -> None:
     """Refuse, before any profiling, a grid point `fdgbench run` would refuse
     (e.g. a batch its replicas cannot share): a prediction for a run that
@@ -34,19 +42,21 @@ def check_grid(model: str, splits: list[int], methods: list[str], batch_size: in
     allow; a larger K is a "no row" line of the table, not an error."""
     num_blocks = len(model_block_names(model))
     for k in (k for k in splits if k <= num_blocks):
-        for name in methods:
-            check_config(RunConfig(method=name, model=model, splits=k, replicas=replicas, partition="balanced",
-                                   dataset="synthetic", batch_size=batch_size, device=device, threads=threads))
+        for name, options, _ in map(_entry, methods):
+            check_config(RunConfig(method=name, method_options=options, model=model, splits=k, replicas=replicas,
+                                   partition="balanced", dataset="synthetic", batch_size=batch_size, device=device,
+                                   threads=threads))
 
 
-def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size: int, device: str, threads: int,
+def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int, device: str, threads: int,
                   bandwidth_gbps: float | None = None, latency_us: float | None = None, refresh: bool = False,
                   replicas: int = 1):
-    """Per method, the simulator's prediction at each K with ``replicas`` of
-    each stage (None where K exceeds the blocks), stages balanced by the
-    block profile; with the profile and link used."""
+    """Per method (by its label, _entry), the simulator's prediction at each
+    K with ``replicas`` of each stage (None where K exceeds the blocks),
+    stages balanced by the block profile; with the profile and link used. A
+    micro-batched pipeline (gpipe, 1f1b) is predicted as
+    torch.distributed.pipelining runs it (simulator.library_pipeline)."""
     from ..simulator import Link, has_auxiliary_nets, simulate, stage_costs
-    from ..method import make_method
     from ..partition import Partition, balance, balanced_starts
 
     check_grid(model, splits, methods, batch_size, device, threads, replicas)
@@ -58,23 +68,30 @@ def simulate_grid(model: str, splits: list[int], methods: list[str], batch_size:
     costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
     whole = stage_costs(blocks, [range(len(blocks))])[0]
     bp_one = whole.forward + whole.backward + whole.update
-    grid: dict[str, list[GridPoint | None]] = {name: [] for name in methods}
+    entries = [_entry(m) for m in methods]
+    grid: dict[str, list[GridPoint | None]] = {label: [] for _, _, label in entries}
     partitions: dict[int, Partition] = {}  # by stage count (dp's is one stage at every K)
     for k in splits:
-        for name in methods:
-            method = make_method(name)
+        for name, options, label in entries:
+            method = make_method(name, **options)
             placement = method.placement(k, replicas)
             if k > len(blocks):  # no row at this K (for any method: the rows compare methods at one K)
-                grid[name].append(None)
+                grid[label].append(None)
                 continue
             if placement.stages not in partitions:
                 partitions[placement.stages] = Partition(balanced_starts(costs, placement.stages), len(blocks), "time")
             partition = partitions[placement.stages]
-            pred = simulate(method, stage_costs(blocks, partition.ranges()), link, replicas=placement.replicas)
-            grid[name].append(GridPoint(pred, bp_one / pred.iteration_s,
+            pred = simulate(method, stage_costs(blocks, partition.ranges()), link, replicas=placement.replicas,
+                            library=library_run(method))
+            grid[label].append(GridPoint(pred, bp_one / pred.iteration_s,
                                         balance(costs, partition) if placement.stages > 1 else None,
                                         has_auxiliary_nets(method, placement.stages)))
     return grid, profile, link, bp_one
+
+
+def library_run(method) -> bool:
+    """Whether ``method`` is a micro-batched pipeline, predicted as the library runs it."""
+    return getattr(method, "pipeline_schedule", None) is not None
 
 
 def predicted_speedups(model: str, splits: list[int], methods: list[str], batch_size: int, device: str,
@@ -101,20 +118,21 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
     if replicas > 1:
         click.echo(f"each stage has {replicas} replicas (K x {replicas} workers; dp: 1 stage x {replicas}K), "
                    f"each on 1/{replicas} of the batch, gradients all-reduced at every update")
-    click.echo(f"{'K':>3} {'method':<6} {'ms/iter':>8} {'speedup':>8} {'util min/mean':>14} {'balance':>8}")
+    width = max(6, *(len(label) for label in grid))
+    click.echo(f"{'K':>3} {'method':<{width}} {'ms/iter':>8} {'speedup':>8} {'util min/mean':>14} {'balance':>8}")
     drawn = starred = False
     for i, k in enumerate(splits):
         if k > len(blocks):
             click.echo(f"{k:>3} {model} has {len(blocks)} blocks, so K={k} is not possible (no row)")
             continue
-        for name in methods:
+        for name in grid:
             point = grid[name][i]
             pred = point.prediction
             util = f"{min(pred.utilisation):.2f}/{statistics.mean(pred.utilisation):.2f}"
             star = "*" if point.starred else " "
             starred |= point.starred
             bal = "-" if point.balance is None else f"{point.balance:8.2f}"
-            click.echo(f"{k:>3} {name:<6} {1000 * pred.iteration_s:8.0f} {point.speedup:7.2f}x{star}"
+            click.echo(f"{k:>3} {name:<{width}} {1000 * pred.iteration_s:8.0f} {point.speedup:7.2f}x{star}"
                        f"{util:>14} {bal:>8}")
             if gantt is not None and not drawn and name == "fdg":
                 paths = draw_gantt(pred.spans, gantt, f"simulated: fdg {model} K={k}, batch {batch_size}, "
@@ -126,3 +144,6 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                "(a pessimistic model)")
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
+    if any(library_run(make_method(name, **options)) for name, options, _ in map(_entry, methods)):
+        click.echo("gpipe, 1f1b: as torch.distributed.pipelining runs them (--engine pipelining): M micro-batches "
+                   "of 1/M of the batch through the library's schedule, the pipeline's bubble included")

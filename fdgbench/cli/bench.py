@@ -143,7 +143,9 @@ def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterat
 @bench.command("simulate")
 @click.option("--model", default="wrn28_10", show_default=True)
 @click.option("--splits", default="2,4,8,16", show_default=True, help="stage counts K to predict")
-@click.option("--methods", default="bp,ddg,fr,dgl,fdg,dp", show_default=True)
+@click.option("--methods", default="bp,ddg,fr,dgl,fdg,dp", show_default=True,
+              help="comma-separated, each with options of its own in brackets if wanted (gpipe[microbatches=4]); "
+                   "gpipe and 1f1b are predicted as --engine pipelining runs them")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="where the block profile is measured")
 @click.option("--threads", type=int, default=1, show_default=True, help="threads per worker in the profile")
@@ -165,7 +167,7 @@ def bench_simulate(model: str, splits: str, methods: str, batch_size: int, devic
     if min(batch_size, threads, replicas) < 1:
         raise UserError("--batch-size, --threads and --replicas must be at least 1")
     parse_device(device)
-    run_bench(model, positive_ints(splits, "--splits"), method_names(methods), batch_size, device, threads,
+    run_bench(model, positive_ints(splits, "--splits"), method_entries(methods), batch_size, device, threads,
               bandwidth, latency_us, reprofile, gantt, replicas)
 
 
