@@ -276,6 +276,20 @@ def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path
     assert max(float(r[11]) for r in parts[:2]) == pytest.approx(float(fdg[5]), abs=1)  # ms/iter
 
 
+def test_speedup_benchmark_runs_gpipe_through_the_library_with_its_bubble_predicted(tmp_path, monkeypatch):
+    """gpipe (with its own options) is measured through torch.distributed.pipelining, as users run it, and
+    predicted by the simulator's micro-batch timeline; the library runs the stages, so no balance or breakdown."""
+    monkeypatch.chdir(tmp_path)
+    result = _cli("bench", "speedup", "--model", "tiny_resnet", "--methods", "gpipe[microbatches=2]",
+                  "--batch-size", "32", "--iterations", "2", "--all-threads", "2", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    (row,) = [r for r in (line.split() for line in result.stdout.splitlines()) if r[:1] == ["gpipe[microbatches=2]"]]
+    assert row[1:5] == ["2", "2", "x", "1"] and float(row[7].rstrip("x")) > 0  # K, ranks x threads, a ratio
+    assert row[9] == "-" and float(row[10]) > 0 and float(row[11]) > 0  # no balance; simulated ms, sim/measured
+    assert "through torch.distributed.pipelining (--engine pipelining)" in result.stdout
+    assert "per rank, ms per iteration" not in result.stdout  # its only row has no breakdown to print
+
+
 @pytest.mark.slow  # spawns ranks again (~15 s); the speed file's use is tested in test_tables without it
 def test_speedup_benchmark_saves_the_speeds_time_to_accuracy_reads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -26,7 +26,7 @@ class GridPoint:
     starred: bool  # auxiliary nets not costed
 
 
-def _entry(method) -> tuple[str, dict[str, Any], str]:
+def method_entry(method) -> tuple[str, dict[str, Any], str]:
     """(name, options, label) of a grid's method: the label names the options given (``gpipe[microbatches=4]``)."""
     name, options = (method, {}) if isinstance(method, str) else method
     label = name + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
@@ -42,7 +42,7 @@ def check_grid(model: str, splits: list[int], methods: list, batch_size: int, de
     allow; a larger K is a "no row" line of the table, not an error."""
     num_blocks = len(model_block_names(model))
     for k in (k for k in splits if k <= num_blocks):
-        for name, options, _ in map(_entry, methods):
+        for name, options, _ in map(method_entry, methods):
             check_config(RunConfig(method=name, method_options=options, model=model, splits=k, replicas=replicas,
                                    partition="balanced", dataset="synthetic", batch_size=batch_size, device=device,
                                    threads=threads))
@@ -51,7 +51,7 @@ def check_grid(model: str, splits: list[int], methods: list, batch_size: int, de
 def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int, device: str, threads: int,
                   bandwidth_gbps: float | None = None, latency_us: float | None = None, refresh: bool = False,
                   replicas: int = 1):
-    """Per method (by its label, _entry), the simulator's prediction at each
+    """Per method (by its label, method_entry), the simulator's prediction at each
     K with ``replicas`` of each stage (None where K exceeds the blocks),
     stages balanced by the block profile; with the profile and link used. A
     micro-batched pipeline (gpipe, 1f1b) is predicted as
@@ -68,7 +68,7 @@ def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int,
     costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
     whole = stage_costs(blocks, [range(len(blocks))])[0]
     bp_one = whole.forward + whole.backward + whole.update
-    entries = [_entry(m) for m in methods]
+    entries = [method_entry(m) for m in methods]
     grid: dict[str, list[GridPoint | None]] = {label: [] for _, _, label in entries}
     partitions: dict[int, Partition] = {}  # by stage count (dp's is one stage at every K)
     for k in splits:
@@ -144,6 +144,6 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
                "(a pessimistic model)")
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
-    if any(library_run(make_method(name, **options)) for name, options, _ in map(_entry, methods)):
+    if any(library_run(make_method(name, **options)) for name, options, _ in map(method_entry, methods)):
         click.echo("gpipe, 1f1b: as torch.distributed.pipelining runs them (--engine pipelining): M micro-batches "
                    "of 1/M of the batch through the library's schedule, the pipeline's bubble included")

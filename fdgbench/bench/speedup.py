@@ -15,8 +15,10 @@ from ..data import synthetic_dataset
 from ..config import RunConfig, parse_device
 from ..plan import check_config
 from ..errors import UserError
+from ..method import make_method
 from ..train import build_run
 from .profile import corun_factors, load_or_profile, profile_path, scaled_blocks
+from .simulate import method_entry, library_run
 
 
 
@@ -76,6 +78,9 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
     trainer.sync_compute()
     trainer.engine.finish(warmup + iterations)
     elapsed = time.perf_counter() - t0
+    if not trainer.engine_info.observes_actions:  # a library runs the stages: no spans to break the time into
+        return {"elapsed": elapsed, "busy": None, "starts": list(trainer.partition.starts),
+                "partition": trainer.partition_text, "breakdown": None}
     spent = {category: 0.0 for category in ("compute", "recv", "send")}
     for span in tracer.spans:
         spent["compute" if span.category in ("forward", "backward", "local", "update") else span.category] += \
@@ -104,13 +109,18 @@ def timed_sequential(cfg: RunConfig, train_size: int, warmup: int, iterations: i
 
 
 def _row_config(base: dict[str, Any], name: str, k: int, r: int, partition: str, threads: int,
-                cuts: tuple[str, ...] | None = None) -> RunConfig:
-    """The config of one measured row: ``name`` on K x R ranks, cut at ``cuts`` if given."""
-    return RunConfig(method=name, splits=k, replicas=r, partition="explicit" if cuts else partition, split_at=cuts,
-                     threads=threads, engine="distributed", **base)
+                cuts: tuple[str, ...] | None = None, options: dict[str, Any] | None = None) -> RunConfig:
+    """The config of one measured row: ``name`` (with ``options``) on K x R
+    ranks, cut at ``cuts`` if given; a micro-batched pipeline (gpipe, 1f1b)
+    through torch.distributed.pipelining, the implementation users run."""
+    options = options or {}
+    engine = "pipelining" if library_run(make_method(name, **options)) and k > 1 else "distributed"
+    return RunConfig(method=name, method_options=options, splits=k, replicas=r,
+                     partition="explicit" if cuts else partition, split_at=cuts, threads=threads, engine=engine,
+                     **base)
 
 
-def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size: int, iterations: int,
+def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int, iterations: int,
                   partition: str, device: str, threads_per_stage: int, all_threads: int, amp: str = "off",
                   channels_last: bool = False, save: Path | None = None, reuse_profile: bool = False,
                   replicas: list[int] = (1,), rounds: int = 3) -> None:
@@ -118,10 +128,12 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     ``threads_per_stage`` threads each) against BP on one worker with as many
     threads per worker, and BP with ``all_threads`` threads, in one
     invocation; beside each, the simulator's prediction from this machine's
-    block profile and link."""
+    block profile and link. ``methods``: names, or (name, options) entries;
+    gpipe and 1f1b run through torch.distributed.pipelining."""
     from ..simulator import Link, has_auxiliary_nets, simulate, stage_costs
-    from ..method import make_method
     from ..partition import ALIASES, Partition, balanced_starts
+
+    entries = [method_entry(m) for m in methods]
 
     parse_device(device)
     if rounds < 1:
@@ -131,8 +143,8 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
                 channels_last=channels_last)
     # Every row's config (K against the blocks, R against the batch, ...) is refused
     # before the profiling, which takes a minute on a large model, not at its row.
-    for k, r, name in ((k, r, name) for k in splits for r in replicas for name in methods):
-        check_config(_row_config(base, name, k, r, partition, threads_per_stage))
+    for k, r, (name, options, _) in ((k, r, e) for k in splits for r in replicas for e in entries):
+        check_config(_row_config(base, name, k, r, partition, threads_per_stage, options=options))
     # Profiled afresh by default: a profile kept from another time (another load on
     # the machine, another build) is not "measured side by side" with these rows.
     profile = load_or_profile(model, batch_size, device, threads_per_stage, refresh=not reuse_profile)
@@ -141,12 +153,13 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     profiled = amp == "off" and not channels_last  # the block profile is fp32, default layout
 
     # K ranks on one CPU compute slower than the one process the profile timed (co-run factor).
-    rank_counts = sorted({make_method(name).placement(k, r).ranks for name in methods for k in splits
+    rank_counts = sorted({make_method(name).placement(k, r).ranks for name, _, _ in entries for k in splits
                           for r in replicas})
     factors = corun_factors(profile, profile_path(model, batch_size, device, threads_per_stage), rank_counts,
                             rounds) if profiled else {}
 
-    rows_to_time = [("bp", 1, 1, threads_per_stage, None), ("bp", 1, 1, all_threads, None)]
+    # (label, method, its options, K, R, threads, cut points)
+    rows_to_time = [("bp", "bp", {}, 1, 1, threads_per_stage, None), ("bp", "bp", {}, 1, 1, all_threads, None)]
     costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
     for k in splits:
         # "balanced": cut where the block profile (the real batch, threads and engine) balances the
@@ -154,9 +167,9 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
         split_at = None
         if ALIASES.get(partition, partition) == "time" and k <= len(blocks):
             split_at = tuple(str(i) for i in balanced_starts(costs, k)[1:])
-        for r, name in ((r, name) for r in replicas for name in methods):
+        for r, (name, options, label) in ((r, e) for r in replicas for e in entries):
             cuts = split_at if make_method(name).placement(k, r).stages == k else None  # dp: one stage, nothing to cut
-            rows_to_time.append((name, k, r, threads_per_stage, cuts))
+            rows_to_time.append((label, name, options, k, r, threads_per_stage, cuts))
     # Rounds: every row once per round, in the same order, and each row's median over the rounds. A shared
     # machine's speed drifts by tens of percent within minutes (a virtual CPU's host); rows timed minutes apart
     # would compare the drift, rows timed in every round compare the methods.
@@ -168,43 +181,46 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
     # rounds (the profile was taken minutes earlier, at the machine's speed then).
     calibration = measured[0]["per_iter"] / sum(costs) if profiled else 1.0
 
-    def predicted(method_name: str, k: int, r: int, starts: list[int]):
+    def predicted(method, k: int, r: int, starts: list[int]):
         """The simulator's Prediction for this row (None where the profile cannot cost it)."""
         if not profiled:
             return None
-        method = make_method(method_name)
         placement = method.placement(k, r)
         scaled = scaled_blocks(blocks, calibration * factors.get(placement.ranks, 1.0))
         ranges = Partition(tuple(starts), len(scaled), "").ranges()
-        return simulate(method, stage_costs(scaled, ranges), link, replicas=placement.replicas)
+        return simulate(method, stage_costs(scaled, ranges), link, replicas=placement.replicas,
+                        library=library_run(method))
 
     bp1, bp_all = measured[0]["per_iter"], measured[1]["per_iter"]
     rows, breakdowns = [], []
-    for (name, k, r, threads, _), result in zip(rows_to_time, measured):
-        placement = make_method(name).placement(k, r)
+    for (name, method_name, options, k, r, threads, _), result in zip(rows_to_time, measured):
+        method = make_method(method_name, **options)
+        placement = method.placement(k, r)
         label = f"{k}" if r == 1 else f"{k}x{r}"
-        if result["breakdown"] is None:  # BP in one process: the reference (the profile is calibrated to it)
-            rows.append((name, label, f"1 x {threads}", result["per_iter"], None, None, "-"))
+        if result.get("reference"):  # BP in one process: the reference (the profile is calibrated to it)
+            rows.append((name, label, f"1 x {threads}", result["per_iter"], None, None, "-", method))
             continue
-        prediction = predicted(name, k, r, result["starts"])
+        prediction = predicted(method, k, r, result["starts"])
         rows.append((name, label, f"{placement.ranks} x {threads}", result["per_iter"], _seconds(prediction),
-                     result["balance"], result["partition"]))
-        breakdowns.append((name, label, placement, result["breakdown"], prediction))
+                     result["balance"], result["partition"], method))
+        if result["breakdown"] is not None:
+            breakdowns.append((name, label, placement, result["breakdown"], prediction))
     click.echo(f"{model}, batch {batch_size}, {device}, {iterations} timed iterations per row after warm-up "
                f"(pipeline filled) in each of {rounds} round(s), the median round's; synthetic data drawn by the "
                f"same batch loader; one invocation on {_cpu_name()}")
-    click.echo(f"{'method':<6} {'K(xR)':>5} {'ranks x threads':>15} {'ms/iter':>8} {'img/s':>7} "
+    width = max(6, *(len(row[0]) for row in rows))
+    click.echo(f"{'method':<{width}} {'K(xR)':>5} {'ranks x threads':>15} {'ms/iter':>8} {'img/s':>7} "
                f"{'vs BP 1x' + str(threads_per_stage):>9} {'vs BP 1x' + str(all_threads):>9} "
                f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8}  partition")
     starred = False
-    for name, k, workers, per_iter, pred, balance, part in rows:
+    for name, k, workers, per_iter, pred, balance, part, method in rows:
         stages = int(k.split("x")[0])
-        star = profiled and stages > 1 and has_auxiliary_nets(make_method(name), stages)
+        star = profiled and stages > 1 and has_auxiliary_nets(method, stages)
         starred |= star
         pred_text = (f"{1000 * pred:6.0f}{'*' if star else ' '} {pred / per_iter:8.2f}" if pred
                      else f"{'-':>7} {'-':>8}")
         bal = f"{balance:7.2f}" if balance else f"{'-':>7}"
-        click.echo(f"{name:<6} {k:>5} {workers:>15} {1000 * per_iter:8.0f} {batch_size / per_iter:7.0f} "
+        click.echo(f"{name:<{width}} {k:>5} {workers:>15} {1000 * per_iter:8.0f} {batch_size / per_iter:7.0f} "
                    f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text}  {part}")
     click.echo(f"partition {partition}{' (cut by the block profile)' if ALIASES.get(partition) == 'time' else ''}; "
                "balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
@@ -219,6 +235,9 @@ def bench_speedup(model: str, splits: list[int], methods: list[str], batch_size:
                   "replicas)" if max(replicas) > 1 else ""))
     if starred:
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
+    if any(library_run(row[-1]) for row in rows):
+        click.echo("gpipe, 1f1b: through torch.distributed.pipelining (--engine pipelining), simulated micro-batch by "
+                   "micro-batch; the library runs the stages itself, so those rows have no balance or breakdown")
     _print_breakdowns(breakdowns)
     if not profiled:
         click.echo(f"no predictions: the block profile is fp32 in the default layout, these runs amp {amp}"
@@ -232,22 +251,24 @@ def _time_row(base: dict[str, Any], row: tuple, partition: str, device: str, tra
     """One timing of one row: seconds per iteration and, for K ranks, each
     rank's breakdown (seconds per iteration), the partition and the balance."""
     from ..engines.launch import spawn_ranks
-    from ..method import make_method
 
-    name, k, r, threads, cuts = row
+    _, name, options, k, r, threads, cuts = row
     warm = 4
     if k == 1 and r == 1 and name == "bp":
         cfg = RunConfig(method="bp", splits=1, threads=threads, **base)
-        return {"per_iter": timed_sequential(cfg, train_size, warm, iterations) / iterations, "breakdown": None}
-    placement = make_method(name).placement(k, r)
-    cfg = _row_config(base, name, k, r, partition, threads, cuts)
+        return {"per_iter": timed_sequential(cfg, train_size, warm, iterations) / iterations, "breakdown": None,
+                "reference": True}
+    placement = make_method(name, **options).placement(k, r)
+    cfg = _row_config(base, name, k, r, partition, threads, cuts, options)
     results = spawn_ranks(placement.ranks, torch.device(device), _timed_rank, (cfg, train_size, 2 * k + warm,
                                                                                 iterations))
-    busy = [x["busy"] for x in results]
-    return {"per_iter": max(x["elapsed"] for x in results) / iterations,
-            "breakdown": [{key: x["breakdown"][key] / iterations for key in BREAKDOWN} for x in results],
-            "starts": results[0]["starts"], "partition": results[0]["partition"],
-            "balance": max(busy) / statistics.mean(busy)}
+    out = {"per_iter": max(x["elapsed"] for x in results) / iterations, "breakdown": None, "balance": None,
+           "starts": results[0]["starts"], "partition": results[0]["partition"]}
+    if results[0]["breakdown"] is not None:  # the engine ran the stages' actions itself (not a library)
+        busy = [x["busy"] for x in results]
+        out.update(breakdown=[{key: x["breakdown"][key] / iterations for key in BREAKDOWN} for x in results],
+                   balance=max(busy) / statistics.mean(busy))
+    return out
 
 
 def _median_row(timings: list[dict[str, Any]]) -> dict[str, Any]:
@@ -306,6 +327,7 @@ def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str,
 
     speeds = {speed_key("bp", 1): next(per_iter for name, k, workers, per_iter, *_ in rows
                                        if name == "bp" and workers == f"1 x {all_threads}")}
+    # (a method with options is keyed by its label: "gpipe[microbatches=4] K=2")
     speeds.update({speed_key(name, k): per_iter for name, k, _, per_iter, *_ in rows if k != "1"})  # k: "K" or "KxR"
     record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
               "hardware": f"{_cpu_name()}, {os.cpu_count()} cores" if device == "cpu"

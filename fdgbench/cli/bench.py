@@ -105,7 +105,9 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None, 
 @bench.command("speedup")
 @click.option("--model", default="resnet56", show_default=True)
 @click.option("--splits", default="2", show_default=True, help="stage counts K (one rank per stage)")
-@click.option("--methods", default="bp,fdg,dp", show_default=True, help="methods run on K ranks")
+@click.option("--methods", default="bp,fdg,dp", show_default=True,
+              help="methods run on K ranks, each with options of its own in brackets if wanted "
+                   "(gpipe[microbatches=4]); gpipe and 1f1b run through torch.distributed.pipelining")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--iterations", type=int, default=20, show_default=True, help="timed iterations per row and round")
 @click.option("--rounds", type=int, default=3, show_default=True,
@@ -135,7 +137,7 @@ def bench_speedup(model: str, splits: str, methods: str, batch_size: int, iterat
 
     if min(iterations, batch_size, threads_per_stage, all_threads) < 1:
         raise UserError("--iterations, --batch-size and the thread counts must be at least 1")
-    run_bench(model, positive_ints(splits, "--splits"), method_names(methods), batch_size, iterations, partition,
+    run_bench(model, positive_ints(splits, "--splits"), method_entries(methods), batch_size, iterations, partition,
               device, threads_per_stage, all_threads, amp, channels_last, save, reuse_profile,
               positive_ints(replicas, "--replicas"), rounds)
 
