@@ -43,7 +43,7 @@ before their backwards, which DDP's reducer cannot follow, and a stage may
 accumulate several backwards (local losses, ADL) into one update. The
 all-reduce therefore does not overlap the backward.
 
-Not supported with R > 1 (refused in config.check_config): methods whose own
+Not supported with R > 1 (refused in plan.check_config): methods whose own
 nets step outside the stage's update (DNI's synthetic-gradient nets: their
 replicas would drift apart), and --diagnose (its probe reads one
 accumulated gradient where there are R).

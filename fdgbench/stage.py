@@ -14,7 +14,7 @@ from torch import nn
 
 from .checkpoint import to_device
 from .optim import SGDConfig, StageOptimizer
-from .staleness import make_store
+from .staleness import WeightCopies, make_store
 
 
 def upcast_half(t: torch.Tensor) -> torch.Tensor:
@@ -184,6 +184,8 @@ class StageWorker:
         self.lr_scale = lr_scale
         self.input_grad = input_grad and not ctx.is_first  # whether a gradient goes back to stage k-1
         self.predict_steps = predict_steps  # --predict spectrain's s (0: the forward runs at the live weights)
+        # Under prediction, where the live weights wait during each forward (buffers reused every iteration).
+        self._live_weights = WeightCopies(self.optimizer.params, leaves=False) if predict_steps else None
         self.metrics = TrainMetrics(ctx.device)
         self.meters: dict[str, MeanMeter] = {}
         self.locals: dict[str, LocalModule] = {}
@@ -233,7 +235,8 @@ class StageWorker:
         during the forward the parameters hold W - lr * s * v, the weights
         the stage is expected to have when this batch's gradient is applied
         s updates later (v: the momentum buffer, zero before the first
-        step), and the live W afterwards, restored exactly from a copy. The
+        step), and the live W afterwards, restored exactly from a copy
+        (staleness.WeightCopies: one set of buffers, refilled each time). The
         swap writes through ``.data`` (no version bump), so what the delayed
         backward sees is the staleness mode's: legacy's graph reads the live
         weights, stash keeps a copy of the predicted ones it ran on, replay
@@ -243,7 +246,7 @@ class StageWorker:
         if not moved:
             yield
             return
-        live = [p.detach().clone() for p, _ in moved]
+        live = self._live_weights.take()
         with torch.no_grad():
             torch._foreach_add_([p.data for p, _ in moved], [v for _, v in moved],
                                 alpha=-self.optimizer.lr() * self.predict_steps)
@@ -251,7 +254,8 @@ class StageWorker:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_([p.data for p, _ in moved], live)
+                torch._foreach_copy_([p.data for p in self.optimizer.params], live)
+            self._live_weights.give(live)
 
     def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Back-propagate ``batch`` (from the received gradient, or from the

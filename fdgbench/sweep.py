@@ -86,7 +86,7 @@ def preset_jobs(table: str, preset: str, seeds: int | None, out: str | Path, dat
 def config_args(cfg: RunConfig) -> list[str]:
     """``fdgbench run`` arguments that rebuild ``cfg`` exactly (every field
     that differs from its default, and those whose flag defaults to auto;
-    the inverse of RunConfig.from_options)."""
+    the inverse of cli.options.run_config)."""
     args = ["--method", cfg.method]
     default = RunConfig()
     for f in fields(cfg):

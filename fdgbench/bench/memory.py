@@ -8,7 +8,6 @@ import click
 from ..data import synthetic_dataset
 from ..config import RunConfig
 from ..plan import check_config
-from ..method import make_method
 from ..train import build_run
 
 
@@ -24,10 +23,10 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
 
     from ..memory import MiB, buffer_fill, estimate, one_process_peak
 
-    configs = [RunConfig(method=method, method_options=options, model=model, splits=splits, dataset="synthetic",
-                         batch_size=batch_size, threads=threads) for method, options in methods]
-    for cfg in configs:  # a bad K or batch is one error line, not one after the table's header
-        check_config(cfg)
+    # Every config checked into its plan first: a bad K or batch is one error line, not one after the table's header.
+    plans = [check_config(RunConfig(method=method, method_options=options, model=model, splits=splits,
+                                    dataset="synthetic", batch_size=batch_size, threads=threads))
+             for method, options in methods]
     data = synthetic_dataset(10, train=batch_size * 2, test=batch_size)
     image_shape = tuple(data.train_images.shape[1:])
     click.echo(f"{model}, K={splits}, batch {batch_size}, CPU, synthetic data: MiB per stage, measured / expected "
@@ -41,9 +40,9 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
     header = (f"{'method':<12}" + "".join(f"{'stage ' + str(k):>30}" for k in range(splits)) + f"{'total':>24}"
               + f"{'one process':>14}")
     click.echo(header)
-    for (method, options), cfg in zip(methods, configs):
-        expected = estimate(cfg, image_shape, 10)
-        trainer = build_run(cfg, dataset=data)
+    for (method, options), plan in zip(methods, plans):
+        expected = estimate(plan, image_shape, 10)
+        trainer = build_run(plan, dataset=data)
         # The pipeline's fill and 2 more iterations, and until every input buffer is full.
         for t in range(trainer.hold_span + 3 + buffer_fill(trainer.workers, trainer.stage_indices)):
             trainer.memory.watch(t)
@@ -57,7 +56,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
             total_m, total_e = total_m + m, total_e + x
             cells.append(f"{m / MiB:9.1f} / {x / MiB:9.1f} = {m / x:4.2f} x{e.batches()}")
         label = " ".join([method, *(str(v) for v in options.values())])
-        together = one_process_peak(expected, make_method(method, **options).schedule, batch_size)
+        together = one_process_peak(expected, plan.method.schedule, batch_size)
         click.echo(f"{label:<12}" + "".join(f"{c:>30}" for c in cells)
                    + f"{total_m / MiB:>10.1f} / {total_e / MiB:>9.1f}{together / MiB:>14.1f}")
 

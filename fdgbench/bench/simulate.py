@@ -38,7 +38,7 @@ def check_grid(model: str, splits: list[int], methods: list, batch_size: int, de
     """Refuse, before any profiling, a grid point `fdgbench run` would refuse
     (e.g. a batch its replicas cannot share): a prediction for a run that
     cannot exist is no prediction. The same checks as a run's
-    (config.check_config), for each method at each K the model's blocks
+    (plan.check_config), for each method at each K the model's blocks
     allow; a larger K is a "no row" line of the table, not an error."""
     num_blocks = len(model_block_names(model))
     for k in (k for k in splits if k <= num_blocks):

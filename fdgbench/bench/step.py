@@ -9,7 +9,6 @@ import torch
 
 from ..data import synthetic_dataset
 from ..config import RunConfig, parse_device
-from ..plan import check_config
 from ..train import Run, build_run
 
 
@@ -84,7 +83,6 @@ def bench_precision(model: str, methods: list[str], splits: int, batch_size: int
         for precision, fields in PRECISIONS.items():
             cfg = RunConfig(method=name, model=model, splits=splits, dataset="synthetic", batch_size=batch_size,
                             threads=threads, **fields)
-            check_config(cfg)
             trainers.append(build_run(cfg, dataset=data))
             labels.append((name, precision))
     medians = _interleaved_medians(trainers, [2 * splits + 2] * len(trainers), iterations, rounds)

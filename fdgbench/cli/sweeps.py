@@ -198,4 +198,5 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     resolved, cells, root = sweep_cells(table, preset, seeds, out, device=device)
     paths, filled, total = write_tables(resolved, cells, root, tables_dir or spec_path(table).parent / "results",
                                         num_classes(cells[0].config.dataset))
-    click.echo(f"{resolved.spec.name} ({preset}): {filled} of {total} cells have finished runs; " + " ".join(map(str, paths)))
+    click.echo(f"{resolved.spec.name} ({preset}): {filled} of {total} cells have finished runs; "
+               + " ".join(map(str, paths)))

@@ -93,7 +93,7 @@ class Preset:
     @classmethod
     def from_toml(cls, name: str, spec: "TableSpec", values: dict[str, Any]) -> "Preset":
         keep = {key: tuple(values[key]) for key in ("rows", "columns") if key in values}
-        return cls(name, spec, values.get("description", cls.description), seeds=values.get("seeds", 1),
+        return cls(name, spec, values.get("description", cls.description), seeds=values.get("seeds", cls.seeds),
                    fallback_dataset=values.get("fallback_dataset"),
                    run={k: values[k] for k in RUN_FIELDS if k in values},
                    runs=values.get("runs", f"{spec.name}-{name}"), speed=values.get("speed"),
