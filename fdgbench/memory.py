@@ -414,7 +414,9 @@ def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, re
         if op is Op.LOCAL:
             probe.local_backward(0)
         else:
-            probe.backward(0, None if worker.ctx.is_last else torch.zeros(batch, *out_shape, device=worker.device))
+            message = None if worker.ctx.is_last else torch.zeros(batch * worker.gradient_parts, *out_shape,
+                                                                  device=worker.device)
+            probe.backward(0, message)
         if i == 0:
             left = probe.held_bytes()
     probe.update()

@@ -135,6 +135,12 @@ class Method:
         batch), or None."""
         return None
 
+    def check_model(self, model: Any) -> str | None:
+        """What is wrong with training ``model`` (a BlockModel, possibly
+        weightless on the meta device) with this method (PETRA needs
+        reversible blocks), or None."""
+        return None
+
     def data_batch(self, batch: int) -> int:
         """The training batch behind a batch id of the schedule: the same id,
         unless the method's ids name something else (dgl-async's name the

@@ -126,6 +126,9 @@ def check_config(cfg: RunConfig, name: Callable[[str], str] = flag_name) -> Plan
     # instant even for ResNet-1202, and before any data is loaded.
     with torch.device("meta"):
         model = build_model(cfg.model)
+    problem = method.check_model(model)
+    if problem:
+        raise UserError(f"{cfg.method}: {problem}")
     num_stages = placement.stages
     cheap = "uniform" if cfg.partition in ("time", "balanced") else cfg.partition  # measured later, on the data's device
     make_partition(model, num_stages, cheap, list(cfg.split_at) if cfg.split_at else None,

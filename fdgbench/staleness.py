@@ -100,6 +100,10 @@ class KeptGraph:
         self._held[batch] = (self._held[batch][0], root)
         self._rooted.add(batch)
 
+    def input_of(self, batch: int) -> torch.Tensor:
+        """The input ``batch``'s forward ran on (held until its backward)."""
+        return self._held[batch][0]
+
     def backward(self, batch: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Accumulate parameter gradients; return the input's gradient (None
         for an input that needs none)."""

@@ -20,6 +20,15 @@ ACCUMULATE_MEAN = MethodOption("accumulate_mean", bool, False, "average the M ac
                                "of summing them")
 
 
+def every_mth_update(plans, num_stages: int, t: int, m: int):
+    """FDG's iteration ``plans`` with each stage's UPDATE kept only after
+    every ``m``-th backward: stage k back-propagates batch t-2(K-1)+k and
+    steps after batches m-1, 2m-1, ..."""
+    return tuple(plan if (t - 2 * (num_stages - 1) + k + 1) % m == 0
+                 else tuple(a for a in plan if a.op is not Op.UPDATE)
+                 for k, plan in enumerate(plans))
+
+
 class AccumulatingWorker(StageWorker):
     def __init__(self, ctx, average_over: int, **kwargs):
         super().__init__(ctx, **kwargs)
@@ -41,11 +50,7 @@ class ADL(FDG):
     options = FDG.options + (ACCUMULATE, ACCUMULATE_MEAN)
 
     def schedule(self, num_stages, t):
-        plans = super().schedule(num_stages, t)
-        # Stage k back-propagates batch t-2(K-1)+k; it steps after batches M-1, 2M-1, ...
-        return tuple(plan if (t - 2 * (num_stages - 1) + k + 1) % self.accumulate == 0
-                     else tuple(a for a in plan if a.op is not Op.UPDATE)
-                     for k, plan in enumerate(plans))
+        return every_mth_update(super().schedule(num_stages, t), num_stages, t, self.accumulate)
 
     def make_worker(self, ctx):
         return AccumulatingWorker(ctx, self.accumulate if self.accumulate_mean else 1, staleness=self.staleness,

@@ -45,6 +45,17 @@ def engine_for(method, modules, stream, optim=SGDConfig(), loss_fn=F.cross_entro
     return SequentialEngine(method, workers, stream, observer), workers
 
 
+def model_for(method: str, model: str = "tiny_resnet") -> str:
+    """``model``, or the test-sized reversible net where the method refuses
+    ``model`` (PETRA trains reversible networks only)."""
+    from fdgbench.method import make_method
+    from fdgbench.models import build_model
+
+    with torch.device("meta"):
+        refused = make_method(method).check_model(build_model(model))
+    return "tiny_revnet" if refused else model
+
+
 def method_configs(k: int, **fields):
     """A RunConfig for every registered method, once per value of its
     staleness mode or (DGL, DNI) forward variant: every stage-state shape
@@ -57,5 +68,7 @@ def method_configs(k: int, **fields):
         options = {o.name: o.choices for o in m.options if o.name in ("staleness", "variant")}
         name, values = next(iter(options.items()), (None, (None,)))
         for value in values:
-            out.append(RunConfig(method=m.name, method_options={name: value} if name else {}, splits=k, **fields))
+            model = {"model": model_for(m.name, fields["model"])} if "model" in fields else {}
+            out.append(RunConfig(method=m.name, method_options={name: value} if name else {}, splits=k,
+                                 **{**fields, **model}))
     return out

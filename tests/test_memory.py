@@ -16,6 +16,8 @@ from fdgbench.schedule import batches_held, release_ops
 from fdgbench.config import RunConfig
 from fdgbench.train import build_run
 
+from .helpers import model_for
+
 TINY = ["--model", "tiny_resnet", "--dataset", "synthetic", "--epochs", "1", "--max-steps", "6", "--batch-size", "16",
         "--threads", "1"]
 
@@ -81,9 +83,9 @@ TOLERANCE = 0.01  # the batch-scaling error above; the schedule's counts are exa
 
 @pytest.mark.parametrize("method,options", [("bp", {}), ("fdg", {"staleness": "legacy"}),
                                             ("fdg", {"staleness": "stash"}), ("fdg", {"staleness": "replay"}),
-                                            ("ddg", {}), ("fr", {}), ("dgl", {}), ("dni", {})])
+                                            ("ddg", {}), ("fr", {}), ("dgl", {}), ("dni", {}), ("petra", {})])
 def test_the_estimate_matches_the_measured_bytes(method, options):
-    cfg = RunConfig(method=method, method_options=options, model="tiny_resnet", splits=3, dataset="synthetic",
+    cfg = RunConfig(method=method, method_options=options, model=model_for(method), splits=3, dataset="synthetic",
                     batch_size=16, threads=1)
     trainer = build_run(cfg, dataset=synthetic_dataset(10, train=64, test=16))
     for t in range(2 * trainer.hold_span + 3):

@@ -14,15 +14,15 @@ from fdgbench.schedule import Op
 from fdgbench.config import RunConfig
 from fdgbench.train import build_run, fit
 
-from .helpers import Scale, ToyStream, engine_for, half_sse
+from .helpers import Scale, ToyStream, engine_for, half_sse, model_for
 
 DATA = synthetic_dataset(10, train=256, test=64)
 
 
 def _trainer(method, k, observer=None, **kw):
     opts = kw.pop("method_options", {})
-    cfg = RunConfig(method=method, method_options=opts, model="tiny_resnet", splits=k, dataset="synthetic",
-                    batch_size=kw.pop("batch_size", 32), epochs=kw.pop("epochs", 3), **kw)
+    cfg = RunConfig(method=method, method_options=opts, model=kw.pop("model", model_for(method)), splits=k,
+                    dataset="synthetic", batch_size=kw.pop("batch_size", 32), epochs=kw.pop("epochs", 3), **kw)
     return build_run(cfg, dataset=DATA, observer=observer)
 
 
@@ -57,8 +57,9 @@ def _variants(single_stage: bool = False):
 
 @pytest.mark.parametrize("method,options", list(_variants(single_stage=True)))
 def test_every_method_with_one_stage_equals_bp_exactly(method, options):
-    reference = _run(_trainer("bp", 1), 6)
-    got = _run(_trainer(method, 1, method_options=options), 6)
+    model = model_for(method)
+    reference = _run(_trainer("bp", 1, model=model), 6)
+    got = _run(_trainer(method, 1, method_options=options, model=model), 6)
     assert reference.keys() == got.keys()
     for name in reference:  # parameters and BN buffers, bit for bit
         assert torch.equal(reference[name], got[name]), name

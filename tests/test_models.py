@@ -51,10 +51,15 @@ def test_unknown_model_is_a_user_error():
 
 
 def test_registry_is_complete():
-    # Every published model is registered; the rest are ResNet-44 and test-sized models that say so.
+    # Every published model is registered; the rest are ResNet-44, the reversible counterparts of registered
+    # ResNets (models/revnet.py: the same block names, so the same partitions) and test-sized models that say so.
     assert set(PUBLISHED) <= set(MODELS)
     extra = set(MODELS) - set(PUBLISHED) - {"resnet44"}
-    assert extra and all(name.startswith("tiny_") and "for tests" in MODELS[name].description for name in extra)
+    reversible = {name for name in extra if name.startswith("revnet")}
+    assert reversible and all(build_model(name).block_names == build_model(name.replace("revnet", "resnet")).block_names
+                              and "reversible counterpart" in MODELS[name].description for name in reversible)
+    tests = extra - reversible
+    assert tests and all(name.startswith("tiny_") and "for tests" in MODELS[name].description for name in tests)
 
 
 def test_each_model_states_its_block_count():
