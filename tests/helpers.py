@@ -46,14 +46,15 @@ def engine_for(method, modules, stream, optim=SGDConfig(), loss_fn=F.cross_entro
 
 
 def model_for(method: str, model: str = "tiny_resnet") -> str:
-    """``model``, or the test-sized reversible net where the method refuses
-    ``model`` (PETRA trains reversible networks only)."""
+    """``model``, or its reversible counterpart (``tiny_resnet``:
+    ``tiny_revnet``) where the method refuses ``model`` (PETRA trains
+    reversible networks only)."""
     from fdgbench.method import make_method
     from fdgbench.models import build_model
 
     with torch.device("meta"):
         refused = make_method(method).check_model(build_model(model))
-    return "tiny_revnet" if refused else model
+    return model.replace("resnet", "revnet") if refused else model
 
 
 def method_configs(k: int, **fields):

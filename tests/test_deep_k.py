@@ -14,6 +14,7 @@ from fdgbench.runs import RunDirectory
 from fdgbench.schedule import horizon, steps_until_every_stage_updates, validate
 from fdgbench.train import build_run, fit
 
+from .helpers import model_for
 from .test_methods import DATA, _variants
 
 MODEL = "tiny_deep_resnet"
@@ -21,8 +22,8 @@ MODEL = "tiny_deep_resnet"
 
 def _config(method, options, k, **fields):
     # Batch 16: dp splits it into K shards of 2 at K = 8 (BatchNorm needs more than one value per channel).
-    return RunConfig(method=method, method_options=options, model=MODEL, splits=k, dataset="synthetic",
-                     batch_size=16, **fields)
+    return RunConfig(method=method, method_options=options, model=model_for(method, MODEL), splits=k,
+                     dataset="synthetic", batch_size=16, **fields)
 
 
 @pytest.mark.parametrize("method,options", list(_variants()))

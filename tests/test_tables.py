@@ -12,8 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from fdgbench.report.specs import load_spec
+from fdgbench.report.specs import load_spec, spec_path
 from fdgbench.runs import RunDirectory
 
 from .conftest import needs_offline_cifar10
@@ -348,3 +349,41 @@ speed = "speed.json"
                            "--plot-out", tmp_path / "tta")
     assert status == 0, err
     assert (tmp_path / "tta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rows_columns_limit_its_cells_and_the_table_marks_the_rest(tmp_path):
+    """since_fdg: PETRA runs only on the reversible rows, GPipe, 2BW and prediction only on the ResNet rows;
+    the cells the rows leave out are not runs (not "missing") and the table prints n/a for them. Its converge
+    cells share the converge runs of Tables 2/4 (the BP and FDG cells already trained)."""
+    from fdgbench.models import build_model
+    from fdgbench.method import make_method
+    from fdgbench.report.tables import NOT_RUN, write_tables
+
+    spec = load_spec("since_fdg")
+    preset = spec.preset("converge")
+    cells = spec.cells(preset)
+    for cell in cells:  # every cell is a run its method accepts
+        assert cell.row.runs(cell.column.id)
+        with torch.device("meta"):
+            assert make_method(cell.config.method).check_model(build_model(cell.config.model)) is None
+    rows = [r for r in spec.rows if r.id in preset.rows]
+    assert len(cells) == sum(len(r.columns) for r in rows) < len(rows) * len(spec.columns)
+    t4 = load_spec("table4").cells("converge")
+    ours = [c.config for c in cells]
+    assert all(c.config in ours for c in t4 if c.column.method == "bp" or c.column.id == "FDG b=1")
+    assert preset.runs == load_spec("table4").preset("converge").runs
+    paths, _, _ = write_tables(preset, cells, tmp_path / "runs", tmp_path, 10)
+    markdown = next(p for p in paths if p.suffix == ".md").read_text()
+    petra_row = next(line for line in markdown.splitlines() if line.startswith("| ResNet-20, K=2 |"))
+    assert petra_row.rstrip(" |").endswith(NOT_RUN) and petra_row.count("missing") == 5
+
+
+def test_a_row_naming_an_unknown_column_is_one_line(tmp_path):
+    from fdgbench.errors import UserError
+
+    text = Path(spec_path("since_fdg")).read_text().replace('columns = ["BP", "FDG b=1", "PETRA"]',
+                                                              'columns = ["BP", "PETRA!"]', 1)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="row 'RevNet-20, K=2' columns lists unknown 'PETRA!'"):
+        load_spec(str(path))

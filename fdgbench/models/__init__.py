@@ -52,6 +52,9 @@ MODELS: dict[str, ModelInfo] = {
                   "ResNet-32 at widths 4/8/16 (17 blocks), for tests at K = 8 and 16", 17),
         ModelInfo("tiny_revnet", lambda c: revnet_cifar(14, c, widths=(8, 16, 32), name="tiny_revnet"),
                   "RevNet-14 at widths 8/16/32 (8 blocks, 4 reversible), for tests of reversible methods", 8),
+        ModelInfo("tiny_deep_revnet", lambda c: revnet_cifar(32, c, widths=(4, 8, 16), name="tiny_deep_revnet"),
+                  "tiny_deep_resnet with its shape-keeping blocks reversible (17 blocks), for tests at K = 8 "
+                  "and 16", 17),
     ]
 }
 

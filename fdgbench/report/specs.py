@@ -31,7 +31,7 @@ FLAG_FIELDS = tuple(f for f in RUN_FIELDS if field_kind(f) is bool)
 # table's speedup, the stability map's loss difference); default: the column whose method is bp, if any.
 SPEC_KEYS = ("title", "dataset", "source", "footnotes", "columns", "rows", "presets", "measure", "reference")
 COLUMN_KEYS = ("id", "method", "options", "paper", "beta_from_row", "run")
-ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params")
+ROW_KEYS = ("id", "model", "splits", "paper", "best_beta", "paper_params", "columns")
 # ``runs``: the folder under the results root holding the preset's runs (default <table>-<preset>);
 # two presets whose cells coincide name the same folder and share those runs.
 # ``speed``: a `bench speedup --save` file (relative to the spec) whose seconds per iteration turn the
@@ -60,6 +60,12 @@ class Row:
     paper: dict[str, float]
     best_beta: float | None = None
     paper_params: str | None = None
+    # The column ids this row runs (None: every column); the others are shown as not applying (a reversible
+    # network's row has no column of a method for plain ResNets, and PETRA's column no ResNet row).
+    columns: tuple[str, ...] | None = None
+
+    def runs(self, column: str) -> bool:
+        return self.columns is None or column in self.columns
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ class TableSpec:
         budget = p.run
         out = []
         for row in rows:
-            for column in columns:
+            for column in (c for c in columns if row.runs(c.id)):
                 options = dict(column.options)
                 if column.beta_from_row:
                     options["beta"] = row.best_beta
@@ -193,7 +199,13 @@ def load_spec(name: str) -> TableSpec:
         columns = [Column(c["id"], c["method"], dict(c.get("options", {})), tuple(c.get("paper", ())),
                           bool(c.get("beta_from_row", False)), dict(c.get("run", {}))) for c in data["columns"]]
         rows = [Row(r["id"], r["model"], int(r["splits"]), {k: float(v) for k, v in r.get("paper", {}).items()},
-                    r.get("best_beta"), r.get("paper_params")) for r in data["rows"]]
+                    r.get("best_beta"), r.get("paper_params"), tuple(r["columns"]) if "columns" in r else None)
+                for r in data["rows"]]
+        for row in rows:
+            unknown = [i for i in row.columns or () if i not in [c.id for c in columns]]
+            if unknown:
+                raise UserError(f"{path}: row '{row.id}' columns lists unknown {', '.join(map(repr, unknown))}; "
+                                f"known: {', '.join(repr(c.id) for c in columns)}")
         for preset, values in data.get("presets", {}).items():
             where = f"[presets.{preset}]"
             _check_keys(path, where, values, PRESET_KEYS)

@@ -28,22 +28,26 @@ def _params(model: str, num_classes: int) -> str:
         return f"{count_parameters(build_model(model, num_classes)) / 1e6:.2f}M"
 
 
+NOT_RUN = "n/a"  # a column its row does not run (Row.columns)
+
+
 def _grid(spec: TableSpec, measure: Measure, results: list[CellResult], key: str,
           num_classes: int) -> tuple[list[str], list[list[str]]]:
     rows = list(dict.fromkeys(r.row.id for r in results))
     columns = list(dict.fromkeys(r.column.id for r in results))
     by = {(r.row.id, r.column.id): r for r in results}
     def title(column: str) -> str:
-        paper = by[(rows[0], column)].paper_column
+        paper = next(r.paper_column for r in results if r.column.id == column)
         return column if paper in (None, column) else f"{column} (vs {paper})"
 
     header = ["row", "K", "params (paper)"] + [title(c) for c in columns]
     lines = []
     for row_id in rows:
-        row = by[(row_id, columns[0])].row
+        row = next(r.row for r in results if r.row.id == row_id)
         params = f"{_params(row.model, num_classes)} ({row.paper_params or '-'})"
         reference = by.get((row_id, spec.reference)) if spec.reference else None
-        cells = [measure.cell_text(by[(row_id, c)], reference, key, num_classes) for c in columns]
+        cells = [measure.cell_text(by[(row_id, c)], reference, key, num_classes) if (row_id, c) in by else NOT_RUN
+                 for c in columns]
         lines.append([row.id, str(row.splits), params] + cells)
     return header, lines
 
