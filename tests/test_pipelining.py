@@ -76,8 +76,6 @@ def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_pa
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "fdg"], "--engine pipelining runs gpipe, 1f1b (torch.distributed.pipelining's schedules), not fdg"),
-    (["--method", "gpipe", "--amp", "bf16"], "--engine pipelining does not take --amp yet"),
-    (["--method", "gpipe", "--channels-last"], "--engine pipelining does not take --channels-last yet"),
     (["--method", "gpipe", "--replicas", "2"], "--engine pipelining does not take --replicas yet"),
     (["--method", "gpipe", "-K", "1"], "--engine pipelining runs a pipeline of K >= 2 stages"),
     (["--method", "1f1b", "-K", "3", "--microbatches", "2"],
@@ -100,3 +98,20 @@ def test_a_library_run_resumes_bit_identically(tmp_path):
     spawn_ranks(2, torch.device("cpu"), _train_clean_and_interrupted, ([cfg], str(tmp_path)))
     _assert_resumed_equals_clean(RunDirectory(tmp_path / "clean0"), RunDirectory(tmp_path / "cut0"), 2,
                                  "1f1b pipelining")
+
+
+def test_the_library_under_bf16_and_channels_last_gives_the_sequential_references_weights(tmp_path):
+    """--amp bf16 --channels-last through the library (engines/pipelining.RunSettingsStage: autocast around
+    the stage, channels-last inside it, NCHW on the wire) at K = 2, M = 4: bit for bit the sequential
+    reference's weights and losses, as in float32 (M a power of two: scaling the loss before the backward or
+    the gradient after it is exact, in bf16 too: a power of two moves only the exponent)."""
+    configs = [RunConfig(**{**_configs(2)[2].__dict__, "amp": "bf16", "channels_last": True})]
+    assert configs[0].method_options == {"microbatches": 4}
+    spawn_ranks(2, torch.device("cpu"), _train_library, (configs, str(tmp_path)))
+    _train_sequential(configs, tmp_path)
+    seq, lib = RunDirectory(tmp_path / "s0"), RunDirectory(tmp_path / "p0")
+    for s in range(2):
+        a, b = seq.load_stage(s), lib.load_stage(s)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), s
+    assert [m["train_loss"] for m in seq.metrics()] == pytest.approx([m["train_loss"] for m in lib.metrics()],
+                                                                     rel=1e-6)

@@ -387,3 +387,26 @@ def test_a_row_naming_an_unknown_column_is_one_line(tmp_path):
     path.write_text(text)
     with pytest.raises(UserError, match="row 'RevNet-20, K=2' columns lists unknown 'PETRA!'"):
         load_spec(str(path))
+
+
+def test_a_speed_counts_for_the_options_it_was_measured_at_and_its_model():
+    """Speeds.per_iteration: "gpipe[microbatches=4] K=2" is GPipe at M = 4 only, "fdg K=2" FDG at its defaults
+    (given or not), "fdg[predict=spectrain]" FDG predicting; each record counts for its own model."""
+    from fdgbench.report.results import Speeds
+
+    common = {"hardware": "cpu", "workers": "w", "amp": "bf16", "channels_last": True, "measured": "today"}
+    speeds = Speeds(({**common, "model": "resnet20", "seconds_per_iteration": {
+        "bp": 0.1, "fdg K=2": 0.06, "gpipe[microbatches=4] K=2": 0.08, "fdg[predict=spectrain] K=2": 0.07}},
+                     {**common, "model": "revnet20", "seconds_per_iteration": {"bp": 0.09, "petra K=2": 0.05}}))
+    assert speeds.per_iteration("bp", {}, "resnet20", 4) == 0.1  # BP: one process, whatever K its run split into
+    assert speeds.per_iteration("fdg", {}, "resnet20", 2) == 0.06
+    assert speeds.per_iteration("fdg", {"beta": 1.0, "staleness": "legacy"}, "resnet20", 2) == 0.06
+    assert speeds.per_iteration("fdg", {"beta": 1.0, "predict": "spectrain"}, "resnet20", 2) == 0.07
+    assert speeds.per_iteration("fdg", {}, "resnet20", 4) is None
+    assert speeds.per_iteration("gpipe", {"microbatches": 4}, "resnet20", 2) == 0.08
+    assert speeds.per_iteration("gpipe", {"microbatches": 8}, "resnet20", 2) is None
+    assert speeds.per_iteration("gpipe", {}, "resnet20", 2) is None  # the default M = 2 was not measured
+    assert speeds.per_iteration("bp", {}, "revnet20", 2) == 0.09
+    assert speeds.per_iteration("petra", {}, "revnet20", 2) == 0.05
+    assert speeds.per_iteration("petra", {}, "resnet20", 2) is None
+    assert speeds["hardware"] == "cpu" and speeds.get("model") == "resnet20, revnet20"

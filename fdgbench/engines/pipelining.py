@@ -13,9 +13,15 @@ between iterations (a checkpoint is the stage's state). Everything else -
 the process groups, the test set pipelined through the stages, training
 totals and meters across ranks, checkpoints - is the distributed engine's.
 
-Not yet: ``--amp bf16`` (the library calls the stage without autocast),
-``--channels-last`` (its messages are not laid out for it), replicas;
-``--trace`` is refused and no per-stage memory is recorded (the library
+The library calls the stage module itself, so the engine hands it the
+stage wrapped in the run's settings (``RunSettingsStage``): ``--amp bf16``'s
+autocast around the forward (the library's backward then runs the autocast
+graph, as every engine's does), and under ``--channels-last`` the stage's
+input converted to channels-last and its output back to contiguous NCHW,
+the layout the library's messages are allocated in (two copies per
+micro-batch and stage; the convs run channels-last as everywhere else).
+
+Not yet: replicas; ``--trace`` is refused and no per-stage memory is recorded (the library
 runs the module itself, so neither the tracer nor the memory probes see its
 actions). Not yet run on NCCL: the library infers its message shapes at the
 first ``step()`` on the world group, which the distributed engine's warm-up
@@ -24,6 +30,7 @@ of its own groups does not cover.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 from ..stage import upcast_half
@@ -48,12 +55,31 @@ def _library():
     return library
 
 
+class RunSettingsStage(nn.Module):
+    """A stage module as the library calls it: the run's autocast around its
+    forward, its activations channels-last inside and contiguous NCHW on the
+    wire (the library allocates its message buffers by shape alone)."""
+
+    def __init__(self, stage: nn.Module, autocast, memory_format: torch.memory_format):
+        super().__init__()
+        self.stage, self.autocast, self.memory_format = stage, autocast, memory_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = self.memory_format == torch.channels_last
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            out = self.stage(x)
+        return out.contiguous() if channels_last and out.dim() == 4 else out
+
+
 class PipeliningEngine(DistributedEngine):
     def __init__(self, run):
         super().__init__(run.method, run.workers[0], run.stages[0], run.stream, run.placement,
                          tuple(run.dataset.train_images.shape[1:]), run.memory_format, run.tracer)
         ctx, library = self.worker.ctx, _library()
-        self.pipe_stage = library.PipelineStage(self.stage, self.k, self.num_stages, self.device)
+        wrapped = RunSettingsStage(self.stage, ctx.autocast, self.memory_format)
+        self.pipe_stage = library.PipelineStage(wrapped, self.k, self.num_stages, self.device)
         self.schedule = getattr(library, SCHEDULES[self.method.pipeline_schedule])(
             self.pipe_stage, n_microbatches=self.method.microbatches,
             loss_fn=lambda out, labels: ctx.loss_fn(upcast_half(out), labels), scale_grads=True)
@@ -86,11 +112,8 @@ def _check(plan, name) -> None:
     if method.pipeline_schedule == "1f1b" and method.microbatches < placement.stages:
         raise UserError(f"1f1b on {name('engine')} pipelining needs at least one micro-batch per stage: "
                         f"--microbatches {method.microbatches} < {placement.stages} stages")
-    for field, off, why in (("amp", "off", "the library calls the stage without autocast"),
-                            ("channels_last", False, "its messages are not laid out for it"),
-                            ("replicas", 1, "one pipeline of K ranks")):
-        if getattr(cfg, field) != off:
-            raise UserError(f"{name('engine')} pipelining does not take {name(field)} yet ({why})")
+    if cfg.replicas != 1:
+        raise UserError(f"{name('engine')} pipelining does not take {name('replicas')} yet (one pipeline of K ranks)")
     _distributed_check(plan, name)
 
 

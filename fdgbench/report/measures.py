@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..run_record import CORRUPT
-from .results import CellResult, time_to_accuracy
+from .results import CellResult, Speeds, time_to_accuracy
 
 if TYPE_CHECKING:
     from .specs import Preset
@@ -148,7 +148,7 @@ def _tta_fields(tta: dict | None, r: CellResult) -> list[str]:
             _fmt(ratio)]
 
 
-def _error_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] | None,
+def _error_csv(preset: Preset, results: list[CellResult], speed: Speeds | None,
                num_classes: int) -> CsvLines:
     tta = time_to_accuracy(results, speed, preset.spec.reference) if speed is not None else None
     header = ["table", "preset", "row", "column", "model", "splits", "method", "options", "runs_expected",
@@ -171,7 +171,7 @@ def _error_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] 
     return header, lines
 
 
-def _time_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] | None,
+def _time_csv(preset: Preset, results: list[CellResult], speed: Speeds | None,
               num_classes: int) -> CsvLines:
     header = ["table", "preset", "row", "column", "model", "splits", "method", "runs_expected", "runs_finished",
               "images_per_s_median", "seconds_per_epoch", "paper_seconds", "engine"]
@@ -185,7 +185,7 @@ def _time_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] |
     return header, lines
 
 
-def _stability_csv(preset: Preset, results: list[CellResult], speed: dict[str, Any] | None,
+def _stability_csv(preset: Preset, results: list[CellResult], speed: Speeds | None,
                    num_classes: int) -> CsvLines:
     header = ["table", "preset", "row", "column", "model", "splits", "method", "options", "warmup",
               "runs_expected", "runs_finished", "runs_diverged", "runs_blew_up", "survivors_final_train_loss_median"]

@@ -6,13 +6,13 @@ import statistics
 from pathlib import Path
 
 from .records import planned_records
+from .results import Speeds
 from .specs import Cell, TableSpec
 from .measures import Stability
-from .results import seconds_per_iteration
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,
-                speed: dict | None = None) -> list[Path]:
+                speed: Speeds | None = None) -> list[Path]:
     """Test error against epoch for every column of a row; with ``speed`` (a
     `bench speedup --save` record), against the estimated wall-clock
     minutes on its hardware instead (each run's iterations times its
@@ -35,7 +35,8 @@ def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out
         cell = next(c for c in mine if c.column.id == column)
         per_iteration = None
         if speed is not None:
-            per_iteration = seconds_per_iteration(speed, cell.config.method, cell.config.model, cell.config.splits)
+            per_iteration = speed.per_iteration(cell.config.method, cell.config.method_options, cell.config.model,
+                                                cell.config.splits)
         if runs and (speed is None or per_iteration is not None):
             epochs = range(1, max(len(r) for r in runs) + 1)
             median = [statistics.median(r[e - 1]["test_error"] for r in runs if len(r) >= e) for e in epochs]

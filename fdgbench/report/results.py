@@ -38,6 +38,10 @@ class CellResult:
         return EPOCH_IMAGES / rate if rate else None
 
     @property
+    def cell_options(self) -> dict[str, Any]:
+        return self.column.options_in(self.row)
+
+    @property
     def paper_column(self) -> str | None:
         return self.column.paper[-1] if self.column.paper else None
 
@@ -93,25 +97,67 @@ def speed_key(method: str, ranks: int) -> str:
     return "bp" if (method, ranks) == ("bp", 1) else f"{method} K={ranks}"
 
 
-def seconds_per_iteration(speed: dict[str, Any], method: str, model: str, splits: int) -> float | None:
-    """The speed record's seconds per iteration for a run of ``method`` at K =
-    ``splits``, or None (not measured, or the record is for another model).
-    BP's are those of one process with all cores, whatever K its run split
-    into (split BP computes exactly what unsplit BP does)."""
-    if speed.get("model") not in (None, model):
+@dataclass(frozen=True)
+class Speeds:
+    """A preset's speed records (`bench speedup --save`, one per model, all
+    measured on one machine in one precision: load_speed checks it). Read
+    like one record (``speeds["hardware"]``); ``model`` lists them all."""
+
+    records: tuple[dict[str, Any], ...]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "model":
+            return ", ".join(str(r.get("model")) for r in self.records)
+        return self.records[0].get(key, default)
+
+    def per_iteration(self, method: str, options: dict[str, Any], model: str, splits: int) -> float | None:
+        """Seconds per iteration of a run of ``method`` with ``options`` at K =
+        ``splits`` on ``model``, or None (not measured). A measurement counts
+        for a run whose options, defaults filled in, are the ones it was
+        measured at ("gpipe[microbatches=4] K=2" for GPipe M = 4; "fdg K=2"
+        for any FDG run at the defaults, beta and staleness included). BP's
+        are those of one process with all cores, whatever K its run split
+        into (split BP computes exactly what unsplit BP does)."""
+        ranks = 1 if method == "bp" else splits
+        wanted = _filled(method, options)
+        for record in self.records:
+            if record.get("model") not in (None, model):
+                continue
+            for key, seconds in record["seconds_per_iteration"].items():
+                label, _, k = key.rpartition(" K=") if key != "bp" else ("bp", "", "1")
+                name, _, given = label.partition("[")
+                if name == method and k == str(ranks) and _filled(name, _parse_options(given.rstrip("]"))) == wanted:
+                    return seconds
         return None
-    return speed["seconds_per_iteration"].get(speed_key(method, 1 if method == "bp" else splits))
 
 
-def time_to_accuracy(results: list[CellResult], speed: dict[str, Any],
+def _parse_options(text: str) -> dict[str, str]:
+    """``microbatches=4,predict=spectrain`` (a speed record's label) as a dict of strings."""
+    return dict(item.split("=", 1) for item in text.split(",")) if text else {}
+
+
+def _filled(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A method's options as a run records them, defaults filled in (a label's values are strings: make_method
+    converts them to each option's type; "False" as a bool would not, so bools are read from their names)."""
+    from ..method import all_options, make_method
+
+    known = all_options()
+    typed = {k: (v == "True" if known[k].type is bool and isinstance(v, str) else v) for k, v in options.items()
+             if k in known}
+    return make_method(method, **typed).option_values()
+
+
+def time_to_accuracy(results: list[CellResult], speed: Speeds,
                      reference: str | None) -> dict[tuple[str, str], TimeToAccuracy]:
     """Per (row, column): time to the row's BP final error (the median over
     the finished seeds of the ``reference`` column, the spec's BP; none
     without one). A cell reaches it when at least half of its runs
     (diverged ones counted) do, at the median iteration of those that do.
-    ``speed``: a `bench speedup --save` record; its seconds per iteration
-    ("bp": one process, all cores; "<method> K=<k>": K ranks, the method's
-    default options) count only for its model and batch size."""
+    ``speed``: the preset's `bench speedup --save` records (Speeds.per_iteration
+    picks each cell's: its model, K and options)."""
     out = {}
     for r in results:
         bp = next((x for x in results if x.row.id == r.row.id and x.column.id == reference), None)
@@ -126,7 +172,7 @@ def time_to_accuracy(results: list[CellResult], speed: dict[str, Any],
             return statistics.median(hit) if hit and len(hit) * 2 >= len(its) + result.diverged else None
 
         def per_iteration(result: CellResult) -> float | None:
-            return seconds_per_iteration(speed, result.column.method, result.row.model, result.row.splits)
+            return speed.per_iteration(result.column.method, result.cell_options, result.row.model, result.row.splits)
 
         bp_its, bp_speed = reached(bp), per_iteration(bp)
         bp_seconds = bp_its * bp_speed if bp_its is not None and bp_speed is not None else None

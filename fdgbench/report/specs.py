@@ -51,6 +51,10 @@ class Column:
     beta_from_row: bool = False
     run: dict[str, Any] = field(default_factory=dict)  # RunConfig fields of this column (e.g. engine)
 
+    def options_in(self, row: "Row") -> dict[str, Any]:
+        """The method's options in ``row`` (its best beta, where the column takes beta from the row)."""
+        return {**self.options, **({"beta": row.best_beta} if self.beta_from_row else {})}
+
 
 @dataclass(frozen=True)
 class Row:
@@ -92,7 +96,7 @@ class Preset:
     fallback_dataset: str | None = None  # trained on where the spec's dataset cannot be loaded
     run: dict[str, Any] = field(default_factory=dict)  # RunConfig fields: the budget every cell shares
     runs: str = ""  # the folder under the results root holding its runs (default <table>-<preset>)
-    speed: str | None = None  # a `bench speedup --save` file, relative to the spec
+    speed: tuple[str, ...] = ()  # `bench speedup --save` files (one per model), relative to the spec
     footnotes: tuple[str, ...] = ()  # notes for this preset's tables only
     slurm: dict[str, Any] = field(default_factory=dict)  # `sweep --launcher slurm`'s resources
 
@@ -102,7 +106,7 @@ class Preset:
         return cls(name, spec, values.get("description", cls.description), seeds=values.get("seeds", cls.seeds),
                    fallback_dataset=values.get("fallback_dataset"),
                    run={k: values[k] for k in RUN_FIELDS if k in values},
-                   runs=values.get("runs", f"{spec.name}-{name}"), speed=values.get("speed"),
+                   runs=values.get("runs", f"{spec.name}-{name}"), speed=tuple([values["speed"]] if isinstance(values.get("speed"), str) else values.get("speed", ())),
                    footnotes=tuple(values.get("footnotes", ())), slurm=dict(values.get("slurm", {})), **keep)
 
 
@@ -141,9 +145,7 @@ class TableSpec:
         out = []
         for row in rows:
             for column in (c for c in columns if row.runs(c.id)):
-                options = dict(column.options)
-                if column.beta_from_row:
-                    options["beta"] = row.best_beta
+                options = column.options_in(row)
                 for seed in range(n):
                     cfg = RunConfig(method=column.method, method_options=options, model=row.model,
                                     splits=row.splits, dataset=dataset or self.dataset, seed=seed,
@@ -246,8 +248,11 @@ def _check_preset_paths(path: Path, where: str, values: dict[str, Any]) -> None:
     if runs is not None and (not isinstance(runs, str) or not runs or Path(runs).name != runs or runs in (".", "..")):
         raise UserError(f"{path}: {where} runs must be one folder name (no '/'), got {runs!r}")
     speed = values.get("speed")
-    if speed is not None and (not isinstance(speed, str) or Path(speed).is_absolute()):
-        raise UserError(f"{path}: {where} speed must be a path relative to the spec, got {speed!r}")
+    speeds = [speed] if isinstance(speed, str) else speed
+    if speed is not None and (not isinstance(speeds, list) or not speeds
+                              or not all(isinstance(s, str) and not Path(s).is_absolute() for s in speeds)):
+        raise UserError(f"{path}: {where} speed must be a path relative to the spec (or a list of them, one per "
+                        f"model), got {speed!r}")
     notes = values.get("footnotes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise UserError(f"{path}: {where} footnotes must be a list of strings, got {notes!r}")
