@@ -55,6 +55,21 @@ def _library():
     return library
 
 
+class _ChannelsLastInside(torch.autograd.Function):
+    """An NCHW tensor to channels-last, whose gradient goes back NCHW: the
+    library sizes and lays out its gradient buffers from the input gradient
+    it sees (metadata inference), and gloo receives only into contiguous
+    buffers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class RunSettingsStage(nn.Module):
     """A stage module as the library calls it: the run's autocast around its
     forward, its activations channels-last inside and contiguous NCHW on the
@@ -67,7 +82,7 @@ class RunSettingsStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels_last = self.memory_format == torch.channels_last
         if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = _ChannelsLastInside.apply(x)
         with self.autocast():
             out = self.stage(x)
         return out.contiguous() if channels_last and out.dim() == 4 else out
