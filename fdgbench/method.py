@@ -43,6 +43,9 @@ class MethodOption:
     # every run's summary, metrics lines, description and compare label), as RunConfig's added_later fields
     # are left out of config.json: an earlier run's records read the same.
     added_later: bool = False
+    # Whether its value changes the time an iteration takes; a speed measured at one value of an option that
+    # does not (a scale, a weight of a loss term) counts for every value (report.results.Speeds.per_iteration).
+    affects_time: bool = True
 
     @property
     def flag(self) -> str:
@@ -63,7 +66,7 @@ def at_least_one(value: int) -> str | None:
 
 
 BETA = MethodOption("beta", float, 1.0, "gradient shrinking factor in (0, 1]; stage k's gradient "
-                    "carries beta^(K-1-k) (1 = no shrinking)", check=in_unit_interval)
+                    "carries beta^(K-1-k) (1 = no shrinking)", check=in_unit_interval, affects_time=False)
 STALENESS = MethodOption("staleness", str, "legacy", "what a delayed backward sees: legacy (authors' "
                          "PyTorch-1.0 behaviour), stash (weights of the forward), replay (recompute)",
                          choices=STALENESS_MODES)

@@ -17,7 +17,7 @@ from .fdg import FDG
 
 ACCUMULATE = MethodOption("accumulate", int, 2, "backward passes per step (M)", check=at_least_one)
 ACCUMULATE_MEAN = MethodOption("accumulate_mean", bool, False, "average the M accumulated gradients instead "
-                               "of summing them")
+                               "of summing them", affects_time=False)
 
 
 def every_mth_update(plans, num_stages: int, t: int, m: int):

@@ -29,7 +29,8 @@ from fdgbench.stage import MeanMeter, StageWorker
 from .variants import VARIANT, forward_batch
 
 
-SG_LR = MethodOption("sg_lr", float, 1e-4, "Adam learning rate of the synthetic-gradient models", check=positive)
+SG_LR = MethodOption("sg_lr", float, 1e-4, "Adam learning rate of the synthetic-gradient models", check=positive,
+                     affects_time=False)
 SG_KERNEL = MethodOption("sg_kernel", int, 5, "conv kernel of the synthetic-gradient models (5 as in the "
                          "paper, or 3)", check=lambda k: None if k in (3, 5) else f"must be 3 or 5, got {k}")
 

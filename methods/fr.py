@@ -16,7 +16,7 @@ from .ddg import DDG
 
 
 FIRST_STAGE_LR_SCALE = MethodOption("first_stage_lr_scale", float, 1.0, "multiply stage 0's learning rate "
-                                    "(the FR authors' code used 2)", check=positive)
+                                    "(the FR authors' code used 2)", check=positive, affects_time=False)
 
 
 @register

@@ -90,11 +90,11 @@ AUX_LOSS = MethodOption("aux_loss", str, "ce", "what the auxiliary net's lambda2
                         "on class logits) or contrast (supervised contrastive loss, the authors' runs)",
                         choices=("ce", "contrast"))
 TABLE = MethodOption("infopro_table", str, "resnet32", "whose lambdas (the authors' CIFAR-10 commands): "
-                     "resnet32 or resnet110", choices=tuple(LAMBDA_TABLES))
+                     "resnet32 or resnet110", choices=tuple(LAMBDA_TABLES), affects_time=False)
 LAMBDA1 = MethodOption("infopro_lambda1", float, None, "reconstruction weight at every local stage, replacing "
-                       "the authors' per-depth values (>= 0)", check=non_negative)
+                       "the authors' per-depth values (>= 0)", check=non_negative, affects_time=False)
 LAMBDA2 = MethodOption("infopro_lambda2", float, None, "auxiliary-loss weight at every local stage, replacing "
-                       "the authors' per-depth values (>= 0)", check=non_negative)
+                       "the authors' per-depth values (>= 0)", check=non_negative, affects_time=False)
 
 
 def table_lambdas(table: str, k: int, num_stages: int) -> tuple[float, float]:

@@ -401,6 +401,8 @@ def test_a_speed_counts_for_the_options_it_was_measured_at_and_its_model():
     assert speeds.per_iteration("bp", {}, "resnet20", 4) == 0.1  # BP: one process, whatever K its run split into
     assert speeds.per_iteration("fdg", {}, "resnet20", 2) == 0.06
     assert speeds.per_iteration("fdg", {"beta": 1.0, "staleness": "legacy"}, "resnet20", 2) == 0.06
+    assert speeds.per_iteration("fdg", {"beta": 0.2}, "resnet20", 2) == 0.06  # beta does not change the time
+    assert speeds.per_iteration("fdg", {"staleness": "replay"}, "resnet20", 2) is None  # replay recomputes
     assert speeds.per_iteration("fdg", {"beta": 1.0, "predict": "spectrain"}, "resnet20", 2) == 0.07
     assert speeds.per_iteration("fdg", {}, "resnet20", 4) is None
     assert speeds.per_iteration("gpipe", {"microbatches": 4}, "resnet20", 2) == 0.08

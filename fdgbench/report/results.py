@@ -140,14 +140,18 @@ def _parse_options(text: str) -> dict[str, str]:
 
 
 def _filled(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """A method's options as a run records them, defaults filled in (a label's values are strings: make_method
-    converts them to each option's type; "False" as a bool would not, so bools are read from their names)."""
+    """A method's options that change the time an iteration takes, as a run records them, defaults filled in
+    (a label's values are strings: make_method converts them to each option's type; "False" as a bool would
+    not, so bools are read from their names). Options that do not change it (beta, a loss weight) are left
+    out: one measurement counts for every value of them."""
     from ..method import all_options, make_method
 
     known = all_options()
     typed = {k: (v == "True" if known[k].type is bool and isinstance(v, str) else v) for k, v in options.items()
              if k in known}
-    return make_method(method, **typed).option_values()
+    made = make_method(method, **typed)
+    timed = {o.name for o in made.options if o.affects_time}
+    return {k: v for k, v in made.option_values().items() if k in timed}
 
 
 def time_to_accuracy(results: list[CellResult], speed: Speeds,
