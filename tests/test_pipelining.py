@@ -102,9 +102,9 @@ def test_a_library_run_resumes_bit_identically(tmp_path):
 
 def test_the_library_under_bf16_and_channels_last_gives_the_sequential_references_weights(tmp_path):
     """--amp bf16 --channels-last through the library (engines/pipelining.RunSettingsStage: autocast around
-    the stage, channels-last inside it, NCHW on the wire, gradients included) at K = 2, M = 4: bit for bit the sequential
-    reference's weights and losses, as in float32 (M a power of two: scaling the loss before the backward or
-    the gradient after it is exact, in bf16 too: a power of two moves only the exponent)."""
+    the stage, channels-last inside it, NCHW on the wire, gradients included) at K = 2, M = 4: bit for bit
+    the sequential reference's weights and losses, as in float32 (M a power of two: scaling the loss before
+    the backward or the gradient after it is exact, in bf16 too: a power of two moves only the exponent)."""
     # Cut before L1.0, a block with an identity shortcut: the input gradient of stage 1 comes out of its convs
     # channels-last, which the library would lay out its receive buffer by (and gloo refuse) unless the stage
     # hands it back NCHW (a cut before a downsampling block hides it: its shortcut's gradient is NCHW).

@@ -76,4 +76,5 @@ def build_model(name: str, num_classes: int = 10) -> BlockModel:
     return MODELS[name].build(num_classes)
 
 
-__all__ = ["MODELS", "BlockModel", "build_model", "count_parameters", "is_reversible", "most_blocks", "reversible_models"]
+__all__ = ["MODELS", "BlockModel", "build_model", "count_parameters", "is_reversible", "most_blocks",
+           "reversible_models"]

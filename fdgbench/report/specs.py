@@ -106,7 +106,7 @@ class Preset:
         return cls(name, spec, values.get("description", cls.description), seeds=values.get("seeds", cls.seeds),
                    fallback_dataset=values.get("fallback_dataset"),
                    run={k: values[k] for k in RUN_FIELDS if k in values},
-                   runs=values.get("runs", f"{spec.name}-{name}"), speed=tuple([values["speed"]] if isinstance(values.get("speed"), str) else values.get("speed", ())),
+                   runs=values.get("runs", f"{spec.name}-{name}"), speed=_paths(values.get("speed")),
                    footnotes=tuple(values.get("footnotes", ())), slurm=dict(values.get("slurm", {})), **keep)
 
 
@@ -241,6 +241,11 @@ def _check_keys(path: Path, where: str, table: dict[str, Any], known: tuple[str,
         raise UserError(f"{path}: {where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
 
+def _paths(value: str | list[str] | None) -> tuple[str, ...]:
+    """A preset's ``speed``: one path or a list of them (checked by _check_preset_paths)."""
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
 def _check_preset_paths(path: Path, where: str, values: dict[str, Any]) -> None:
     """``runs``: one folder name under the results root (a path would leave
     it); ``speed``: a relative path beside the spec; ``footnotes``: strings."""
@@ -248,9 +253,8 @@ def _check_preset_paths(path: Path, where: str, values: dict[str, Any]) -> None:
     if runs is not None and (not isinstance(runs, str) or not runs or Path(runs).name != runs or runs in (".", "..")):
         raise UserError(f"{path}: {where} runs must be one folder name (no '/'), got {runs!r}")
     speed = values.get("speed")
-    speeds = [speed] if isinstance(speed, str) else speed
-    if speed is not None and (not isinstance(speeds, list) or not speeds
-                              or not all(isinstance(s, str) and not Path(s).is_absolute() for s in speeds)):
+    if speed is not None and (not isinstance(speed, (str, list)) or not speed
+                              or not all(isinstance(s, str) and not Path(s).is_absolute() for s in _paths(speed))):
         raise UserError(f"{path}: {where} speed must be a path relative to the spec (or a list of them, one per "
                         f"model), got {speed!r}")
     notes = values.get("footnotes", [])
