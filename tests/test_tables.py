@@ -412,3 +412,24 @@ def test_a_speed_counts_for_the_options_it_was_measured_at_and_its_model():
     assert speeds.per_iteration("petra", {}, "revnet20", 2) == 0.05
     assert speeds.per_iteration("petra", {}, "resnet20", 2) is None
     assert speeds["hardware"] == "cpu" and speeds.get("model") == "resnet20, revnet20"
+
+
+def test_a_presets_speed_records_must_share_their_machine(tmp_path):
+    """Two records measured on different machines (or precisions) would put two clocks in one time column."""
+    from fdgbench.errors import UserError
+    from fdgbench.report.tables import load_speed
+
+    common = {"workers": "w", "amp": "bf16", "channels_last": True, "measured": "today",
+              "seconds_per_iteration": {"bp": 0.1}}
+    (tmp_path / "a.json").write_text(json.dumps({**common, "model": "resnet20", "hardware": "cpu A"}))
+    (tmp_path / "b.json").write_text(json.dumps({**common, "model": "revnet20", "hardware": "cpu B"}))
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(Path(spec_path("since_fdg")).read_text().replace(
+        'speed = ["results/speed-resnet20-bf16-cl-xeon.json", "results/speed-revnet20-bf16-cl-xeon.json"]',
+        'speed = ["a.json", "b.json"]'))
+    preset = load_spec(str(spec_file)).preset("converge")
+    assert preset.speed == ("a.json", "b.json")
+    with pytest.raises(UserError, match="b.json was measured with another hardware, workers, amp, channels_last"):
+        load_speed(preset)
+    (tmp_path / "b.json").write_text(json.dumps({**common, "model": "revnet20", "hardware": "cpu A"}))
+    assert load_speed(preset).get("model") == "resnet20, revnet20"
