@@ -256,6 +256,7 @@ def _petra_bf16(k: int, batch: int, epochs: int, engine: str = "sequential") -> 
                      channels_last=True, engine=engine)
 
 
+@pytest.mark.slow  # petra's fp32 resume is in test_checkpoint's generic cases; this adds bf16 and accumulation
 def test_petra_in_bf16_channels_last_resumes_bit_identically(tmp_path):
     """A checkpoint mid-accumulation, with batches in flight (their kept inputs and dtypes) and messages of
     two parts in flight."""
