@@ -412,6 +412,8 @@ def test_a_speed_counts_for_the_options_it_was_measured_at_and_its_model():
     assert speeds.per_iteration("petra", {}, "revnet20", 2) == 0.05
     assert speeds.per_iteration("petra", {}, "resnet20", 2) is None
     assert speeds["hardware"] == "cpu" and speeds.get("model") == "resnet20, revnet20"
+    old = Speeds(({**common, "model": "resnet20", "seconds_per_iteration": {"fdg[gone=1] K=2": 0.06}},))
+    assert old.per_iteration("fdg", {}, "resnet20", 2) is None  # a label naming an option no method has
 
 
 def test_a_presets_speed_records_must_share_their_machine(tmp_path):

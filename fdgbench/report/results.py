@@ -129,14 +129,20 @@ class Speeds:
             for key, seconds in record["seconds_per_iteration"].items():
                 label, _, k = key.rpartition(" K=") if key != "bp" else ("bp", "", "1")
                 name, _, given = label.partition("[")
-                if name == method and k == str(ranks) and _filled(name, _parse_options(given.rstrip("]"))) == wanted:
+                if name == method and k == str(ranks) and _measured_at(name, given.rstrip("]")) == wanted:
                     return seconds
         return None
 
 
-def _parse_options(text: str) -> dict[str, str]:
-    """``microbatches=4,predict=spectrain`` (a speed record's label) as a dict of strings."""
-    return dict(item.split("=", 1) for item in text.split(",")) if text else {}
+def _measured_at(method: str, text: str) -> dict[str, Any] | None:
+    """The options a speed record's label names (``microbatches=4,predict=spectrain``), as _filled gives them;
+    None for a label this version cannot read (an option since renamed or removed): it matches no run."""
+    from ..errors import UserError
+
+    try:
+        return _filled(method, dict(item.split("=", 1) for item in text.split(",")) if text else {})
+    except (UserError, ValueError):
+        return None
 
 
 def _filled(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +153,8 @@ def _filled(method: str, options: dict[str, Any]) -> dict[str, Any]:
     from ..method import all_options, make_method
 
     known = all_options()
-    typed = {k: (v == "True" if known[k].type is bool and isinstance(v, str) else v) for k, v in options.items()
-             if k in known}
+    typed = {k: (v == "True" if k in known and known[k].type is bool and isinstance(v, str) else v)
+             for k, v in options.items()}  # an option the method lacks: make_method refuses it
     made = make_method(method, **typed)
     timed = {o.name for o in made.options if o.affects_time}
     return {k: v for k, v in made.option_values().items() if k in timed}
