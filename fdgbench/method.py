@@ -97,6 +97,11 @@ class Method:
     # Why a method runs one replica per stage, if it does (its stages keep per-worker state that replicas'
     # averaged gradients would not keep equal); None: --replicas R works.
     single_replica: ClassVar[str | None] = None
+    # Tensors of the activation's shape a BACKWARD's message carries (its workers' StageWorker.gradient_parts),
+    # and whether a delayed backward first inverts the stage's reversible blocks (PETRA): what the timeline
+    # simulator charges for its messages and its backward.
+    gradient_parts: ClassVar[int] = 1
+    inverts_reversible_blocks: ClassVar[bool] = False
 
     def __init__(self, **values: Any):
         known = {o.name: o for o in self.options}

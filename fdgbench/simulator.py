@@ -12,8 +12,10 @@ the stages' thread count, so any partition's stage costs are sums of blocks.
 A local backward (DGL's auxiliary loss, DNI's synthetic gradient) is charged
 the stage's backward; the auxiliary nets themselves are not in the profile,
 so those methods' predictions are low. A method that replays its forward
-before a delayed backward (FR, --staleness replay) is charged that forward
-again.
+before a delayed backward (FR, --staleness replay, PETRA) is charged that
+forward again; PETRA, which first rebuilds each reversible block's input by
+inverting it, is charged those blocks' forward once more, and its backward
+messages (gradient and rebuilt activation) twice an activation's bytes.
 
 GPipe and 1F1B as ``torch.distributed.pipelining`` runs them (``--engine
 pipelining``) are simulated micro-batch by micro-batch
@@ -62,6 +64,7 @@ class StageCosts:
     local: float = 0.0
     output_bytes: float = 0.0
     parameter_bytes: float = 0.0
+    reversible_forward: float = 0.0  # the forward of its reversible blocks (what PETRA's inversion costs again)
 
 
 @dataclass
@@ -90,8 +93,10 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
                           output_bytes=c.output_bytes / replicas,
                           update=c.update + ring_allreduce_s(c.parameter_bytes, replicas, link)) for c in stages]
     if method.replays_forward():  # every delayed stage (all but the last) recomputes its forward
-        stages = [replace(c, backward=c.backward + c.forward) if k < k_stages - 1 else c
-                  for k, c in enumerate(stages)]
+        # (PETRA first inverts its reversible blocks too: their forward once more)
+        inverts = method.inverts_reversible_blocks
+        stages = [replace(c, backward=c.backward + c.forward + (c.reversible_forward if inverts else 0.0))
+                  if k < k_stages - 1 else c for k, c in enumerate(stages)]
     clock = [0.0] * k_stages
     arrival: dict[tuple, float] = {}
     spans: list[Span] = []
@@ -109,7 +114,8 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
                             Op.UPDATE: cost.update}[action.op]
                 busy[k] += duration
             elif action.op in SENDS:
-                nbytes = cost.output_bytes if action.op is Op.SEND_ACT else stages[k - 1].output_bytes
+                nbytes = (cost.output_bytes if action.op is Op.SEND_ACT
+                          else stages[k - 1].output_bytes * method.gradient_parts)
                 duration = send_s
                 arrival[message_key(k, action)] = start + send_s + link.transfer_s(nbytes)
             else:  # a receive: wait for the message
@@ -177,8 +183,10 @@ def ring_allreduce_s(nbytes: float, replicas: int, link: Link) -> float:
     return 2 * (replicas - 1) / replicas * nbytes / link.bandwidth_Bps + 2 * (replicas - 1) * link.latency_s
 
 
-def stage_costs(blocks: Sequence[dict], ranges: Sequence[range]) -> list[StageCosts]:
-    """A partition's stage costs from a profile's per-block costs."""
+def stage_costs(blocks: Sequence[dict], ranges: Sequence[range],
+                reversible: Sequence[bool] = ()) -> list[StageCosts]:
+    """A partition's stage costs from a profile's per-block costs;
+    ``reversible``: which blocks are (profile.reversible_blocks; none if empty)."""
     out = []
     for r in ranges:
         part = [blocks[i] for i in r]
@@ -186,7 +194,9 @@ def stage_costs(blocks: Sequence[dict], ranges: Sequence[range]) -> list[StageCo
         out.append(StageCosts(forward=sum(b["forward_s"] for b in part), backward=backward,
                               update=sum(b["update_s"] for b in part), local=backward,
                               output_bytes=part[-1]["output_bytes"],
-                              parameter_bytes=sum(b.get("parameter_bytes", 0) for b in part)))
+                              parameter_bytes=sum(b.get("parameter_bytes", 0) for b in part),
+                              reversible_forward=sum(blocks[i]["forward_s"] for i in r
+                                                     if i < len(reversible) and reversible[i])))
     return out
 
 

@@ -111,8 +111,11 @@ def _invert(block: nn.Module, y: torch.Tensor, autocast: AutocastFactory) -> tor
     return x
 
 
+MESSAGE_PARTS = 2  # a backward's message: the gradient, then the input as rebuilt
+
+
 class ReversibleWorker(AccumulatingWorker):
-    gradient_parts = 2  # a backward's message: the gradient, then the input as rebuilt
+    gradient_parts = MESSAGE_PARTS
 
     def __init__(self, ctx, average_over: int):
         super().__init__(ctx, average_over, staleness="replay", delayed=not ctx.is_last)
@@ -138,6 +141,8 @@ class PETRA(Method):
     breaks = ("forward", "backward", "update")
     options = (ACCUMULATION_STEPS,)
     single_replica = "its backward messages join two tensors along the batch dimension, which replicas would shard"
+    gradient_parts = MESSAGE_PARTS
+    inverts_reversible_blocks = True
 
     def schedule(self, num_stages, t):
         return every_mth_update(FDG.schedule(self, num_stages, t), num_stages, t, self.accumulation_steps)

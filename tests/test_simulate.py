@@ -143,3 +143,27 @@ def test_a_speedup_row_over_rounds_is_its_median_round_whole():
     assert _median_row(rounds) is rounds[2]
     assert _median_row(rounds[:2]) is rounds[1]
     assert _median_row(rounds[:1]) is rounds[0]
+
+
+def test_petra_is_charged_its_inversion_and_its_two_part_messages():
+    """PETRA's delayed stage recomputes its forward (1 s) and first inverts its reversible blocks (their
+    forward, 0.5 s): B0 = 2 + 1 + 0.5; the last stage does neither. With a free link stage 0 paces the
+    pipeline (B0 + U0 + F0 = 5 s). Through 1 MB/s its 1 MB activation takes 1 s and its backward message,
+    gradient and rebuilt activation, 2 s: the cycle F0 -> (A) -> F1 B1 -> (G) -> B0 U0 F0 spans two
+    iterations, (1 + 1 + 1 + 2 + 2 + 3.5 + 0.5) / 2 = 5.5 s. FDG with replay: 4.5 s free, (1 + 1 + 1 + 2 + 1
+    + 3 + 0.5) / 2 = 4.75 s through the link (one-part messages, no inversion)."""
+    stages = [StageCosts(1.0, 2.0, 0.5, output_bytes=1e6, reversible_forward=0.5),
+              StageCosts(1.0, 2.0, 0.5, reversible_forward=0.5)]
+    slow = Link(latency_s=0.0, bandwidth_Bps=1e6)
+    assert simulate(make_method("petra"), stages, FREE).iteration_s == pytest.approx(5.0)
+    assert simulate(make_method("petra"), stages, slow).iteration_s == pytest.approx(5.5)
+    replay = make_method("fdg", staleness="replay")
+    assert simulate(replay, stages, FREE).iteration_s == pytest.approx(4.5)
+    assert simulate(replay, stages, slow).iteration_s == pytest.approx(4.75)
+
+
+def test_stage_costs_count_the_reversible_blocks_forward():
+    blocks = [{"forward_s": f, "backward_s": 2, "update_s": 0.1, "output_bytes": 10} for f in (1, 2, 4)]
+    a, b = stage_costs(blocks, [range(0, 2), range(2, 3)], reversible=[False, True, True])
+    assert (a.reversible_forward, b.reversible_forward) == (2, 4)
+    assert stage_costs(blocks, [range(0, 3)])[0].reversible_forward == 0

@@ -11,7 +11,7 @@ import click
 from ..config import RunConfig
 from ..method import make_method
 from ..plan import check_config
-from .profile import load_or_profile, model_block_names, profile_path
+from .profile import load_or_profile, model_block_names, profile_path, reversible_blocks
 
 
 
@@ -66,6 +66,7 @@ def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int,
     link = Link(measured["latency_s"] if latency_us is None else latency_us * 1e-6,
                 measured["bandwidth_Bps"] if bandwidth_gbps is None else bandwidth_gbps * 1e9)
     costs = [b["forward_s"] + b["backward_s"] + b["update_s"] for b in blocks]
+    reversible = reversible_blocks(model)
     whole = stage_costs(blocks, [range(len(blocks))])[0]
     bp_one = whole.forward + whole.backward + whole.update
     entries = [method_entry(m) for m in methods]
@@ -81,8 +82,8 @@ def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int,
             if placement.stages not in partitions:
                 partitions[placement.stages] = Partition(balanced_starts(costs, placement.stages), len(blocks), "time")
             partition = partitions[placement.stages]
-            pred = simulate(method, stage_costs(blocks, partition.ranges()), link, replicas=placement.replicas,
-                            library=library_run(method))
+            pred = simulate(method, stage_costs(blocks, partition.ranges(), reversible), link,
+                            replicas=placement.replicas, library=library_run(method))
             grid[label].append(GridPoint(pred, bp_one / pred.iteration_s,
                                         balance(costs, partition) if placement.stages > 1 else None,
                                         has_auxiliary_nets(method, placement.stages)))

@@ -17,7 +17,7 @@ from ..plan import check_config
 from ..errors import UserError
 from ..method import make_method
 from ..train import build_run
-from .profile import corun_factors, load_or_profile, profile_path, scaled_blocks
+from .profile import corun_factors, load_or_profile, profile_path, reversible_blocks, scaled_blocks
 from .simulate import method_entry, library_run
 
 
@@ -180,6 +180,7 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
     # The profile gives each block's share of the work; its level is set by BP on one worker timed in these
     # rounds (the profile was taken minutes earlier, at the machine's speed then).
     calibration = measured[0]["per_iter"] / sum(costs) if profiled else 1.0
+    reversible = reversible_blocks(model)
 
     def predicted(method, k: int, r: int, starts: list[int]):
         """The simulator's Prediction for this row (None where the profile cannot cost it)."""
@@ -188,7 +189,7 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
         placement = method.placement(k, r)
         scaled = scaled_blocks(blocks, calibration * factors.get(placement.ranks, 1.0))
         ranges = Partition(tuple(starts), len(scaled), "").ranges()
-        return simulate(method, stage_costs(scaled, ranges), link, replicas=placement.replicas,
+        return simulate(method, stage_costs(scaled, ranges, reversible), link, replicas=placement.replicas,
                         library=library_run(method))
 
     bp1, bp_all = measured[0]["per_iter"], measured[1]["per_iter"]
