@@ -338,7 +338,7 @@ def _estimate(plan: Plan, image_shape, num_classes: int, cpu: torch.device, step
     for k, stage in enumerate(stages):
         worker = method.make_worker(plan.stage_context(k, stage, partition, block_shapes, num_classes, cpu))
         out.append(_measure_stage(k, worker, tuple(image_shape) if k == 0 else shapes[k - 1], shapes[k],
-                                  num_classes, releases[k], holdings[k]))
+                                  num_classes, releases[k], holdings[k], method.gradient_parts))
     return out
 
 
@@ -360,7 +360,8 @@ def estimate_built(run) -> list[StageEstimate]:
         for k, worker in zip(run.stage_indices, run.workers):
             with _put_back(worker):
                 out.append(_measure_stage(k, worker, image_shape if k == 0 else shapes[k - 1], shapes[k],
-                                          run.dataset.num_classes, releases[k], holdings[k]))
+                                          run.dataset.num_classes, releases[k], holdings[k],
+                                          plan.method.gradient_parts))
     return out
 
 
@@ -383,23 +384,26 @@ def _put_back(worker: Any) -> Iterator[None]:
 
 
 def _measure_stage(k: int, worker, in_shape: tuple[int, ...], out_shape: tuple[int, ...], num_classes: int,
-                   releases: list[Op], holdings) -> StageEstimate:
+                   releases: list[Op], holdings, gradient_parts: int) -> StageEstimate:
     """Stage ``k``'s estimate from its worker: what one batch keeps at two
     small batches (times the micro-batches or replicas a batch is split
     into, so each part is a batch of at least two), fitted linearly, and
-    the state after a step."""
+    the state after a step. ``gradient_parts``: the method's (Method.gradient_parts)."""
     graph, output = {}, {}
     split = worker.probe_batch_multiple * getattr(worker, "replicas", 1)
     for batch in (b * split for b in PROFILE_BATCHES):
-        graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, out_shape, num_classes, releases)
+        graph[batch], output[batch] = _profile_batch(worker, batch, in_shape, out_shape, num_classes, releases,
+                                                     gradient_parts)
     # A full replay buffer: M activations of the stage's input, counted at float32 (bf16 ones take half).
     kept = Linear(0.0, worker.kept_size * math.prod(in_shape) * 4.0) if worker.buffers_inputs else Linear(0, 0)
     return StageEstimate(k, state_bytes(worker), Linear.fit(graph), Linear.fit(output), holdings, kept)
 
 
-def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, releases: list[Op]) -> tuple[int, int]:
+def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, releases: list[Op],
+                   gradient_parts: int = 1) -> tuple[int, int]:
     """(bytes one batch keeps after its forward, bytes left after its first
-    release), then finish the batch and step (creating optimizer state)."""
+    release), then finish the batch and step (creating optimizer state); a
+    backward's message joins ``gradient_parts`` tensors of the output's shape."""
     probe = StageProbe(worker, len(releases))
     probe.armed = True
     x = torch.randn(batch, *in_shape, device=worker.device)
@@ -414,7 +418,7 @@ def _profile_batch(worker, batch: int, in_shape, out_shape, num_classes: int, re
         if op is Op.LOCAL:
             probe.local_backward(0)
         else:
-            message = None if worker.ctx.is_last else torch.zeros(batch * worker.gradient_parts, *out_shape,
+            message = None if worker.ctx.is_last else torch.zeros(batch * gradient_parts, *out_shape,
                                                                   device=worker.device)
             probe.backward(0, message)
         if i == 0:

@@ -97,10 +97,12 @@ class Method:
     # Why a method runs one replica per stage, if it does (its stages keep per-worker state that replicas'
     # averaged gradients would not keep equal); None: --replicas R works.
     single_replica: ClassVar[str | None] = None
-    # Tensors of the activation's shape a BACKWARD's message carries (its workers' StageWorker.gradient_parts),
-    # and whether a delayed backward first inverts the stage's reversible blocks (PETRA): what the timeline
-    # simulator charges for its messages and its backward.
+    # How many tensors of the activation's shape a BACKWARD's message carries, joined along the batch
+    # dimension: 1, the gradient; PETRA's 2, the gradient and the activation as the sender rebuilt it. The
+    # distributed engine sizes its receive buffers by it, the memory estimate its probe's messages, the
+    # timeline simulator the messages' bytes.
     gradient_parts: ClassVar[int] = 1
+    # Whether a delayed backward first inverts the stage's reversible blocks (PETRA): the simulator charges it.
     inverts_reversible_blocks: ClassVar[bool] = False
 
     def __init__(self, **values: Any):

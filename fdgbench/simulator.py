@@ -186,7 +186,7 @@ def ring_allreduce_s(nbytes: float, replicas: int, link: Link) -> float:
 def stage_costs(blocks: Sequence[dict], ranges: Sequence[range],
                 reversible: Sequence[bool] = ()) -> list[StageCosts]:
     """A partition's stage costs from a profile's per-block costs;
-    ``reversible``: which blocks are (profile.reversible_blocks; none if empty)."""
+    ``reversible``: which blocks are (models.reversible_blocks; none if empty)."""
     out = []
     for r in ranges:
         part = [blocks[i] for i in r]

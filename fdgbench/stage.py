@@ -171,10 +171,6 @@ class StageWorker:
     # The memory estimate probes a stage at small batches times this: a stage that splits every batch into M
     # micro-batches (gpipe) is probed at batches that split as a run's do.
     probe_batch_multiple = 1
-    # How many tensors of the activation's shape a BACKWARD's message carries, joined along the batch
-    # dimension: 1, the gradient; PETRA's 2, the gradient and the activation as the sender rebuilt it. The
-    # engines size their receive buffers, and the memory estimate its probe's messages, by it.
-    gradient_parts = 1
 
     def __init__(self, ctx: StageContext, staleness: str | None = None, delayed: bool = False,
                  grad_scale: float = 1.0, lr_scale: float = 1.0, input_grad: bool = True, predict_steps: float = 0.0):

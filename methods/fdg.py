@@ -18,6 +18,15 @@ from fdgbench.schedule import stage_plan
 from fdgbench.stage import StageWorker
 
 
+def fdg_plans(num_stages: int, t: int):
+    """FDG's iteration t: stage k forwards batch t-k and back-propagates batch
+    t-2(K-1)+k, backward first, every message one iteration late (PETRA runs
+    the same pipeline)."""
+    last = num_stages - 1
+    return tuple(stage_plan(k, num_stages, forward=t - k, backward=t - 2 * last + k, forward_latency=1,
+                            backward_latency=1, backward_first=True) for k in range(num_stages))
+
+
 @register
 class FDG(Method):
     name = "fdg"
@@ -27,9 +36,7 @@ class FDG(Method):
     options = (BETA, STALENESS, PREDICT)
 
     def schedule(self, num_stages, t):
-        last = num_stages - 1
-        return tuple(stage_plan(k, num_stages, forward=t - k, backward=t - 2 * last + k, forward_latency=1,
-                                backward_latency=1, backward_first=True) for k in range(num_stages))
+        return fdg_plans(num_stages, t)
 
     def make_worker(self, ctx):
         return StageWorker(ctx, staleness=self.staleness, delayed=not ctx.is_last,

@@ -41,7 +41,7 @@ from fdgbench.models import is_reversible, reversible_models
 from fdgbench.staleness import AutocastFactory
 
 from .adl import AccumulatingWorker, every_mth_update
-from .fdg import FDG
+from .fdg import fdg_plans
 
 # The authors' flag (their --accumulation-steps with --accumulation-averaging); ADL's --accumulate sums.
 ACCUMULATION_STEPS = MethodOption("accumulation_steps", int, 1, "backward passes per step k, their gradients "
@@ -111,11 +111,8 @@ def _invert(block: nn.Module, y: torch.Tensor, autocast: AutocastFactory) -> tor
     return x
 
 
-MESSAGE_PARTS = 2  # a backward's message: the gradient, then the input as rebuilt
-
-
 class ReversibleWorker(AccumulatingWorker):
-    gradient_parts = MESSAGE_PARTS
+    """A PETRA stage: its backward's message is the gradient, then the input as rebuilt (PETRA.gradient_parts)."""
 
     def __init__(self, ctx, average_over: int):
         super().__init__(ctx, average_over, staleness="replay", delayed=not ctx.is_last)
@@ -127,7 +124,7 @@ class ReversibleWorker(AccumulatingWorker):
             x = self.store.input_of(batch).detach()
             x_grad = self.store.backward(batch, None)
         else:
-            grad, output = message.chunk(2)
+            grad, output = message.chunk(PETRA.gradient_parts)
             x_grad, x = self.store.backward(batch, grad, output, self.input_grad)
         return torch.cat([x_grad, x.to(x_grad.dtype)]) if self.input_grad else None
 
@@ -141,11 +138,11 @@ class PETRA(Method):
     breaks = ("forward", "backward", "update")
     options = (ACCUMULATION_STEPS,)
     single_replica = "its backward messages join two tensors along the batch dimension, which replicas would shard"
-    gradient_parts = MESSAGE_PARTS
+    gradient_parts = 2  # a backward's message: the gradient, then the input as rebuilt
     inverts_reversible_blocks = True
 
     def schedule(self, num_stages, t):
-        return every_mth_update(FDG.schedule(self, num_stages, t), num_stages, t, self.accumulation_steps)
+        return every_mth_update(fdg_plans(num_stages, t), num_stages, t, self.accumulation_steps)
 
     def replays_forward(self) -> bool:
         return True  # every delayed backward recomputes its blocks (a reversible one inverts it first, too)

@@ -53,14 +53,6 @@ def model_block_names(model: str) -> list[str]:
         return list(build_model(model).block_names)
 
 
-def reversible_blocks(model: str) -> list[bool]:
-    """Which of the model's blocks are reversible (models/revnet.py), from a weightless (meta) model."""
-    from ..models import build_model, is_reversible
-
-    with torch.device("meta"):
-        return [is_reversible(b) for b in build_model(model).blocks]
-
-
 def profile_blocks(model: str, batch_size: int, device: str, threads: int, iterations: int = 5) -> dict[str, Any]:
     """Every block's forward, backward and update seconds (medians over
     ``iterations`` after two warm-up iterations), measured by running BP with

@@ -11,7 +11,8 @@ import click
 from ..config import RunConfig
 from ..method import make_method
 from ..plan import check_config
-from .profile import load_or_profile, model_block_names, profile_path, reversible_blocks
+from ..models import reversible_blocks
+from .profile import load_or_profile, model_block_names, profile_path
 
 
 

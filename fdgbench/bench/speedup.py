@@ -17,7 +17,8 @@ from ..plan import check_config
 from ..errors import UserError
 from ..method import make_method
 from ..train import build_run
-from .profile import corun_factors, load_or_profile, profile_path, reversible_blocks, scaled_blocks
+from ..models import reversible_blocks
+from .profile import corun_factors, load_or_profile, profile_path, scaled_blocks
 from .simulate import method_entry, library_run
 
 

@@ -176,7 +176,7 @@ class DistributedEngine:
             spec, src, group = self._in_spec, self.rank - 1, self._act_groups[self.k - 1]
         else:  # a gradient has the shape of the activation it belongs to (times the parts its message joins)
             (shape, dtype), src, group = self._out_spec, self.rank + 1, self._grad_groups[self.k]
-            spec = ((shape[0] * self.worker.gradient_parts, *shape[1:]), dtype)
+            spec = ((shape[0] * self.method.gradient_parts, *shape[1:]), dtype)
         buf = self._wire_buffer(*spec)
         return buf, dist.irecv(buf, src, group=group, tag=_tag(action.op, action.batch))
 

@@ -59,10 +59,15 @@ MODELS: dict[str, ModelInfo] = {
 }
 
 
-def reversible_models() -> list[str]:
-    """The models with reversible blocks (built weightless, on the meta device)."""
+def reversible_blocks(name: str) -> list[bool]:
+    """Which of the model's blocks are reversible (models/revnet.py), from a weightless (meta) model."""
     with torch.device("meta"):
-        return [name for name, info in MODELS.items() if any(is_reversible(b) for b in info.build(10).blocks)]
+        return [is_reversible(b) for b in build_model(name).blocks]
+
+
+def reversible_models() -> list[str]:
+    """The models with reversible blocks."""
+    return [name for name in MODELS if any(reversible_blocks(name))]
 
 
 def most_blocks() -> int:
@@ -77,4 +82,4 @@ def build_model(name: str, num_classes: int = 10) -> BlockModel:
 
 
 __all__ = ["MODELS", "BlockModel", "build_model", "count_parameters", "is_reversible", "most_blocks",
-           "reversible_models"]
+           "reversible_blocks", "reversible_models"]

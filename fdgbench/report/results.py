@@ -38,10 +38,6 @@ class CellResult:
         return EPOCH_IMAGES / rate if rate else None
 
     @property
-    def cell_options(self) -> dict[str, Any]:
-        return self.column.options_in(self.row)
-
-    @property
     def paper_column(self) -> str | None:
         return self.column.paper[-1] if self.column.paper else None
 
@@ -182,7 +178,8 @@ def time_to_accuracy(results: list[CellResult], speed: Speeds,
             return statistics.median(hit) if hit and len(hit) * 2 >= len(its) + result.diverged else None
 
         def per_iteration(result: CellResult) -> float | None:
-            return speed.per_iteration(result.column.method, result.cell_options, result.row.model, result.row.splits)
+            return speed.per_iteration(result.column.method, result.column.options_in(result.row), result.row.model,
+                                       result.row.splits)
 
         bp_its, bp_speed = reached(bp), per_iteration(bp)
         bp_seconds = bp_its * bp_speed if bp_its is not None and bp_speed is not None else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import UserError
 from ..method import make_method
@@ -204,20 +204,14 @@ def load_spec(name: str) -> TableSpec:
                     r.get("best_beta"), r.get("paper_params"), tuple(r["columns"]) if "columns" in r else None)
                 for r in data["rows"]]
         for row in rows:
-            unknown = [i for i in row.columns or () if i not in [c.id for c in columns]]
-            if unknown:
-                raise UserError(f"{path}: row '{row.id}' columns lists unknown {', '.join(map(repr, unknown))}; "
-                                f"known: {', '.join(repr(c.id) for c in columns)}")
+            _check_ids(path, f"row '{row.id}' columns", row.columns or (), [c.id for c in columns])
         for preset, values in data.get("presets", {}).items():
             where = f"[presets.{preset}]"
             _check_keys(path, where, values, PRESET_KEYS)
             _check_run_values(path, where, values)
             _check_preset_paths(path, where, values)
             for key, ids in (("rows", [r.id for r in rows]), ("columns", [c.id for c in columns])):
-                unknown = [i for i in values.get(key, []) if i not in ids]
-                if unknown:
-                    raise UserError(f"{path}: {where} {key} lists unknown {', '.join(map(repr, unknown))}; "
-                                    f"known: {', '.join(map(repr, ids))}")
+                _check_ids(path, f"{where} {key}", values.get(key, []), ids)
         measure = data.get("measure", "error")
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
@@ -239,6 +233,14 @@ def _check_keys(path: Path, where: str, table: dict[str, Any], known: tuple[str,
     unknown = [k for k in table if k not in known]
     if unknown:
         raise UserError(f"{path}: {where} has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def _check_ids(path: Path, where: str, listed: Iterable[str], ids: list[str]) -> None:
+    """Every id ``listed`` (a preset's rows or columns, a row's columns) names one of ``ids``."""
+    unknown = [i for i in listed if i not in ids]
+    if unknown:
+        raise UserError(f"{path}: {where} lists unknown {', '.join(map(repr, unknown))}; "
+                        f"known: {', '.join(map(repr, ids))}")
 
 
 def _paths(value: str | list[str] | None) -> tuple[str, ...]:
