@@ -2,11 +2,14 @@
 instead of tensors, to predict iteration time, per-worker utilisation and
 speedup for any K and link, and to draw the same Gantt chart as a traced run.
 
-Each stage is a worker with its own clock, running its action list in order,
-iteration after iteration (as on the distributed engine). A compute action
-takes its stage's measured time; a send costs the sender ``send_s`` and the
-message arrives ``latency + bytes / bandwidth`` later; a receive waits until
-the message has arrived. Costs come from a profile (``profile_blocks``):
+Each stage is a worker running its action list in order, iteration after
+iteration (as on the distributed engine), played out event by event in time
+(``_play``). A compute action takes its stage's measured time, times the
+co-run slowdown while other stages compute at the same moment (``corun``:
+workers sharing one CPU's cores, caches and memory bandwidth; 1 on GPUs and
+by default); a send costs the sender ``send_s`` and the message arrives
+``latency + bytes / bandwidth`` later; a receive waits until the message has
+arrived. Costs come from a profile (``profile_blocks``):
 every block's forward, backward and update time measured in one process with
 the stages' thread count, so any partition's stage costs are sums of blocks.
 A local backward (DGL's auxiliary loss, DNI's synthetic gradient) is charged
@@ -19,8 +22,9 @@ messages (gradient and rebuilt activation) twice an activation's bytes.
 
 GPipe and 1F1B as ``torch.distributed.pipelining`` runs them (``--engine
 pipelining``) are simulated micro-batch by micro-batch
-(``library_pipeline``): each of the M micro-batches costs 1/M of the
-stage's batch (compute and message), every stage forwards and
+(``library_pipeline``): each of the M micro-batches costs what a profile
+taken at B/M images says (``microbatch_stages``; 1/M of the batch's costs
+where there is none), every stage forwards and
 back-propagates all M in the library's order and then steps, and the
 pipeline drains each iteration: the bubble, (K-1)/(M+K-1) of the time with
 equal stages, comes out of the timeline, not a formula. (The suite's own
@@ -40,9 +44,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from .method import Method
-from .schedule import (COMPUTE, SENDS, Action, IterationPlan, Mailbox, Op, StagePlan, execution_order,
+from .schedule import (COMPUTE, RECVS, SENDS, Action, IterationPlan, Mailbox, Op, StagePlan, execution_order,
                        message_key)
 from .engines.trace import CATEGORIES, Span
+
+COMPUTE_CATEGORIES = frozenset(CATEGORIES[op] for op in COMPUTE)
 
 
 @dataclass(frozen=True)
@@ -75,19 +81,27 @@ class Prediction:
 
 
 def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iterations: int = 40,
-             send_s: float = 0.0, replicas: int = 1, library: bool = False) -> Prediction:
+             send_s: float = 0.0, replicas: int = 1, library: bool = False,
+             microbatch_stages: Sequence[StageCosts] | None = None,
+             corun: Callable[[int], float] = lambda workers: 1.0) -> Prediction:
     """Run ``iterations`` iterations of ``method``'s schedule on K = len(stages)
     stages of ``replicas`` workers each (one timeline per stage: its replicas
     run alike); the steady state is measured over the second half. With
     ``library``, a micro-batched pipeline (gpipe, 1f1b) as
-    ``torch.distributed.pipelining`` runs it (library_pipeline)."""
+    ``torch.distributed.pipelining`` runs it (library_pipeline): each
+    micro-batch's forward, backward and message cost ``microbatch_stages``'
+    (a profile taken at the micro-batch's size), or 1/M of the batch's where
+    none is given. ``corun(n)``: how many times slower compute runs while n
+    workers compute at once (the CPU they share), 1 for n = 1."""
     k_stages = len(stages)
     schedule = method.schedule
     if library:
         schedule = library_pipeline(method.pipeline_schedule, method.microbatches)
-        m = method.microbatches  # each action is one micro-batch's: 1/M of the batch (the update stays whole)
-        stages = [replace(c, forward=c.forward / m, backward=c.backward / m, output_bytes=c.output_bytes / m)
-                  for c in stages]
+        m = method.microbatches  # each action is one micro-batch's (the update stays whole)
+        per_micro = microbatch_stages or [replace(c, forward=c.forward / m, backward=c.backward / m,
+                                                  output_bytes=c.output_bytes / m) for c in stages]
+        stages = [replace(c, forward=mc.forward, backward=mc.backward, output_bytes=mc.output_bytes)
+                  for c, mc in zip(stages, per_micro, strict=True)]
     if replicas > 1:
         stages = [replace(c, forward=c.forward / replicas, backward=c.backward / replicas, local=c.local / replicas,
                           output_bytes=c.output_bytes / replicas,
@@ -97,37 +111,34 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
         inverts = method.inverts_reversible_blocks
         stages = [replace(c, backward=c.backward + c.forward + (c.reversible_forward if inverts else 0.0))
                   if k < k_stages - 1 else c for k, c in enumerate(stages)]
-    clock = [0.0] * k_stages
-    arrival: dict[tuple, float] = {}
-    spans: list[Span] = []
-    ends: list[float] = []
-    busy_at: list[list[float]] = [[0.0] * k_stages]
-    busy = [0.0] * k_stages
+    # Each stage's actions in its own order (the schedule's, checked as it is expanded), then played out in time.
+    # Iterations past the measured ones keep every stage working until the last measured one ends: a stage
+    # that ran out of work early would stop slowing the others down (corun) and flatter the end of the window.
+    # 2K + 2 more: stages linked by messages both ways run at most about 2K iterations apart.
+    actions: list[list[tuple[int, Action]]] = [[] for _ in range(k_stages)]
     mailbox = Mailbox()
-    for t in range(iterations):
-        plan = schedule(k_stages, t)
-        for k, action in execution_order(plan, t, mailbox):
-            start = clock[k]
-            cost = stages[k]
-            if action.op in COMPUTE:
-                duration = {Op.FORWARD: cost.forward, Op.BACKWARD: cost.backward, Op.LOCAL: cost.local,
-                            Op.UPDATE: cost.update}[action.op]
-                busy[k] += duration
-            elif action.op in SENDS:
-                nbytes = (cost.output_bytes if action.op is Op.SEND_ACT
-                          else stages[k - 1].output_bytes * method.gradient_parts)
-                duration = send_s
-                arrival[message_key(k, action)] = start + send_s + link.transfer_s(nbytes)
-            else:  # a receive: wait for the message
-                duration = max(0.0, arrival.pop(message_key(k, action)) - start)
-            clock[k] = start + duration
-            spans.append(Span(k, t, str(action), CATEGORIES[action.op], start, duration))
-        ends.append(max(clock))
-        busy_at.append(list(busy))
+    for t in range(iterations + 2 * k_stages + 2):
+        for k, action in execution_order(schedule(k_stages, t), t, mailbox):
+            actions[k].append((t, action))
+    spans = _play(actions, stages, link, send_s, method.gradient_parts, lambda busy: corun(busy * replicas))
+    # Each stage's clock and compute time after its actions of iterations 0..t.
+    clock_after = [[0.0] * iterations for _ in range(k_stages)]
+    busy_after = [[0.0] * iterations for _ in range(k_stages)]
+    spans = [s for s in spans if s.iteration < iterations]
+    for s in spans:
+        clock_after[s.stage][s.iteration] = max(clock_after[s.stage][s.iteration], s.start + s.duration)
+        if s.category in COMPUTE_CATEGORIES:
+            busy_after[s.stage][s.iteration] += s.duration
+    for k in range(k_stages):
+        for t in range(1, iterations):
+            clock_after[k][t] = max(clock_after[k][t], clock_after[k][t - 1])
+            busy_after[k][t] += busy_after[k][t - 1]
+    ends = [max(clock_after[k][t] for k in range(k_stages)) for t in range(iterations)]
     half = iterations // 2
     window = ends[-1] - ends[half - 1]
     per_iteration = window / (iterations - half)
-    utilisation = [(busy_at[-1][k] - busy_at[half][k]) / window if window else 1.0 for k in range(k_stages)]
+    utilisation = [(busy_after[k][-1] - busy_after[k][half - 1]) / window if window else 1.0
+                   for k in range(k_stages)]
     return Prediction(per_iteration, utilisation, spans)
 
 
@@ -176,6 +187,76 @@ def has_auxiliary_nets(method: Method, num_stages: int) -> bool:
     block profile does not cost (its predictions are then low)."""
     return any(a.op is Op.LOCAL for t in range(2 * num_stages) for stage in method.schedule(num_stages, t)
                for a in stage)
+
+def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[StageCosts], link: Link,
+          send_s: float, gradient_parts: int, corun: Callable[[int], float]) -> list[Span]:
+    """Each stage's actions played out in time, event by event: compute takes
+    its cost times corun(number of stages computing at that moment), so
+    stages slow each other only while they compute together (a stage waiting
+    for a message costs the others nothing); a send costs the sender
+    ``send_s`` and arrives ``link.transfer_s`` later; a receive waits for it."""
+    k_stages = len(actions)
+    pos = [0] * k_stages
+    arrival: dict[tuple, float] = {}
+    running: dict[int, list] = {}  # stage -> [iteration, action, start, work left at full speed]
+    waiting: dict[int, float] = {}  # stage -> since when it waits for a message
+    spans: list[Span] = []
+    now = 0.0
+
+    def finish(k: int, t: int, action: Action, start: float) -> None:
+        spans.append(Span(k, t, str(action), CATEGORIES[action.op], start, now - start))
+        pos[k] += 1
+
+    while True:
+        started = True
+        while started:  # start every action that can start now (zero-cost ones finish at once)
+            started = False
+            for k in range(k_stages):
+                if k in running or pos[k] == len(actions[k]):
+                    continue
+                t, action = actions[k][pos[k]]
+                if action.op in RECVS:
+                    due = arrival.get(message_key(k, action))
+                    if due is not None and due <= now:
+                        del arrival[message_key(k, action)]
+                        finish(k, t, action, waiting.pop(k, now))
+                        started = True
+                    else:
+                        waiting.setdefault(k, now)
+                    continue
+                if action.op in SENDS:
+                    nbytes = (stages[k].output_bytes if action.op is Op.SEND_ACT
+                              else stages[k - 1].output_bytes * gradient_parts)
+                    arrival[message_key(k, action)] = now + send_s + link.transfer_s(nbytes)
+                    work = send_s
+                else:
+                    cost = stages[k]
+                    work = {Op.FORWARD: cost.forward, Op.BACKWARD: cost.backward, Op.LOCAL: cost.local,
+                            Op.UPDATE: cost.update}[action.op]
+                if work > 0:
+                    running[k] = [t, action, now, work]
+                else:
+                    finish(k, t, action, now)
+                started = True
+        if not running and not waiting:
+            return spans
+        slowdown = corun(sum(1 for _, a, _, _ in running.values() if a.op in COMPUTE))
+        rate = {k: 1 / slowdown if a.op in COMPUTE else 1.0 for k, (_, a, _, _) in running.items()}
+        due = [arrival[key] - now for key in (message_key(k, actions[k][pos[k]][1]) for k in waiting)
+               if key in arrival]
+        steps = [left / rate[k] for k, (_, _, _, left) in running.items()] + due
+        if not steps:
+            raise RuntimeError("the simulated stages wait for each other: the schedule cannot proceed")
+        step = min(steps)
+        now += step
+        for k in list(running):
+            t, action, start, left = running[k]
+            left -= step * rate[k]
+            if left <= 1e-12 * running[k][3] + 1e-18:
+                del running[k]
+                finish(k, t, action, start)
+            else:
+                running[k][3] = left
 
 
 def ring_allreduce_s(nbytes: float, replicas: int, link: Link) -> float:

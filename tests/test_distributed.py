@@ -288,6 +288,9 @@ def test_speedup_benchmark_runs_gpipe_through_the_library_with_its_bubble_predic
     assert row[9] == "-" and float(row[10]) > 0 and float(row[11]) > 0  # no balance; simulated ms, sim/measured
     assert "through torch.distributed.pipelining (--engine pipelining)" in result.stdout
     assert "per rank, ms per iteration" not in result.stdout  # its only row has no breakdown to print
+    # a micro-batch is costed from its own profile, at 32 / 2 images, taken in this invocation
+    assert "one micro-batch's costs from a profile at B/M images (M = 2)" in result.stdout
+    assert (tmp_path / "results/profiles/tiny_resnet-b16-cpu-t1.json").is_file()
 
 
 @pytest.mark.slow  # spawns ranks again (~15 s); the speed file's use is tested in test_tables without it

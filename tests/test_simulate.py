@@ -32,6 +32,32 @@ def test_fdg_is_paced_by_its_slowest_stage():
     assert pred.utilisation == pytest.approx([3.5 / 6.5, 1.0])
 
 
+def test_stages_slow_each_other_only_while_they_compute_together():
+    """corun(2) = 1.5: two stages computing at once each run at 2/3 speed."""
+    corun = {1: 1.0, 2: 1.5}.__getitem__
+    # BP: F0 F1 B1 B0 one stage at a time (full speed), then both update together: 6 + 0.5 x 1.5.
+    pred = simulate(make_method("bp"), EVEN, FREE, corun=corun)
+    assert pred.iteration_s == pytest.approx(6.75)
+    assert pred.utilisation == pytest.approx([(1 + 2 + 0.75) / 6.75] * 2)
+    # FDG: both stages compute all the time, so all of their 3.5 s runs at 2/3 speed.
+    assert simulate(make_method("fdg"), EVEN, FREE, corun=corun).iteration_s == pytest.approx(3.5 * 1.5)
+    # With R = 2 replicas of each stage, two stages computing are four workers.
+    four = {1: 1.0, 2: 1.0, 4: 2.0}.__getitem__
+    assert simulate(make_method("fdg"), EVEN, FREE, replicas=2, corun=four).iteration_s == pytest.approx(
+        (1.5 + 0.5) * 2)
+
+
+def test_a_micro_batch_costs_its_own_profile_where_one_is_given():
+    """GPipe, K = 2 equal stages, M = 4, free link: (M + K - 1) micro-batch
+    forward + backward pairs, then the (whole) update; a micro-batch of B/4
+    images costs 0.4 + 0.7 s here, not a quarter of the batch's 1 + 2 s."""
+    micro = [StageCosts(forward=0.4, backward=0.7, update=99.0, output_bytes=0.0)] * 2
+    method = make_method("gpipe", microbatches=4)
+    pred = simulate(method, EVEN, FREE, library=True, microbatch_stages=micro)
+    assert pred.iteration_s == pytest.approx(5 * (0.4 + 0.7) + 0.5)
+    assert simulate(method, EVEN, FREE, library=True).iteration_s == pytest.approx(5 * 3 / 4 + 0.5)
+
+
 def test_transfer_time_delays_locked_messages_and_pipelined_ones_only_past_their_slack():
     link = Link(latency_s=0.1, bandwidth_Bps=1e7)  # 1 MB takes 0.1 + 0.1 s
     # BP waits for both messages every iteration: 6.5 + 2 x 0.2.

@@ -8,7 +8,7 @@ import socket
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 import torch
@@ -262,6 +262,16 @@ def corun_factors(profile: dict[str, Any], path: Path, splits: list[int], rounds
     if missing:
         save_profile(path, profile)
     return {k: saved.get(str(k), 1.0) for k in splits}
+
+
+def corun_slowdown(ranks: int, factor: float) -> Callable[[int], float]:
+    """simulate's ``corun`` for ``ranks`` workers whose co-run factor (all of
+    them computing at once) is ``factor``: n computing at once run
+    1 + (factor - 1)(n - 1)/(ranks - 1) times slower, 1 alone. Only the two
+    ends are measured; the straight line between them is an assumption."""
+    if ranks < 2:
+        return lambda n: 1.0
+    return lambda n: 1.0 + (factor - 1.0) * (n - 1) / (ranks - 1)
 
 
 def scaled_blocks(blocks: list[dict], factor: float) -> list[dict]:

@@ -12,7 +12,7 @@ from ..config import RunConfig
 from ..method import make_method
 from ..plan import check_config
 from ..models import reversible_blocks
-from .profile import load_or_profile, model_block_names, profile_path
+from .profile import load_or_profile, model_block_names, profile_path, scaled_blocks
 
 
 
@@ -71,6 +71,8 @@ def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int,
     whole = stage_costs(blocks, [range(len(blocks))])[0]
     bp_one = whole.forward + whole.backward + whole.update
     entries = [method_entry(m) for m in methods]
+    micro_blocks = microbatch_profiles([make_method(name, **options) for name, options, _ in entries], model,
+                                       batch_size, device, threads, refresh)
     grid: dict[str, list[GridPoint | None]] = {label: [] for _, _, label in entries}
     partitions: dict[int, Partition] = {}  # by stage count (dp's is one stage at every K)
     for k in splits:
@@ -84,7 +86,8 @@ def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int,
                 partitions[placement.stages] = Partition(balanced_starts(costs, placement.stages), len(blocks), "time")
             partition = partitions[placement.stages]
             pred = simulate(method, stage_costs(blocks, partition.ranges(), reversible), link,
-                            replicas=placement.replicas, library=library_run(method))
+                            replicas=placement.replicas, library=library_run(method),
+                            microbatch_stages=microbatch_costs(method, micro_blocks, partition.ranges(), reversible))
             grid[label].append(GridPoint(pred, bp_one / pred.iteration_s,
                                         balance(costs, partition) if placement.stages > 1 else None,
                                         has_auxiliary_nets(method, placement.stages)))
@@ -94,6 +97,29 @@ def simulate_grid(model: str, splits: list[int], methods: list, batch_size: int,
 def library_run(method) -> bool:
     """Whether ``method`` is a micro-batched pipeline, predicted as the library runs it."""
     return getattr(method, "pipeline_schedule", None) is not None
+
+
+def microbatch_profiles(methods: list, model: str, batch_size: int, device: str, threads: int,
+                        refresh: bool = False) -> dict[int, list[dict]]:
+    """The block profile at the micro-batch's size, B/M, for each M > 1 of
+    the micro-batched pipelines among ``methods`` (Method instances), by M:
+    what one micro-batch costs. A small batch runs less efficiently per
+    image than its share of a large one (on a CPU, GPipe at M = 8 took 23%
+    longer than 1/M of the batch's profile predicted), so 1/M of the
+    batch's costs would flatter the pipelines."""
+    counts = sorted({m.microbatches for m in methods if library_run(m) and m.microbatches > 1})
+    return {m: load_or_profile(model, batch_size // m, device, threads, refresh=refresh)["blocks"] for m in counts}
+
+
+def microbatch_costs(method, micro_blocks: dict[int, list[dict]], ranges, reversible, scale: float = 1.0):
+    """The stage costs of one of ``method``'s micro-batches (simulate's
+    ``microbatch_stages``) from ``microbatch_profiles``' blocks, each block's
+    time times ``scale``; None for a method that has no micro-batches or M = 1."""
+    from ..simulator import stage_costs
+
+    if not library_run(method) or method.microbatches not in micro_blocks:
+        return None
+    return stage_costs(scaled_blocks(micro_blocks[method.microbatches], scale), ranges, reversible)
 
 
 def predicted_speedups(model: str, splits: list[int], methods: list[str], batch_size: int, device: str,
@@ -148,4 +174,5 @@ def bench_simulate(model: str, splits: list[int], methods: list[str], batch_size
         click.echo("* without the auxiliary / synthetic-gradient nets, which the block profile does not cost")
     if any(library_run(make_method(name, **options)) for name, options, _ in map(method_entry, methods)):
         click.echo("gpipe, 1f1b: as torch.distributed.pipelining runs them (--engine pipelining): M micro-batches "
-                   "of 1/M of the batch through the library's schedule, the pipeline's bubble included")
+                   "through the library's schedule, the pipeline's bubble included, each costing a block profile "
+                   "taken at B/M images")

@@ -18,8 +18,8 @@ from ..errors import UserError
 from ..method import make_method
 from ..train import build_run
 from ..models import reversible_blocks
-from .profile import corun_factors, load_or_profile, profile_path, scaled_blocks
-from .simulate import method_entry, library_run
+from .profile import corun_factors, corun_slowdown, load_or_profile, profile_path, scaled_blocks
+from .simulate import method_entry, library_run, microbatch_costs, microbatch_profiles
 
 
 
@@ -158,6 +158,9 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
                           for r in replicas})
     factors = corun_factors(profile, profile_path(model, batch_size, device, threads_per_stage), rank_counts,
                             rounds) if profiled else {}
+    micro_blocks = microbatch_profiles([make_method(name, **options) for name, options, _ in entries], model,
+                                       batch_size, device, threads_per_stage, refresh=not reuse_profile
+                                       ) if profiled else {}
 
     # (label, method, its options, K, R, threads, cut points)
     rows_to_time = [("bp", "bp", {}, 1, 1, threads_per_stage, None), ("bp", "bp", {}, 1, 1, all_threads, None)]
@@ -188,10 +191,11 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
         if not profiled:
             return None
         placement = method.placement(k, r)
-        scaled = scaled_blocks(blocks, calibration * factors.get(placement.ranks, 1.0))
-        ranges = Partition(tuple(starts), len(scaled), "").ranges()
-        return simulate(method, stage_costs(scaled, ranges, reversible), link, replicas=placement.replicas,
-                        library=library_run(method))
+        ranges = Partition(tuple(starts), len(blocks), "").ranges()
+        return simulate(method, stage_costs(scaled_blocks(blocks, calibration), ranges, reversible), link,
+                        replicas=placement.replicas, library=library_run(method),
+                        microbatch_stages=microbatch_costs(method, micro_blocks, ranges, reversible, calibration),
+                        corun=corun_slowdown(placement.ranks, factors.get(placement.ranks, 1.0)))
 
     bp1, bp_all = measured[0]["per_iter"], measured[1]["per_iter"]
     rows, breakdowns = [], []
@@ -230,9 +234,12 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
                f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)"
                + (f", its block times scaled by {calibration:.2f} (BP 1 x {threads_per_stage} timed in these rounds / "
                   f"the profile's sum: the machine's speed now against when it was profiled)" if profiled else "")
-               + (", and the co-run factor (each rank's compute while K ranks share the CPU / alone, the median "
+               + (", the co-run factor (each rank's compute while K ranks share the CPU / alone, the median "
                   "of interleaved rounds): " + ", ".join(f"K={k} {f:.2f}x" for k, f in factors.items())
-                  if factors else "")
+                  + ", charged while ranks compute together (n of K at once: linear from 1.00 at one to the factor "
+                  "at K)" if factors else "")
+               + (", and one micro-batch's costs from a profile at B/M images (M = "
+                  + ", ".join(map(str, micro_blocks)) + ")" if micro_blocks else "")
                + ("; KxR: K stages x R replicas, each replica on 1/R of every batch (dp: 1 stage x K R "
                   "replicas)" if max(replicas) > 1 else ""))
     if starred:
