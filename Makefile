@@ -20,11 +20,15 @@ demo: $(STAMP)
 ## test: the default suite (slow tests excluded; `make test-slow` runs them). On the CPU whatever the machine
 ## (FDGBENCH_DEVICE, the default of --device): the suite's expectations (bitwise repeats, one rank per stage on
 ## one node) were written there; GPU paths are `make gpu-check`'s.
+## TEST_WORKERS: pytest processes side by side (pytest-xdist); 2 fills a 2-core machine, more need memory
+## (each worker imports torch, and the distributed tests spawn 2-4 ranks of their own)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	FDGBENCH_DEVICE=cpu $(BIN)/python -m pytest -q
+	FDGBENCH_DEVICE=cpu $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: $(STAMP)
-	FDGBENCH_DEVICE=cpu $(BIN)/python -m pytest -q -m slow
+	FDGBENCH_DEVICE=cpu $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow
 
 ## gpu-check: the CUDA/NCCL paths on this machine's GPU(s), one table in a few minutes; one line without a GPU
 gpu-check: $(STAMP)
