@@ -5,9 +5,10 @@ speedup for any K and link, and to draw the same Gantt chart as a traced run.
 Each stage is a worker running its action list in order, iteration after
 iteration (as on the distributed engine), played out event by event in time
 (``_play``). A compute action takes its stage's measured time, times the
-co-run slowdown while other stages compute at the same moment (``corun``:
-workers sharing one CPU's cores, caches and memory bandwidth; 1 on GPUs and
-by default); a send costs the sender ``send_s`` and the message arrives
+co-run slowdown while other workers compute at the same moment (``corun``
+of the workers computing: the stages computing times their replicas, which
+run alike; workers sharing one CPU's cores, caches and memory bandwidth; 1
+on GPUs and by default); a send costs the sender ``send_s`` and the message arrives
 ``latency + bytes / bandwidth`` later; a receive waits until the message has
 arrived. Costs come from a profile (``profile_blocks``):
 every block's forward, backward and update time measured in one process with
@@ -39,6 +40,7 @@ overlapped with the backward, as on the distributed engine.
 """
 from __future__ import annotations
 
+import collections
 import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -114,31 +116,32 @@ def simulate(method: Method, stages: Sequence[StageCosts], link: Link, iteration
     # Each stage's actions in its own order (the schedule's, checked as it is expanded), then played out in time.
     # Iterations past the measured ones keep every stage working until the last measured one ends: a stage
     # that ran out of work early would stop slowing the others down (corun) and flatter the end of the window.
-    # 2K + 2 more: stages linked by messages both ways run at most about 2K iterations apart.
+    # 2K + 2 more: a stage runs at most two iterations ahead of its neighbour (_play's back-pressure), so at
+    # most 2K ahead of any stage.
     actions: list[list[tuple[int, Action]]] = [[] for _ in range(k_stages)]
     mailbox = Mailbox()
     for t in range(iterations + 2 * k_stages + 2):
         for k, action in execution_order(schedule(k_stages, t), t, mailbox):
             actions[k].append((t, action))
-    spans = _play(actions, stages, link, send_s, method.gradient_parts, lambda busy: corun(busy * replicas))
-    # Each stage's clock and compute time after its actions of iterations 0..t.
+    played = _play(actions, stages, link, send_s, method.gradient_parts, lambda busy: corun(busy * replicas))
+    spans = [s for s in played if s.iteration < iterations]
+    # An iteration ends when every stage has finished its actions of it and of the iterations before.
     clock_after = [[0.0] * iterations for _ in range(k_stages)]
-    busy_after = [[0.0] * iterations for _ in range(k_stages)]
-    spans = [s for s in spans if s.iteration < iterations]
     for s in spans:
         clock_after[s.stage][s.iteration] = max(clock_after[s.stage][s.iteration], s.start + s.duration)
-        if s.category in COMPUTE_CATEGORIES:
-            busy_after[s.stage][s.iteration] += s.duration
     for k in range(k_stages):
         for t in range(1, iterations):
             clock_after[k][t] = max(clock_after[k][t], clock_after[k][t - 1])
-            busy_after[k][t] += busy_after[k][t - 1]
     ends = [max(clock_after[k][t] for k in range(k_stages)) for t in range(iterations)]
     half = iterations // 2
-    window = ends[-1] - ends[half - 1]
+    start, end = ends[half - 1], ends[-1]
+    window = end - start
     per_iteration = window / (iterations - half)
-    utilisation = [(busy_after[k][-1] - busy_after[k][half - 1]) / window if window else 1.0
-                   for k in range(k_stages)]
+    busy = [0.0] * k_stages  # compute inside the window, whichever iteration it belongs to
+    for s in played:
+        if s.category in COMPUTE_CATEGORIES:
+            busy[s.stage] += max(0.0, min(s.start + s.duration, end) - max(s.start, start))
+    utilisation = [b / window if window else 1.0 for b in busy]
     return Prediction(per_iteration, utilisation, spans)
 
 
@@ -188,75 +191,115 @@ def has_auxiliary_nets(method: Method, num_stages: int) -> bool:
     return any(a.op is Op.LOCAL for t in range(2 * num_stages) for stage in method.schedule(num_stages, t)
                for a in stage)
 
+
 def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[StageCosts], link: Link,
           send_s: float, gradient_parts: int, corun: Callable[[int], float]) -> list[Span]:
     """Each stage's actions played out in time, event by event: compute takes
     its cost times corun(number of stages computing at that moment), so
     stages slow each other only while they compute together (a stage waiting
     for a message costs the others nothing); a send costs the sender
-    ``send_s`` and arrives ``link.transfer_s`` later; a receive waits for it."""
+    ``send_s`` and arrives ``link.transfer_s`` later; a receive waits for it.
+    As on the distributed engine (``_reap_sends``), a stage starts iteration
+    u only once every message it sent in iterations up to u - 2 has been
+    taken, i.e. its receiver has begun the iteration that receives it (where
+    the engine posts its receives): how far a stage can run ahead of a slow
+    neighbour even where no message comes back (DGL, InfoPro, AugLocal)."""
     k_stages = len(actions)
     pos = [0] * k_stages
     arrival: dict[tuple, float] = {}
-    running: dict[int, list] = {}  # stage -> [iteration, action, start, work left at full speed]
+    began = [-1] * k_stages  # the last iteration each stage has begun
+    untaken: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (receiver, its iteration) -> [(sender, sent at)]
+    in_flight = [collections.Counter() for _ in range(k_stages)]  # per sender: iteration -> messages not taken
+    running: dict[int, _Running] = {}
     waiting: dict[int, float] = {}  # stage -> since when it waits for a message
+    to_check = set(range(k_stages))  # stages whose next action may be able to start
     spans: list[Span] = []
     now = 0.0
 
     def finish(k: int, t: int, action: Action, start: float) -> None:
         spans.append(Span(k, t, str(action), CATEGORIES[action.op], start, now - start))
         pos[k] += 1
+        to_check.add(k)
+
+    def held_back(k: int, t: int) -> bool:  # messages from two iterations back not yet taken
+        return any(count and sent_at <= t - 2 for sent_at, count in in_flight[k].items())
 
     while True:
-        started = True
-        while started:  # start every action that can start now (zero-cost ones finish at once)
-            started = False
-            for k in range(k_stages):
-                if k in running or pos[k] == len(actions[k]):
-                    continue
-                t, action = actions[k][pos[k]]
-                if action.op in RECVS:
-                    due = arrival.get(message_key(k, action))
-                    if due is not None and due <= now:
-                        del arrival[message_key(k, action)]
-                        finish(k, t, action, waiting.pop(k, now))
-                        started = True
-                    else:
-                        waiting.setdefault(k, now)
-                    continue
-                if action.op in SENDS:
-                    nbytes = (stages[k].output_bytes if action.op is Op.SEND_ACT
-                              else stages[k - 1].output_bytes * gradient_parts)
-                    arrival[message_key(k, action)] = now + send_s + link.transfer_s(nbytes)
-                    work = send_s
+        while to_check:  # start every action that can start now (zero-cost ones finish at once)
+            k = to_check.pop()
+            if k in running or pos[k] == len(actions[k]):
+                continue
+            t, action = actions[k][pos[k]]
+            if held_back(k, t):
+                continue  # checked again when one of its messages is taken
+            if t > began[k]:  # it begins iteration t: the messages it receives in t are taken
+                began[k] = t
+                for sender, sent_at in untaken.pop((k, t), []):
+                    in_flight[sender][sent_at] -= 1
+                    to_check.add(sender)
+            if action.op in RECVS:
+                key = message_key(k, action)
+                if key in arrival and arrival[key] <= now:
+                    del arrival[key]
+                    finish(k, t, action, waiting.pop(k, now))
                 else:
-                    cost = stages[k]
-                    work = {Op.FORWARD: cost.forward, Op.BACKWARD: cost.backward, Op.LOCAL: cost.local,
-                            Op.UPDATE: cost.update}[action.op]
-                if work > 0:
-                    running[k] = [t, action, now, work]
-                else:
-                    finish(k, t, action, now)
-                started = True
+                    waiting.setdefault(k, now)
+                continue
+            if action.op in SENDS:
+                key = message_key(k, action)
+                nbytes = (stages[k].output_bytes if action.op is Op.SEND_ACT
+                          else stages[k - 1].output_bytes * gradient_parts)
+                arrival[key] = now + send_s + link.transfer_s(nbytes)
+                receiver, taken_in = key[2], t + action.latency
+                if began[receiver] < taken_in:
+                    untaken.setdefault((receiver, taken_in), []).append((k, t))
+                    in_flight[k][t] += 1
+                to_check.add(receiver)  # it may be waiting for this message
+                work = send_s
+            else:
+                cost = stages[k]
+                work = {Op.FORWARD: cost.forward, Op.BACKWARD: cost.backward, Op.LOCAL: cost.local,
+                        Op.UPDATE: cost.update}[action.op]
+            if work > 0:
+                running[k] = _Running(t, action, now, work, action.op in COMPUTE)
+            else:
+                finish(k, t, action, now)
         if not running and not waiting:
+            if any(pos[k] < len(actions[k]) for k in range(k_stages)):
+                raise RuntimeError("the simulated stages wait for each other: the schedule cannot proceed")
             return spans
-        slowdown = corun(sum(1 for _, a, _, _ in running.values() if a.op in COMPUTE))
-        rate = {k: 1 / slowdown if a.op in COMPUTE else 1.0 for k, (_, a, _, _) in running.items()}
-        due = [arrival[key] - now for key in (message_key(k, actions[k][pos[k]][1]) for k in waiting)
-               if key in arrival]
-        steps = [left / rate[k] for k, (_, _, _, left) in running.items()] + due
+        computing = sum(1 for r in running.values() if r.compute)
+        slowdown = corun(computing) if computing else 1.0
+        rate = {k: 1 / slowdown if r.compute else 1.0 for k, r in running.items()}
+        arrivals = [arrival[key] - now for key in (message_key(k, actions[k][pos[k]][1]) for k in waiting)
+                    if key in arrival]
+        steps = [r.left / rate[k] for k, r in running.items()] + arrivals
         if not steps:
             raise RuntimeError("the simulated stages wait for each other: the schedule cannot proceed")
         step = min(steps)
         now += step
         for k in list(running):
-            t, action, start, left = running[k]
-            left -= step * rate[k]
-            if left <= 1e-12 * running[k][3] + 1e-18:
+            r = running[k]
+            r.left -= step * rate[k]
+            if r.left <= 1e-12 * r.work + 1e-18:
                 del running[k]
-                finish(k, t, action, start)
-            else:
-                running[k][3] = left
+                finish(k, r.iteration, r.action, r.start)
+        to_check.update(k for k in waiting if message_key(k, actions[k][pos[k]][1]) in arrival)
+
+
+@dataclass
+class _Running:
+    """An action under way on a stage."""
+
+    iteration: int
+    action: Action
+    start: float
+    work: float  # seconds at full speed
+    compute: bool  # slowed by corun (a send is not)
+    left: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.left = self.work
 
 
 def ring_allreduce_s(nbytes: float, replicas: int, link: Link) -> float:

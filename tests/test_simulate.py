@@ -47,6 +47,27 @@ def test_stages_slow_each_other_only_while_they_compute_together():
         (1.5 + 0.5) * 2)
 
 
+def test_a_stage_runs_at_most_two_iterations_ahead_as_on_the_engine():
+    """DGL sends nothing back, so only the engine's rule (a stage waits for
+    its messages of two iterations back to be taken) keeps a fast stage 0
+    from running ahead of a slow stage 1; without it the co-run term would
+    fade as stage 0 ran out of work, and the prediction would drift with the
+    number of iterations simulated."""
+    stages = [StageCosts(forward=0.1, backward=0.2, update=0.05, local=0.2, output_bytes=1e6),
+              StageCosts(forward=1.0, backward=2.0, update=0.05)]
+    corun = {1: 1.0, 2: 1.5}.__getitem__
+    preds = [simulate(make_method("dgl"), stages, FREE, iterations=n, corun=corun) for n in (20, 40, 80)]
+    assert preds[0].iteration_s == pytest.approx(preds[1].iteration_s, rel=1e-12) == preds[2].iteration_s
+    assert all(0 < u <= 1 + 1e-12 for p in preds for u in p.utilisation)
+    began = {}  # (stage, iteration) -> its first action's start
+    for s in preds[1].spans:
+        began[s.stage, s.iteration] = min(began.get((s.stage, s.iteration), s.start), s.start)
+    # stage 0 begins iteration u only after stage 1 began the iteration that takes its message of u - 2
+    latency = next(a.latency for a in make_method("dgl").schedule(2, 5)[0] if a.op.name == "SEND_ACT")
+    assert all(began[0, u] >= began[1, u - 2 + latency] - 1e-12 for u in range(2, 40 - latency))
+    assert any(began[0, u] < began[1, u - 1] for u in range(1, 40))  # it does run ahead, into that slack
+
+
 def test_a_micro_batch_costs_its_own_profile_where_one_is_given():
     """GPipe, K = 2 equal stages, M = 4, free link: (M + K - 1) micro-batch
     forward + backward pairs, then the (whole) update; a micro-batch of B/4

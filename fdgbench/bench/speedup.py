@@ -236,8 +236,8 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
                   f"the profile's sum: the machine's speed now against when it was profiled)" if profiled else "")
                + (", the co-run factor (each rank's compute while K ranks share the CPU / alone, the median "
                   "of interleaved rounds): " + ", ".join(f"K={k} {f:.2f}x" for k, f in factors.items())
-                  + ", charged while ranks compute together (n of K at once: linear from 1.00 at one to the factor "
-                  "at K)" if factors else "")
+                  + ", charged while ranks compute together (n of a row's ranks at once: linear from 1.00 at "
+                  "one to the factor at all of them)" if factors else "")
                + (", and one micro-batch's costs from a profile at B/M images (M = "
                   + ", ".join(map(str, micro_blocks)) + ")" if micro_blocks else "")
                + ("; KxR: K stages x R replicas, each replica on 1/R of every batch (dp: 1 stage x K R "
