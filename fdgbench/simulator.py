@@ -211,7 +211,7 @@ def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[Stag
     untaken: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (receiver, its iteration) -> [(sender, sent at)]
     in_flight = [collections.Counter() for _ in range(k_stages)]  # per sender: iteration -> messages not taken
     running: dict[int, _Running] = {}
-    waiting: dict[int, float] = {}  # stage -> since when it waits for a message
+    waiting: dict[int, tuple[float, tuple]] = {}  # stage -> (since when, the message it waits for)
     to_check = set(range(k_stages))  # stages whose next action may be able to start
     spans: list[Span] = []
     now = 0.0
@@ -222,7 +222,7 @@ def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[Stag
         to_check.add(k)
 
     def held_back(k: int, t: int) -> bool:  # messages from two iterations back not yet taken
-        return any(count and sent_at <= t - 2 for sent_at, count in in_flight[k].items())
+        return any(sent_at <= t - 2 for sent_at in in_flight[k])
 
     while True:
         while to_check:  # start every action that can start now (zero-cost ones finish at once)
@@ -236,14 +236,16 @@ def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[Stag
                 began[k] = t
                 for sender, sent_at in untaken.pop((k, t), []):
                     in_flight[sender][sent_at] -= 1
+                    if not in_flight[sender][sent_at]:
+                        del in_flight[sender][sent_at]
                     to_check.add(sender)
             if action.op in RECVS:
                 key = message_key(k, action)
                 if key in arrival and arrival[key] <= now:
                     del arrival[key]
-                    finish(k, t, action, waiting.pop(k, now))
+                    finish(k, t, action, waiting.pop(k, (now,))[0])
                 else:
-                    waiting.setdefault(k, now)
+                    waiting.setdefault(k, (now, key))
                 continue
             if action.op in SENDS:
                 key = message_key(k, action)
@@ -270,21 +272,19 @@ def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[Stag
             return spans
         computing = sum(1 for r in running.values() if r.compute)
         slowdown = corun(computing) if computing else 1.0
-        rate = {k: 1 / slowdown if r.compute else 1.0 for k, r in running.items()}
-        arrivals = [arrival[key] - now for key in (message_key(k, actions[k][pos[k]][1]) for k in waiting)
-                    if key in arrival]
-        steps = [r.left / rate[k] for k, r in running.items()] + arrivals
+        steps = [r.left * slowdown if r.compute else r.left for r in running.values()]
+        steps += [arrival[key] - now for _, key in waiting.values() if key in arrival]
         if not steps:
             raise RuntimeError("the simulated stages wait for each other: the schedule cannot proceed")
         step = min(steps)
         now += step
         for k in list(running):
             r = running[k]
-            r.left -= step * rate[k]
+            r.left -= step / slowdown if r.compute else step
             if r.left <= 1e-12 * r.work + 1e-18:
                 del running[k]
                 finish(k, r.iteration, r.action, r.start)
-        to_check.update(k for k in waiting if message_key(k, actions[k][pos[k]][1]) in arrival)
+        to_check.update(k for k, (_, key) in waiting.items() if key in arrival)
 
 
 @dataclass
