@@ -258,7 +258,7 @@ def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path
     assert rows[("bp", "1", "1x1")][7] == "1.00x"  # the reference row
     fdg = rows[("fdg", "2", "2x1")]
     assert float(fdg[7].rstrip("x")) > 0 and float(fdg[9]) >= 1.0  # a ratio, and balance = slowest / mean
-    assert float(fdg[11]) > 0  # simulated / measured
+    assert float(fdg[11]) > 0 and fdg[12] == "-"  # simulated / measured; no spread from one round
     assert "partition balanced (cut by the block profile)" in result.stdout
     assert re.search(r"co-run factor \(each rank's compute while K ranks share the CPU / alone, the median of "
                      r"interleaved rounds\): K=2 \d+\.\d\dx", result.stdout)
@@ -274,6 +274,16 @@ def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path
         assert float(r[6].rstrip("x")) > 0 and compute > 0 and min(loader, wait, send) >= 0
         assert compute + loader + wait + send + other == pytest.approx(total, abs=0.5 + 0.01 * total)
     assert max(float(r[11]) for r in parts[:2]) == pytest.approx(float(fdg[5]), abs=1)  # ms/iter
+
+
+def test_a_speedup_row_is_its_median_round_with_the_rounds_spread():
+    from fdgbench.bench.speedup import _median_row
+
+    row = _median_row([{"per_iter": 1.2, "balance": 1.1}, {"per_iter": 0.9, "balance": 1.3},
+                       {"per_iter": 1.0, "balance": 1.2}])
+    assert row["per_iter"] == 1.0 and row["balance"] == 1.2  # the median round, whole
+    assert row["spread"] == pytest.approx((1.2 - 0.9) / 1.0)
+    assert _median_row([{"per_iter": 2.0}])["spread"] is None
 
 
 def test_speedup_benchmark_runs_gpipe_through_the_library_with_its_bubble_predicted(tmp_path, monkeypatch):

@@ -204,11 +204,12 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
         placement = method.placement(k, r)
         label = f"{k}" if r == 1 else f"{k}x{r}"
         if result.get("reference"):  # BP in one process: the reference (the profile is calibrated to it)
-            rows.append((name, label, f"1 x {threads}", result["per_iter"], None, None, "-", method))
+            rows.append((name, label, f"1 x {threads}", result["per_iter"], None, None, "-", result["spread"],
+                         method))
             continue
         prediction = predicted(method, k, r, result["starts"])
         rows.append((name, label, f"{placement.ranks} x {threads}", result["per_iter"], _seconds(prediction),
-                     result["balance"], result["partition"], method))
+                     result["balance"], result["partition"], result["spread"], method))
         if result["breakdown"] is not None:
             breakdowns.append((name, label, placement, result["breakdown"], prediction))
     click.echo(f"{model}, batch {batch_size}, {device}, {iterations} timed iterations per row after warm-up "
@@ -217,19 +218,22 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
     width = max(6, *(len(row[0]) for row in rows))
     click.echo(f"{'method':<{width}} {'K(xR)':>5} {'ranks x threads':>15} {'ms/iter':>8} {'img/s':>7} "
                f"{'vs BP 1x' + str(threads_per_stage):>9} {'vs BP 1x' + str(all_threads):>9} "
-               f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8}  partition")
+               f"{'balance':>7} {'sim ms':>7} {'sim/meas':>8} {'spread':>6}  partition")
     starred = False
-    for name, k, workers, per_iter, pred, balance, part, method in rows:
+    for name, k, workers, per_iter, pred, balance, part, spread, method in rows:
         stages = int(k.split("x")[0])
         star = profiled and stages > 1 and has_auxiliary_nets(method, stages)
         starred |= star
         pred_text = (f"{1000 * pred:6.0f}{'*' if star else ' '} {pred / per_iter:8.2f}" if pred
                      else f"{'-':>7} {'-':>8}")
         bal = f"{balance:7.2f}" if balance else f"{'-':>7}"
+        noise = f"{100 * spread:5.0f}%" if spread is not None else f"{'-':>6}"
         click.echo(f"{name:<{width}} {k:>5} {workers:>15} {1000 * per_iter:8.0f} {batch_size / per_iter:7.0f} "
-                   f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text}  {part}")
+                   f"{bp1 / per_iter:8.2f}x {bp_all / per_iter:8.2f}x {bal} {pred_text} {noise}  {part}")
     click.echo(f"partition {partition}{' (cut by the block profile)' if ALIASES.get(partition) == 'time' else ''}; "
-               "balance = slowest rank's compute time / mean (1.00 = even); sim = the timeline simulator's "
+               "balance = slowest rank's compute time / mean (1.00 = even); spread = (slowest round - fastest) "
+               "/ the median round, the row's own noise (a sim/meas closer to 1 than that is luck); "
+               "sim = the timeline simulator's "
                f"prediction from the block profile ({profile_path(model, batch_size, device, threads_per_stage)}), "
                f"the measured link ({link.latency_s * 1e6:.0f} us, {link.bandwidth_Bps / 1e9:.2f} GB/s)"
                + (f", its block times scaled by {calibration:.2f} (BP 1 x {threads_per_stage} timed in these rounds / "
@@ -281,9 +285,13 @@ def _time_row(base: dict[str, Any], row: tuple, partition: str, device: str, tra
 
 
 def _median_row(timings: list[dict[str, Any]]) -> dict[str, Any]:
-    """A row over the rounds: the median round (its time, breakdown and balance)."""
+    """A row over the rounds: the median round (its time, breakdown and
+    balance), and the rounds' spread, (slowest - fastest) / median (None
+    for one round): how far the machine moved under this row."""
     ordered = sorted(timings, key=lambda timing: timing["per_iter"])
-    return ordered[(len(ordered) - 1) // 2]
+    median = ordered[(len(ordered) - 1) // 2]
+    spread = (ordered[-1]["per_iter"] - ordered[0]["per_iter"]) / median["per_iter"] if len(ordered) > 1 else None
+    return {**median, "spread": spread}
 
 
 def _seconds(prediction) -> float | None:
