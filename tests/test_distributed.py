@@ -276,16 +276,6 @@ def test_speedup_benchmark_prints_every_row_with_ratios_and_predictions(tmp_path
     assert max(float(r[11]) for r in parts[:2]) == pytest.approx(float(fdg[5]), abs=1)  # ms/iter
 
 
-def test_a_speedup_row_is_its_median_round_with_the_rounds_spread():
-    from fdgbench.bench.speedup import _median_row
-
-    row = _median_row([{"per_iter": 1.2, "balance": 1.1}, {"per_iter": 0.9, "balance": 1.3},
-                       {"per_iter": 1.0, "balance": 1.2}])
-    assert row["per_iter"] == 1.0 and row["balance"] == 1.2  # the median round, whole
-    assert row["spread"] == pytest.approx((1.2 - 0.9) / 1.0)
-    assert _median_row([{"per_iter": 2.0}])["spread"] is None
-
-
 def test_speedup_benchmark_runs_gpipe_through_the_library_with_its_bubble_predicted(tmp_path, monkeypatch):
     """gpipe (with its own options) is measured through torch.distributed.pipelining, as users run it, and
     predicted by the simulator's micro-batch timeline; the library runs the stages, so no balance or breakdown."""

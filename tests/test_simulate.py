@@ -183,13 +183,14 @@ def test_simulated_timeline_follows_the_schedule_and_draws(tmp_path):
 
 def test_a_speedup_row_over_rounds_is_its_median_round_whole():
     # The median round's time with that same round's breakdown (not a median of each part, which would add up
-    # to no round at all); an even count takes the lower middle.
+    # to no round at all); an even count takes the lower middle. Beside it, the rounds' spread:
+    # (slowest - fastest) / median, None for one round.
     from fdgbench.bench.speedup import _median_row
 
     rounds = [{"per_iter": t, "breakdown": [{"compute": t}]} for t in (0.9, 0.5, 0.7)]
-    assert _median_row(rounds) is rounds[2]
-    assert _median_row(rounds[:2]) is rounds[1]
-    assert _median_row(rounds[:1]) is rounds[0]
+    assert _median_row(rounds) == {**rounds[2], "spread": pytest.approx((0.9 - 0.5) / 0.7)}
+    assert _median_row(rounds[:2]) == {**rounds[1], "spread": pytest.approx((0.9 - 0.5) / 0.5)}
+    assert _median_row(rounds[:1]) == {**rounds[0], "spread": None}
 
 
 def test_petra_is_charged_its_inversion_and_its_two_part_messages():
