@@ -263,7 +263,7 @@ def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[Stag
                 work = {Op.FORWARD: cost.forward, Op.BACKWARD: cost.backward, Op.LOCAL: cost.local,
                         Op.UPDATE: cost.update}[action.op]
             if work > 0:
-                running[k] = _Running(t, action, now, work, action.op in COMPUTE)
+                running[k] = _Running(t, action, now, work)
             else:
                 finish(k, t, action, now)
         if not running and not waiting:
@@ -295,11 +295,15 @@ class _Running:
     action: Action
     start: float
     work: float  # seconds at full speed
-    compute: bool  # slowed by corun (a send is not)
     left: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.left = self.work
+
+    @property
+    def compute(self) -> bool:
+        """Whether corun slows it (a send is not slowed)."""
+        return self.action.op in COMPUTE
 
 
 def ring_allreduce_s(nbytes: float, replicas: int, link: Link) -> float:

@@ -20,6 +20,7 @@ from ..train import build_run
 from ..models import reversible_blocks
 from .profile import corun_factors, corun_slowdown, load_or_profile, profile_path, scaled_blocks
 from .simulate import method_entry, library_run, microbatch_costs, microbatch_profiles
+from ..simulator import COMPUTE_CATEGORIES
 
 
 
@@ -84,8 +85,7 @@ def _timed_rank(rank: int, cfg: RunConfig, train_size: int, warmup: int, iterati
                 "partition": trainer.partition_text, "breakdown": None}
     spent = {category: 0.0 for category in ("compute", "recv", "send")}
     for span in tracer.spans:
-        spent["compute" if span.category in ("forward", "backward", "local", "update") else span.category] += \
-            span.duration
+        spent["compute" if span.category in COMPUTE_CATEGORIES else span.category] += span.duration
     breakdown = {"compute": spent["compute"] - loader.seconds, "loader": loader.seconds, "wait": spent["recv"],
                  "send": spent["send"]}
     breakdown["other"] = elapsed - sum(breakdown.values())
