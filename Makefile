@@ -43,7 +43,8 @@ bench-step: $(STAMP)
 bench-speedup: $(STAMP)
 	$(BIN)/fdgbench bench speedup --model resnet56 --splits 2 --methods bp,fdg,ddg,fr,dgl,dp
 
-## reproduce-table2 (and 3, 4): the table's sweep, its tables and its first row's curves; PRESET=full|converge|quick|smoke (default full)
+## reproduce-table2 (and 3, 4): the table's sweep, its tables and its first row's curves; PRESET=full|quick|smoke
+## (default full), converge (table2, table4), converge-gpu (table2, table4)
 ## The runs go to the committed records folder (RESULTS), so a sweep skips what earlier sittings or other
 ## machines recorded there and fills in the rest (weights and checkpoints stay out of git: .gitignore).
 ## DEVICE: where the runs train (auto: the preset's device where it names one, else CUDA where available,
