@@ -307,6 +307,7 @@ def environment(devices: list[torch.device], seed: int) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_name(),  # rounding differs between CPUs even with the same kernel set: a cell says where it ran
         "hostname": socket.gethostname(),
         "user": _user(),
         "cpu_count": os.cpu_count(),
@@ -320,6 +321,17 @@ def environment(devices: list[torch.device], seed: int) -> dict[str, Any]:
         env["cudnn"] = torch.backends.cudnn.version()
         env["gpus"] = sorted({torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"})
     return env
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _user() -> str | None:

@@ -8,6 +8,7 @@ import torch
 from fdgbench.numerics import configure_numerics, numerics_settings
 from fdgbench.placement import ordered_mean
 from fdgbench.config import RunConfig
+from fdgbench.runs import cpu_name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: make gpu-check runs for real")
@@ -42,7 +43,7 @@ def test_deterministic_switches_cudnn_and_is_recorded_but_not_hashed_when_off():
     assert RunConfig(deterministic=True).to_dict()["deterministic"] is True
 
 
-def test_env_json_records_the_numerics(cli, tmp_path):
+def test_env_json_records_the_numerics_and_the_cpu(cli, tmp_path):
     status, _, err = cli("run", "--method", "bp", "--model", "tiny_resnet", "--dataset", "synthetic", "--epochs", "1",
                          "--max-steps", "2", "--batch-size", "32", "--out", tmp_path, "--no-progress")
     assert status == 0, err
@@ -50,6 +51,8 @@ def test_env_json_records_the_numerics(cli, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["numerics"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["numerics"]["cudnn_benchmark"] is True
+    # The CPU's model name: two CPUs with the same kernel set still round differently.
+    assert env["cpu"] and env["cpu"] == cpu_name()
 
 
 def test_sync_compute_waits_for_the_compute_stream_never_the_whole_device(monkeypatch):

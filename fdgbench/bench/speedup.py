@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..method import make_method
 from ..train import build_run
 from ..models import reversible_blocks
+from ..runs import cpu_name
 from .profile import corun_factors, corun_slowdown, load_or_profile, profile_path, scaled_blocks
 from .simulate import method_entry, library_run, microbatch_costs, microbatch_profiles
 from ..simulator import COMPUTE_CATEGORIES
@@ -214,7 +215,7 @@ def bench_speedup(model: str, splits: list[int], methods: list, batch_size: int,
             breakdowns.append((name, label, placement, result["breakdown"], prediction))
     click.echo(f"{model}, batch {batch_size}, {device}, {iterations} timed iterations per row after warm-up "
                f"(pipeline filled) in each of {rounds} round(s), the median round's; synthetic data drawn by the "
-               f"same batch loader; one invocation on {_cpu_name()}")
+               f"same batch loader; one invocation on {cpu_name()}")
     width = max(6, *(len(row[0]) for row in rows))
     click.echo(f"{'method':<{width}} {'K(xR)':>5} {'ranks x threads':>15} {'ms/iter':>8} {'img/s':>7} "
                f"{'vs BP 1x' + str(threads_per_stage):>9} {'vs BP 1x' + str(all_threads):>9} "
@@ -322,19 +323,6 @@ def _print_breakdowns(breakdowns: list[tuple]) -> None:
                        f"{sum(ms.values()):6.0f}")
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else the architecture."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str, channels_last: bool,
                  threads_per_stage: int, all_threads: int, rows: list[tuple]) -> None:
     """The measured seconds per iteration, for tables' time-to-accuracy:
@@ -347,7 +335,7 @@ def _save_speeds(path: Path, model: str, batch_size: int, device: str, amp: str,
     # (a method with options is keyed by its label: "gpipe[microbatches=4] K=2")
     speeds.update({speed_key(name, k): per_iter for name, k, _, per_iter, *_ in rows if k != "1"})  # k: "K" or "KxR"
     record = {"model": model, "batch_size": batch_size, "device": device, "amp": amp, "channels_last": channels_last,
-              "hardware": f"{_cpu_name()}, {os.cpu_count()} cores" if device == "cpu"
+              "hardware": f"{cpu_name()}, {os.cpu_count()} cores" if device == "cpu"
                           else torch.cuda.get_device_name(device),
               "workers": f"bp: 1 process x {all_threads} threads; others: K ranks x {threads_per_stage} thread(s)",
               "seconds_per_iteration": speeds, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
