@@ -102,7 +102,7 @@ def test_the_estimate_matches_the_measured_bytes(method, options):
                     batch_size=B, threads=1)
     trainer = build_run(cfg, dataset=synthetic_dataset(10, train=96, test=16))
     # The run's own window: the pipeline's fill twice over, and until every replay buffer is full.
-    for t in range(trainer.memory.window + 1):
+    for t in range(trainer.memory.window):
         trainer.memory.watch(t)
         trainer.engine.run_iteration(t)
     measured = trainer.memory.record()
@@ -215,6 +215,40 @@ def test_bench_memory_takes_methods_with_options_and_counts_local_nets_and_repla
     assert total(rows["dgl-async"]) > total(rows["dgl"])
     # One process running every local-learning stage holds one stage's graph at a time: less than the sum.
     assert all(float(row.split()[-1]) < total(row) for row in rows.values())
+
+
+def test_bench_memory_rss_is_a_fresh_processs_growth_and_grows_with_the_batch(cli):
+    """--rss: each row in its own process, the peak resident memory over the
+    window less the resident memory before it. Real pages: it grows with
+    the batch by at least what the saved storages grow by (measured here:
+    13 MiB at batch 8, 53 at 64, against 2.8 and 21 MiB counted)."""
+    counted, growth = {}, {}
+    for batch in (8, 64):
+        status, out, err = cli("bench", "memory", "--model", "tiny_resnet", "-K", "2", "--batch-size", str(batch),
+                               "--threads", "1", "--methods", "bp", "--rss")
+        assert status == 0, err
+        row = next(line for line in out.splitlines() if line.startswith("bp ")).split()
+        counted[batch], growth[batch] = float(row[-7]), float(row[-3])  # measured total; rss growth
+    assert growth[8] > 0
+    assert growth[64] - growth[8] >= counted[64] - counted[8]
+
+
+def test_bench_memory_expected_at_a_larger_batch_is_what_that_batch_measures(cli):
+    """--expected-at B: the fit read off at B, per stage and in all; measured
+    at B directly, the stages hold that (to the printed 0.1 MiB: the fit is
+    exact for these affine storages, test_linear_fit_predicts_a_larger_batch)."""
+    def rows(*options):
+        status, out, err = cli("bench", "memory", "--model", "tiny_resnet", "-K", "2", "--threads", "1",
+                               "--methods", "bp,fdg", *options)
+        assert status == 0, err
+        return {line.split()[0]: line for line in out.splitlines() if line.split()[0] in ("bp", "fdg")}
+
+    predicted, direct = rows("--batch-size", "8", "--expected-at", "48"), rows("--batch-size", "48")
+    for method in ("bp", "fdg"):
+        at = predicted[method].split("at 48:")[1].replace("/", " ").replace("=", " ").split()
+        stages = [float(direct[method].split()[i]) for i in (1, 7)]  # each stage's measured MiB
+        total = float(direct[method].split()[-4])
+        assert [float(x) for x in at] == pytest.approx([*stages, total], abs=0.11), (predicted[method], direct[method])
 
 
 def test_the_estimate_probes_dp_at_more_replicas_than_its_probe_batches():

@@ -92,14 +92,23 @@ MEMORY_METHODS = ("bp,fdg[staleness=legacy],fdg[staleness=stash],fdg[staleness=r
 @click.option("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
 @click.option("--methods", default=MEMORY_METHODS, show_default=True,
               help="the rows: methods, each with its own options in brackets, as `compare --methods` takes them")
-def bench_memory(model: str, splits: int, batch_size: int, threads: int | None, methods: str) -> None:
+@click.option("--rss", is_flag=True,
+              help="also each row's peak resident memory in a fresh process, over the expected total (Linux; "
+                   "what the start-of-run guard's overhead factor covers)")
+@click.option("--expected-at", type=int, metavar="B",
+              help="also the estimate at batch B per stage (measure at a batch this machine affords, read a larger "
+                   "one off the same fit)")
+def bench_memory(model: str, splits: int, batch_size: int, threads: int | None, methods: str, rss: bool,
+                 expected_at: int | None) -> None:
     """Per-stage memory of BP and each method and staleness mode: measured in a few real CPU iterations
     beside the start-of-run guard's estimate."""
     from ..bench import bench_memory as run_bench
 
-    if splits < 1 or batch_size < 2:
-        raise UserError("--splits must be at least 1 and --batch-size at least 2")
-    run_bench(model, splits, batch_size, threads, method_entries(methods))
+    if splits < 1 or batch_size < 2 or (expected_at is not None and expected_at < 1):
+        raise UserError("--splits and --expected-at must be at least 1 and --batch-size at least 2")
+    if rss and not Path("/proc/self/clear_refs").exists():
+        raise UserError("--rss reads the process's peak resident memory from /proc (Linux)")
+    run_bench(model, splits, batch_size, threads, method_entries(methods), rss, expected_at)
 
 
 @bench.command("speedup")
