@@ -1,6 +1,7 @@
 """`bench memory`: per-stage memory measured in a few real iterations beside the start-of-run estimate."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -77,6 +78,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
 
 
 def _at_batch(expected: list, batch: int) -> str:
+    """The estimate read off at ``batch``: each stage's MiB and their sum."""
     per_stage = [e.peak_bytes(batch) for e in expected]
     return f"   at {batch}: " + " / ".join(f"{b / MiB:.1f}" for b in per_stage) + f" = {sum(per_stage) / MiB:.1f}"
 
@@ -93,8 +95,6 @@ def _in_fresh_process(fn, *args):
 
 def _status_bytes(field: str) -> int:
     """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
-    from pathlib import Path
-
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
@@ -105,7 +105,6 @@ def _training_rss_growth(cfg: RunConfig) -> int:
     the peak resident memory since training began less the resident memory
     then (Linux: writing 5 to clear_refs resets the peak)."""
     import gc
-    from pathlib import Path
 
     plan = check_config(cfg)
     trainer = build_run(plan, dataset=synthetic_dataset(10, train=cfg.batch_size * 2, test=cfg.batch_size))
