@@ -266,9 +266,7 @@ def _play(actions: Sequence[Sequence[tuple[int, Action]]], stages: Sequence[Stag
                 running[k] = _Running(t, action, now, work)
             else:
                 finish(k, t, action, now)
-        if not running and not waiting:
-            if any(pos[k] < len(actions[k]) for k in range(k_stages)):
-                raise RuntimeError("the simulated stages wait for each other: the schedule cannot proceed")
+        if not running and not waiting and all(pos[k] == len(actions[k]) for k in range(k_stages)):
             return spans
         computing = sum(1 for r in running.values() if r.compute)
         slowdown = corun(computing) if computing else 1.0

@@ -61,11 +61,16 @@ def test_every_printed_command_parses(command):
 def test_the_commands_are_found_and_a_wrong_one_is_refused():
     """Not vacuous: the README's block has its five lines, and the parser
     refuses what the CLI would."""
-    assert len([c for c in _fdgbench_commands() if c.startswith("fdgbench ")]) >= 4
+    assert len(_fdgbench_commands()) >= 4
     with pytest.raises(click.NoSuchOption):
         _parse("fdgbench compare --methods bp --no-such-option 1")
     with pytest.raises(click.BadParameter):
         _parse("fdgbench run --method fdg --epochs many")
+
+
+def _spec_name(table: str) -> str:
+    """A make target's table as its spec is named (make's deep-k is deep_k.toml)."""
+    return table.strip().replace("-", "_")
 
 
 def _readme_make_presets() -> dict[str, set[str]]:
@@ -76,12 +81,11 @@ def _readme_make_presets() -> dict[str, set[str]]:
     line = next(line for line in _code_block_after("README.md", "## Five commands")
                 if line.startswith("make reproduce-table2 "))
     comment = line.split("#", 1)[1]
-    spec_name = lambda table: table.strip().replace("-", "_")  # noqa: E731 (make's deep-k is deep_k.toml)
     every = re.search(r"PRESET=([\w|-]+)", comment).group(1).split("|")
-    named = {spec_name(t): set(every) for t in ["table2", *comment.split("also", 1)[1].split(",")]}
+    named = {_spec_name(t): set(every) for t in ["table2", *comment.split("also", 1)[1].split(",")]}
     for preset, tables in re.findall(r"([\w-]+) \(([\w, -]+)\)", comment):
         for table in tables.split(","):
-            named[spec_name(table)].add(preset)
+            named[_spec_name(table)].add(preset)
     return named
 
 

@@ -31,7 +31,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
     plans = [check_config(RunConfig(method=method, method_options=options, model=model, splits=splits,
                                     dataset="synthetic", batch_size=batch_size, threads=threads))
              for method, options in methods]
-    data = synthetic_dataset(10, train=batch_size * 2, test=batch_size)
+    data = _data(batch_size)
     image_shape = tuple(data.train_images.shape[1:])
     click.echo(f"{model}, K={splits}, batch {batch_size}, CPU, synthetic data: MiB per stage, measured / expected "
                f"= ratio (xN = batches whose graph the stage holds at its peak)")
@@ -56,10 +56,7 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
     for (method, options), plan in zip(methods, plans):
         expected = estimate(plan, image_shape, 10)
         trainer = build_run(plan, dataset=data)
-        # The run's own memory window: the pipeline's fill twice over, and until every input buffer is full.
-        for t in range(trainer.memory.window):
-            trainer.memory.watch(t)
-            trainer.engine.run_iteration(t)
+        _train_memory_window(trainer)
         measured = trainer.memory.record()
         del trainer
         gc.collect()
@@ -75,6 +72,19 @@ def bench_memory(model: str, splits: int, batch_size: int, threads: int | None,
                    + f"{total_m / MiB:>10.1f} / {total_e / MiB:>9.1f}{together / MiB:>14.1f}"
                    + (f"{growth / MiB:>10.1f} = {growth / total_e:4.2f}x" if rss else "")
                    + (_at_batch(expected, expected_at) if expected_at else ""))
+
+
+def _data(batch_size: int):
+    """Synthetic images for a row: two batches to train on, one to test."""
+    return synthetic_dataset(10, train=batch_size * 2, test=batch_size)
+
+
+def _train_memory_window(trainer) -> None:
+    """The run's own memory window, hooks armed as in a run: the pipeline's
+    fill twice over, and until every input buffer is full."""
+    for t in range(trainer.memory.window):
+        trainer.memory.watch(t)
+        trainer.engine.run_iteration(t)
 
 
 def _at_batch(expected: list, batch: int) -> str:
@@ -100,20 +110,16 @@ def _status_bytes(field: str) -> int:
 
 
 def _training_rss_growth(cfg: RunConfig) -> int:
-    """Bytes a run's process grows by over its memory window (the pipeline's
-    fill twice, and until every buffer is full), hooks armed as in a run:
-    the peak resident memory since training began less the resident memory
-    then (Linux: writing 5 to clear_refs resets the peak)."""
+    """Bytes a run's process grows by over its memory window: the peak
+    resident memory since training began less the resident memory then
+    (Linux: writing 5 to clear_refs resets the peak)."""
     import gc
 
-    plan = check_config(cfg)
-    trainer = build_run(plan, dataset=synthetic_dataset(10, train=cfg.batch_size * 2, test=cfg.batch_size))
+    trainer = build_run(check_config(cfg), dataset=_data(cfg.batch_size))
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_bytes("VmRSS")
-    for t in range(trainer.memory.window):
-        trainer.memory.watch(t)
-        trainer.engine.run_iteration(t)
+    _train_memory_window(trainer)
     return _status_bytes("VmHWM") - before
 
 
