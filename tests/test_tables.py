@@ -218,6 +218,20 @@ def test_ablation_plots_from_run_directories(kind, table, tmp_path):
     assert empty.returncode == 2 and "no finished runs to plot" in empty.stderr
 
 
+def test_plot_titles_are_wrapped_at_their_width_keeping_every_word_and_line_break():
+    """A spec's title (the longest is deep_k's, 160+ characters) is wrapped so
+    that a figure does not cut it; the words and the caller's own line breaks
+    are kept."""
+    from fdgbench.report.plots import TITLE_WIDTH, wrapped_title
+
+    title = max((load_spec(t).title for t in ("deep_k", "since_fdg", "table2")), key=len) + "\nsecond line"
+    assert len(title.split("\n")[0]) > TITLE_WIDTH  # else nothing here is wrapped
+    wrapped = wrapped_title(title)
+    assert all(len(line) <= TITLE_WIDTH for line in wrapped.split("\n"))
+    assert wrapped.split() == title.split() and wrapped.endswith("\nsecond line")
+    assert wrapped.count("\n") > title.count("\n")
+
+
 def test_speedup_plot_draws_simulated_lines_and_measured_time_table_points(tmp_path):
     spec = load_spec("table6")
     rates = {"bp": 100.0, "fdg": 190.0}

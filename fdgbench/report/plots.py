@@ -3,12 +3,15 @@ every method of a table row, with the paper's final number dotted."""
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 from .records import planned_records
 from .results import Speeds
 from .specs import Cell, TableSpec
 from .measures import Stability
+
+TITLE_WIDTH = 110  # characters per title line at fontsize 9 across a 9-inch figure
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,
@@ -156,19 +159,26 @@ def _running_median(values: tuple[float, ...], window: int) -> list[float]:
     return [statistics.median(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
+def wrapped_title(title: str) -> str:
+    """``title`` with each of its lines wrapped at TITLE_WIDTH characters: a
+    spec's title runs to 200, and a figure cuts what passes its edges."""
+    return "\n".join(textwrap.fill(line, TITLE_WIDTH) for line in title.split("\n"))
+
+
 def _figure(out: Path, title: str, ylabel: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrapped_title(title), fontsize=9)
     ax.grid(alpha=0.3)
 
     def save() -> list[Path]:
-        ax.legend(fontsize=8)
+        # Beside the axes, not on them: inside, "best" still covers a point when every corner holds one.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
         for p in paths:
