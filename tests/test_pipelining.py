@@ -52,17 +52,24 @@ def test_the_librarys_schedules_give_the_sequential_references_weights(k, tmp_pa
         # divides each micro-batch's loss by M before it, the micro-batches in the same order. For M a power of
         # two the scaling is exact either way: the same bits (measured: identical at M = 1, 2, 4, both
         # schedules). For M = 3 each scaling rounds: a unit of 2**-24 per gradient entry and step, which six SGD
-        # steps through BatchNorm carried to 9e-7 of each tensor's largest entry (measured, K = 2 and 3);
-        # 1e-5 of it bounds that, while another M moves the weights by 1e-3 and more (checked below).
+        # steps carry through BatchNorm into every tensor of the stage. Measured against the largest entry of the
+        # stage's state (its BatchNorm running variances, 2-8 here), the worst difference was 0.5-2.7 eps of it
+        # (eps = 2**-23; an AMD EPYC, K = 2 and 3, ATEN_CPU_CAPABILITY default, avx2 and avx512; an Intel Xeon's
+        # earlier 9e-7 of each tensor's largest entry is at most 7.5 eps of the stage's). Against each tensor's
+        # own largest entry it is not bounded: a BatchNorm bias near zero differed by 2e-5 of itself on the AMD
+        # EPYC. 32 eps of the stage's largest entry (3e-5 here) bounds both machines' four times over or more,
+        # while another M moves the weights by 1e-3 and more (checked below).
         exact = cfg.method_options["microbatches"] & (cfg.method_options["microbatches"] - 1) == 0
         for s in range(k):
             a, b = seq.load_stage(s), lib.load_stage(s)
             assert a.keys() == b.keys()
+            floats = [name for name in a if a[name].is_floating_point()]
+            tolerance = 32 * torch.finfo(torch.float32).eps * max(a[name].abs().max() for name in floats)
             for name in a:
-                if exact or not a[name].is_floating_point():
+                if exact or name not in floats:
                     assert torch.equal(a[name], b[name]), (label, s, name)
                 else:
-                    assert (a[name] - b[name]).abs().max() <= 1e-5 * a[name].abs().max(), (label, s, name)
+                    assert (a[name] - b[name]).abs().max() <= tolerance, (label, s, name)
         for x, y in zip(seq.metrics(), lib.metrics()):
             # The library reports each micro-batch's mean loss (averaged here), the reference sums per-sample
             # losses: the same number in another float32 rounding (1e-8 relative measured).
