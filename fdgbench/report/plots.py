@@ -176,9 +176,13 @@ def _figure(out: Path, title: str, ylabel: str):
     ax.set_title(wrapped_title(title), fontsize=9)
     ax.grid(alpha=0.3)
 
-    def save() -> list[Path]:
-        # Beside the axes, not on them: inside, "best" still covers a point when every corner holds one.
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    def save(legend_beside: bool = True) -> list[Path]:
+        # Beside the axes, not on them: inside, "best" still covers a point when every corner holds one. A plot
+        # with a right-hand axis of its own keeps it inside (legend_beside=False), over headroom it leaves.
+        if legend_beside:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        else:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
         for p in paths:
@@ -299,7 +303,7 @@ def plot_stability(spec: TableSpec, results: list, out: Path, preset: str, num_c
     low, high = loss_ax.get_ylim()
     loss_ax.set_ylim(low, high + 0.3 * (high - low))
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-    return save()
+    return save(legend_beside=False)  # beside, it would cover the loss axis on the right
 
 
 def plot_speedup(model: str, splits: list[int], predicted: dict[str, list[float | None]],
