@@ -196,7 +196,8 @@ def table_cmd(table: str, preset: str, seeds: int | None, out: str, tables_dir: 
     from ..report.tables import write_tables
 
     resolved, cells, root = sweep_cells(table, preset, seeds, out, device=device)
-    paths, filled, total = write_tables(resolved, cells, root, tables_dir or spec_path(table).parent / "results",
-                                        num_classes(cells[0].config.dataset))
-    click.echo(f"{resolved.spec.name} ({preset}): {filled} of {total} cells have finished runs; "
+    paths, filled, only_diverged, total = write_tables(
+        resolved, cells, root, tables_dir or spec_path(table).parent / "results", num_classes(cells[0].config.dataset))
+    click.echo(f"{resolved.spec.name} ({preset}): {filled} of {total} cells have finished runs"
+               + (f", {only_diverged} more only diverged ones" if only_diverged else "") + "; "
                + " ".join(map(str, paths)))

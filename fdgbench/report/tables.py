@@ -163,9 +163,10 @@ def load_speed(preset: Preset) -> Speeds | None:
 
 
 def write_tables(preset: Preset, cells: list[Cell], root: Path, target: Path,
-                 classes: int) -> tuple[list[Path], int, int]:
+                 classes: int) -> tuple[list[Path], int, int, int]:
     """The preset's tables as Markdown, LaTeX and CSV under ``target``; returns
-    the files, the cells with finished runs and the cells."""
+    the files, the cells with finished runs, the cells whose only runs diverged
+    (an outcome, not a gap) and the cells."""
     results = collect(preset.spec, cells, root)
     datasets = sorted({s["dataset"] for r in results for s in r.finished})
     speed = load_speed(preset)
@@ -179,4 +180,5 @@ def write_tables(preset: Preset, cells: list[Cell], root: Path, target: Path,
             (target / name).write_text(content)
     except OSError as exc:
         raise UserError(f"cannot write the tables under {target}: {exc.strerror or exc}") from None
-    return [target / n for n in outputs], sum(bool(r.finished) for r in results), len(results)
+    return ([target / n for n in outputs], sum(bool(r.finished) for r in results),
+            sum(bool(r.diverged and not r.finished) for r in results), len(results))
