@@ -231,6 +231,9 @@ def test_plot_titles_are_wrapped_at_their_width_keeping_every_word_and_line_brea
     assert all(len(line) <= TITLE_WIDTH for line in wrapped.split("\n"))
     assert wrapped.split() == title.split() and wrapped.endswith("\nsecond line")
     assert wrapped.count("\n") > title.count("\n")
+    # A narrower figure (the diagnostics grid at K = 2 is 6.4 inches wide) passes its own width.
+    narrow = wrapped_title(title, 77)
+    assert all(len(line) <= 77 for line in narrow.split("\n")) and narrow.split() == title.split()
 
 
 def test_speedup_plot_draws_simulated_lines_and_measured_time_table_points(tmp_path):

@@ -12,6 +12,7 @@ from .specs import Cell, TableSpec
 from .measures import Stability
 
 TITLE_WIDTH = 110  # characters per title line at fontsize 9 across a 9-inch figure
+TITLE_CHARS_PER_INCH = TITLE_WIDTH / 9  # the same measure, for figures whose width depends on their content
 
 
 def plot_curves(spec: TableSpec, cells: list[Cell], root: Path, row_id: str, out: Path, preset: str,
@@ -116,7 +117,9 @@ def plot_diagnostics(spec: TableSpec, cells: list[Cell], found: dict[tuple[str, 
                 ax.set_xlabel("iteration")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle(f"{spec.title}, preset {preset}: running median of {smooth} measurements", fontsize=9)
+    # The grid is 3.2 inches per stage wide, so its title wraps at that width, not the 9-inch plots'.
+    fig.suptitle(wrapped_title(f"{spec.title}, preset {preset}: running median of {smooth} measurements",
+                               int(TITLE_CHARS_PER_INCH * fig.get_figwidth())), fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
     for p in paths:
@@ -159,10 +162,10 @@ def _running_median(values: tuple[float, ...], window: int) -> list[float]:
     return [statistics.median(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def wrapped_title(title: str) -> str:
-    """``title`` with each of its lines wrapped at TITLE_WIDTH characters: a
+def wrapped_title(title: str, width: int = TITLE_WIDTH) -> str:
+    """``title`` with each of its lines wrapped at ``width`` characters: a
     spec's title runs to 200, and a figure cuts what passes its edges."""
-    return "\n".join(textwrap.fill(line, TITLE_WIDTH) for line in title.split("\n"))
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
 def _figure(out: Path, title: str, ylabel: str):
